@@ -1,0 +1,1 @@
+"""Pure domain core: decisions and validation over plain data, no I/O."""

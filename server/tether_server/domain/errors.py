@@ -1,0 +1,104 @@
+"""Domain errors. Each names its ErrorInfo reason and the facts a client needs.
+
+The service layer maps them to gRPC status codes in one table (services/errors.py); the
+domain and the store only raise them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class TetherError(Exception):
+    message: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    reason = "UNSPECIFIED"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidField(TetherError):
+    reason = "INVALID_FIELD"
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}", {"field": field_name})
+        self.field_name = field_name
+
+
+class MalformedRequest(TetherError):
+    reason = "MALFORMED_REQUEST"
+
+
+class InvalidPageToken(TetherError):
+    reason = "INVALID_PAGE_TOKEN"
+
+    def __init__(self, message: str = "page token is malformed or belongs to another query"):
+        super().__init__(message, {"field": "page_token"})
+
+
+class LeaseHeld(TetherError):
+    reason = "LEASE_HELD"
+
+
+class LockDelay(TetherError):
+    reason = "LOCK_DELAY"
+
+
+class WaitTimeout(TetherError):
+    reason = "WAIT_TIMEOUT"
+
+
+class LeaseNotFound(TetherError):
+    reason = "LEASE_NOT_FOUND"
+
+
+class LeaseExpired(TetherError):
+    reason = "LEASE_EXPIRED"
+
+
+class LeaseReleased(TetherError):
+    reason = "LEASE_RELEASED"
+
+
+class LeaseRevoked(TetherError):
+    reason = "LEASE_REVOKED"
+
+
+class StaleFencingToken(TetherError):
+    reason = "STALE_FENCING_TOKEN"
+
+
+class NotLeaseHolder(TetherError):
+    reason = "NOT_LEASE_HOLDER"
+
+
+class AdminRequired(TetherError):
+    reason = "ADMIN_REQUIRED"
+
+
+class RevisionCompacted(TetherError):
+    reason = "REVISION_COMPACTED"
+
+
+class KeepAliveIdle(TetherError):
+    reason = "KEEPALIVE_IDLE"
+
+
+class StoreUnavailable(TetherError):
+    reason = "STORE_UNAVAILABLE"
+
+
+class ServerDraining(TetherError):
+    reason = "SERVER_DRAINING"
+
+
+class RequestIdConflict(TetherError):
+    reason = "REQUEST_ID_CONFLICT"
+
+
+class NotImplementedYet(TetherError):
+    reason = "NOT_IMPLEMENTED"

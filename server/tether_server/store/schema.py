@@ -1,0 +1,88 @@
+"""Table definitions. The Alembic migrations create them; this module is what queries use.
+
+Times are BIGINT microseconds since the epoch (UTC) so SQLite and PostgreSQL compare and
+order them identically.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# One row per key ever leased. Keeps the fencing-token counter so tokens never repeat, even
+# after every lease row of the key is purged, and the key's lock-delay.
+lease_keys = Table(
+    "lease_keys",
+    metadata,
+    Column("namespace", String(63), primary_key=True),
+    Column("key", String(512), primary_key=True),
+    Column("last_fencing_token", BigInteger, nullable=False),
+    Column("available_at_us", BigInteger, nullable=False),
+    Column("current_lease_id", String(64), nullable=True),
+)
+
+leases = Table(
+    "leases",
+    metadata,
+    Column("lease_id", String(64), primary_key=True),
+    Column("namespace", String(63), nullable=False),
+    Column("key", String(512), nullable=False),
+    Column("holder", String(256), nullable=False),
+    Column("principal", String(256), nullable=False),
+    Column("ttl_us", BigInteger, nullable=False),
+    Column("fencing_token", BigInteger, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("acquired_at_us", BigInteger, nullable=False),
+    Column("renewed_at_us", BigInteger, nullable=False),
+    Column("expires_at_us", BigInteger, nullable=False),
+    Column("ended_at_us", BigInteger, nullable=True),
+    Column("lock_delay_us", BigInteger, nullable=False),
+    Column("labels", Text, nullable=False),
+    Column("progress", LargeBinary, nullable=False),
+    # The KeepAlive stream that last renewed the lease, while that stream is open.
+    Column("stream_id", String(64), nullable=True),
+    Column("request_id", String(128), nullable=True),
+    Column("create_revision", BigInteger, nullable=False),
+    Column("mod_revision", BigInteger, nullable=False),
+    UniqueConstraint("namespace", "key", "fencing_token", name="uq_leases_key_token"),
+    UniqueConstraint("namespace", "request_id", name="uq_leases_request_id"),
+    Index("ix_leases_state_expires", "state", "expires_at_us"),
+    Index("ix_leases_holder", "namespace", "holder"),
+    Index("ix_leases_stream", "stream_id"),
+)
+
+# The watch log. Revisions are allocated from `revisions` under its row lock, so they commit
+# in order: a watcher that has seen revision N never later finds a smaller one appear.
+lease_events = Table(
+    "lease_events",
+    metadata,
+    Column("revision", BigInteger, primary_key=True, autoincrement=False),
+    Column("namespace", String(63), nullable=False),
+    Column("key", String(512), nullable=False),
+    Column("lease_id", String(64), nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("occurred_at_us", BigInteger, nullable=False),
+    Column("snapshot", Text, nullable=False),
+    Index("ix_lease_events_ns_rev", "namespace", "revision"),
+)
+
+# Single row (id = 1): the latest revision handed out and the highest one purged.
+revisions = Table(
+    "revisions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("current", BigInteger, nullable=False),
+    Column("compacted", BigInteger, nullable=False),
+)
