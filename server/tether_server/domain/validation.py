@@ -125,9 +125,7 @@ def labels(value: Mapping[str, str], limits: Limits) -> dict[str, str]:
         prefix, _, name = label_key.rpartition("/")
         too_long = len(name) > limits.max_label_key_bytes or len(prefix) > 253
         if too_long or not _LABEL_KEY.match(label_key):
-            raise InvalidField(
-                f"labels[{label_key!r}]", "key must be a Kubernetes-style label key"
-            )
+            raise InvalidField(f"labels[{label_key!r}]", "key must be a Kubernetes-style label key")
         if len(label_value.encode()) > limits.max_label_value_bytes:
             raise InvalidField(
                 f"labels[{label_key!r}]",

@@ -60,6 +60,8 @@ class Tx:
 
     conn: AsyncConnection
     now_us: int
+    # Set when the transaction appended to an event log, so watchers can be woken.
+    wrote_events: bool = False
 
     async def next_revisions(self, count: int) -> int:
         """Reserve ``count`` revisions; returns the first. Holds the counter row lock until
@@ -83,10 +85,15 @@ class Database:
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         # PostgreSQL supplies now() unless a test injected an authoritative clock.
         self._db_clock = not self.is_sqlite and not clock.authoritative
+        self._after_commit: list[Callable[[Tx], None]] = []
 
     @property
     def backend(self) -> str:
         return "sqlite" if self.is_sqlite else "postgresql"
+
+    def after_commit(self, callback: Callable[[Tx], None]) -> None:
+        """Call ``callback(tx)`` after every committed ``run_write`` transaction."""
+        self._after_commit.append(callback)
 
     async def migrate(self) -> None:
         """Apply every Alembic migration not yet applied (idempotent)."""
@@ -121,7 +128,10 @@ class Database:
         for attempt in range(1, _MAX_ATTEMPTS + 1):
             try:
                 async with self.write() as tx:
-                    return await work(tx)
+                    result = await work(tx)
+                for callback in self._after_commit:
+                    callback(tx)
+                return result
             except _Retry:
                 if attempt == _MAX_ATTEMPTS:
                     raise StoreUnavailable("the store kept reporting conflicts; retry") from None
@@ -131,9 +141,7 @@ class Database:
     async def current_revision(self) -> tuple[int, int]:
         """(latest revision, highest purged revision)."""
         async with self.read() as tx:
-            row = (
-                await tx.conn.execute(select(revisions.c.current, revisions.c.compacted))
-            ).one()
+            row = (await tx.conn.execute(select(revisions.c.current, revisions.c.compacted))).one()
             return int(row.current), int(row.compacted)
 
     async def _now(self, conn: AsyncConnection) -> int:

@@ -118,8 +118,11 @@ class EventPage:
 @dataclass(frozen=True)
 class ExpiryResult:
     expired: list[Lease]
-    # Earliest deadline of a lease still active after this pass, if any.
+    # Earliest deadline of a lease still active after this pass, if any, and the store's
+    # `now` for this pass: sleep for the difference, so clock skew between a replica and
+    # the database does not matter.
     next_deadline_us: int | None
+    now_us: int
 
 
 def new_lease_id() -> str:
@@ -144,9 +147,7 @@ class LeaseStore:
                         )
                     return AcquireResult(_effective(previous, tx.now_us), created=False)
             key = await self._lock_key(tx, p.namespace, p.key)
-            current = (
-                await self._get(tx, key.current_lease_id) if key.current_lease_id else None
-            )
+            current = await self._get(tx, key.current_lease_id) if key.current_lease_id else None
             decision = decide_acquire(key, current, AcquireIntent(p.holder, p.principal), tx.now_us)
             if isinstance(decision, ReturnExisting):
                 return AcquireResult(decision.lease, created=False)
@@ -271,7 +272,7 @@ class LeaseStore:
                 due_query = due_query.with_for_update(skip_locked=True)
             due = [_row_to_lease(row) for row in await tx.conn.execute(due_query)]
             expired = await self._end(tx, due, LeaseState.EXPIRED)
-            return ExpiryResult(expired, await self._next_deadline(tx))
+            return ExpiryResult(expired, await self._next_deadline(tx), tx.now_us)
 
         return await self.db.run_write(work)
 
@@ -545,6 +546,7 @@ class LeaseStore:
     async def _record_events(
         self, tx: Tx, events: Sequence[tuple[int, LeaseEventType, Lease]]
     ) -> None:
+        tx.wrote_events = True
         await tx.conn.execute(
             lease_events.insert(),
             [
@@ -562,9 +564,7 @@ class LeaseStore:
         )
 
     async def _get(self, tx: Tx, lease_id: str) -> Lease | None:
-        row = (
-            await tx.conn.execute(select(leases).where(leases.c.lease_id == lease_id))
-        ).first()
+        row = (await tx.conn.execute(select(leases).where(leases.c.lease_id == lease_id))).first()
         return _row_to_lease(row) if row is not None else None
 
     async def _get_many(self, tx: Tx, lease_ids: set[str]) -> list[Lease]:

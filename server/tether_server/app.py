@@ -1,0 +1,175 @@
+"""Assembles the server: store, recovery, gRPC services, health, reflection, loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tether_client.pb import lease_pb2, owner_ref_pb2, saga_pb2, sweep_pb2
+
+from tether_server import __version__
+from tether_server.clock import Clock, clock_from_spec
+from tether_server.config import ServerConfig
+from tether_server.domain.errors import StoreUnavailable
+from tether_server.expiry import ExpiryLoop
+from tether_server.metrics import Metrics
+from tether_server.notify import ChangeFeed
+from tether_server.services.handlers import build_generic_handler
+from tether_server.services.lease import LeaseService
+from tether_server.services.unimplemented import Unimplemented
+from tether_server.store.database import Database, Tx, describe_url
+from tether_server.store.leases import LeaseStore
+
+log = logging.getLogger(__name__)
+
+LEASE_SERVICE = lease_pb2.DESCRIPTOR.services_by_name["LeaseService"]
+SAGA_SERVICE = saga_pb2.DESCRIPTOR.services_by_name["SagaService"]
+OWNER_REF_SERVICE = owner_ref_pb2.DESCRIPTOR.services_by_name["OwnerRefService"]
+SWEEP_SERVICE = sweep_pb2.DESCRIPTOR.services_by_name["SweepService"]
+# Health reports the whole server ("") and each implemented service.
+SERVING_SERVICES = ("", LEASE_SERVICE.full_name)
+
+_GRPC_OPTIONS = [
+    # Never share a port silently with another process.
+    ("grpc.so_reuseport", 0),
+    # Let clients send keep-alive pings (they detect dead connections quickly) without
+    # being told GOAWAY / too_many_pings.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+
+class TetherServer:
+    def __init__(self, config: ServerConfig, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or clock_from_spec(config.clock)
+        self.metrics = Metrics()
+        self.changes = ChangeFeed()
+        self.db = Database(config.db_url, self.clock)
+        self.db.after_commit(self._on_commit)
+        self.leases = LeaseStore(self.db)
+        self.expiry = ExpiryLoop(self.leases, self.clock, config.expiry)
+        # health.aio is the public asyncio servicer; the stubs do not declare it.
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._draining = False
+
+    async def start(self) -> int:
+        """Migrate, recover, then serve. Returns the bound port."""
+        await self.db.migrate()
+        await self._recover()
+        server = grpc.aio.server(options=_GRPC_OPTIONS)
+        lease_service = LeaseService(
+            self.leases,
+            self.clock,
+            self.changes,
+            self.metrics,
+            self.config.lease,
+            replica=self.config.replica,
+        )
+        services: list[tuple[Any, object]] = [
+            (LEASE_SERVICE, lease_service),
+            (SAGA_SERVICE, Unimplemented(SAGA_SERVICE, "sagas")),
+            (OWNER_REF_SERVICE, Unimplemented(OWNER_REF_SERVICE, "owner references")),
+            (SWEEP_SERVICE, Unimplemented(SWEEP_SERVICE, "sweeps")),
+        ]
+        server.add_generic_rpc_handlers(
+            tuple(build_generic_handler(descriptor, impl) for descriptor, impl in services)
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [descriptor.full_name for descriptor, _ in services]
+            + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        self.port = server.add_insecure_port(self.config.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        await server.start()
+        self._server = server
+        self.expiry.start()
+        self._watchdog = asyncio.create_task(self._watch_store(), name="tether-store-watchdog")
+        log.info(
+            "tether started",
+            extra={
+                "version": __version__,
+                "listen": self.config.listen,
+                "port": self.port,
+                "store": describe_url(self.config.db_url),
+                "backend": self.db.backend,
+                "replica": self.config.replica,
+            },
+        )
+        return self.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: report NOT_SERVING, stop accepting, let calls finish within the grace."""
+        if self._draining:
+            return
+        self._draining = True
+        grace = self.config.grace_s if grace_s is None else grace_s
+        log.info("tether draining", extra={"grace_s": grace})
+        await self.health.enter_graceful_shutdown()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        await self.expiry.stop()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.db.dispose()
+        log.info("tether stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def _recover(self) -> None:
+        """Before serving: record what expired while no server ran, and forget streams of a
+        previous process (SQLite has exactly one server process)."""
+        if self.db.is_sqlite:
+            await self.leases.lease_detach_all_streams()
+        expired = 0
+        while True:
+            result = await self.expiry.run_once()
+            expired += len(result.expired)
+            if not result.backlog:
+                break
+        log.info("recovery sweep done", extra={"leases_expired": expired})
+
+    def _on_commit(self, tx: Tx) -> None:
+        if tx.wrote_events:
+            self.changes.publish()
+
+    async def _set_health(self, status: Any) -> None:
+        for service in SERVING_SERVICES:
+            await self.health.set(service, status)
+
+    async def _watch_store(self) -> None:
+        serving = True
+        while True:
+            await asyncio.sleep(self.config.store_check_interval_s)
+            try:
+                await self.db.ping()
+                healthy = True
+            except StoreUnavailable:
+                healthy = False
+            if healthy != serving and not self._draining:
+                serving = healthy
+                log.warning("store %s", "reachable again" if healthy else "unreachable")
+                await self._set_health(
+                    health_pb2.HealthCheckResponse.SERVING
+                    if healthy
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )

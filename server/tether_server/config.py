@@ -1,0 +1,37 @@
+"""Server configuration: one dataclass, filled from flags and environment by the CLI."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from tether_server.domain.validation import Limits
+from tether_server.expiry import ExpiryConfig
+from tether_server.services.lease import LeaseServiceConfig
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_DB = "sqlite:///./tether.db"
+
+
+def default_replica() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = DEFAULT_LISTEN
+    db_url: str = DEFAULT_DB
+    # "system", or "file:PATH" for tests that drive a server process's clock.
+    clock: str = "system"
+    # How long in-flight calls and streams may finish after SIGTERM.
+    grace_s: float = 10.0
+    # How often the store is pinged for the health service.
+    store_check_interval_s: float = 5.0
+    replica: str = field(default_factory=default_replica)
+    lease: LeaseServiceConfig = field(default_factory=LeaseServiceConfig)
+    expiry: ExpiryConfig = field(default_factory=ExpiryConfig)
+
+    @property
+    def limits(self) -> Limits:
+        return self.lease.limits

@@ -1,0 +1,384 @@
+"""tether.v1.LeaseService: protobuf in, domain calls, protobuf out. No decisions here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tether_client.pb import lease_pb2
+
+from tether_server.auth import AuthPolicy
+from tether_server.clock import MICROS, Clock
+from tether_server.domain import errors, paging, validation
+from tether_server.domain.lease import Refuse
+from tether_server.domain.validation import Limits
+from tether_server.metrics import Metrics
+from tether_server.notify import ChangeFeed
+from tether_server.services.convert import (
+    EVENT_TYPE_TO_PB,
+    duration_us,
+    lease_states,
+    lease_to_pb,
+    to_duration,
+    to_timestamp,
+)
+from tether_server.services.errors import to_error_detail
+from tether_server.store.leases import (
+    AcquireParams,
+    AcquireResult,
+    LeaseStore,
+    ListLeasesParams,
+    ReleaseParams,
+    Renewal,
+    RevokeParams,
+)
+
+log = logging.getLogger(__name__)
+Context = Any  # grpc.aio.ServicerContext
+
+
+@dataclass(frozen=True)
+class LeaseServiceConfig:
+    limits: Limits = field(default_factory=Limits)
+    # How often a waiting Acquire or a Watch looks at the store when nothing in this
+    # process woke it: bounds the delay for changes made through other replicas.
+    poll_interval_s: float = 1.0
+    # A KeepAlive stream that sends nothing, not even a ping, for this long is closed.
+    keepalive_idle_timeout_s: float = 120.0
+    watch_batch_size: int = 500
+
+
+class LeaseService:
+    def __init__(
+        self,
+        store: LeaseStore,
+        clock: Clock,
+        changes: ChangeFeed,
+        metrics: Metrics,
+        config: LeaseServiceConfig | None = None,
+        auth: AuthPolicy | None = None,
+        replica: str = "",
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._changes = changes
+        self._metrics = metrics
+        self._config = config or LeaseServiceConfig()
+        self._auth = auth or AuthPolicy()
+        self._replica = replica or secrets.token_hex(4)
+
+    @property
+    def _limits(self) -> Limits:
+        return self._config.limits
+
+    async def Acquire(
+        self, request: lease_pb2.AcquireRequest, context: Context
+    ) -> lease_pb2.AcquireResponse:
+        limits = self._limits
+        principal = self._auth.principal_of(context)
+        params = AcquireParams(
+            namespace=validation.namespace(request.namespace),
+            key=validation.key(request.key, limits),
+            holder=validation.holder(request.holder, limits),
+            principal=principal.name,
+            ttl_us=validation.ttl(duration_us(request.ttl, "ttl"), limits),
+            lock_delay_us=validation.lock_delay(
+                duration_us(request.lock_delay, "lock_delay"), limits
+            ),
+            labels=validation.labels(request.labels, limits),
+            request_id=validation.request_id(request.request_id, limits),
+        )
+        wait_us = validation.wait(duration_us(request.wait, "wait"), limits)
+        wait_until = self._clock.now_us() + wait_us
+        while True:
+            changed = self._changes.current()
+            outcome = await self._store.lease_acquire(params)
+            if isinstance(outcome, AcquireResult):
+                return lease_pb2.AcquireResponse(
+                    lease=lease_to_pb(outcome.lease), created=outcome.created
+                )
+            now = self._clock.now_us()
+            if now >= wait_until:
+                raise _give_up(outcome, waited=wait_us > 0)
+            # Wake when this process ends a lease, when the holder's deadline (or the
+            # lock-delay) passes, or at the poll interval for other replicas' releases.
+            retry_at = min(wait_until, outcome.retry_at_us or wait_until)
+            sleep_s = min(self._config.poll_interval_s, max(0.0, (retry_at - now) / MICROS))
+            await _first_of(changed.wait(), self._clock.sleep(sleep_s))
+
+    async def Renew(
+        self, request: lease_pb2.RenewRequest, context: Context
+    ) -> lease_pb2.RenewResponse:
+        namespace = validation.namespace(request.namespace)
+        renewal = Renewal(
+            lease_id=validation.lease_id(request.lease_id),
+            fencing_token=validation.fencing_token(request.fencing_token),
+            progress=(
+                validation.progress(request.progress, self._limits)
+                if request.HasField("progress")
+                else None
+            ),
+        )
+        renewed = await self._store.lease_renew(namespace, renewal)
+        return lease_pb2.RenewResponse(
+            lease_id=renewed.lease_id,
+            fencing_token=renewed.fencing_token,
+            expires_at=to_timestamp(renewed.expires_at_us),
+            ttl=to_duration(renewed.ttl_us),
+        )
+
+    async def KeepAlive(
+        self, requests: AsyncIterator[lease_pb2.KeepAliveRequest], context: Context
+    ) -> AsyncIterator[lease_pb2.KeepAliveResponse]:
+        stream_id = f"{self._replica}-{secrets.token_hex(8)}"
+        metrics = self._metrics
+        metrics.keepalive_streams_open += 1
+        metrics.keepalive_streams_total += 1
+        clean_end = False
+        try:
+            iterator = aiter(requests)
+            while True:
+                request = await self._next_or_idle(iterator)
+                if request is None:
+                    clean_end = True
+                    return
+                yield await self._keepalive_batch(request, stream_id)
+        finally:
+            metrics.keepalive_streams_open -= 1
+            if not clean_end:
+                metrics.keepalive_streams_broken += 1
+            # The stream is gone whatever ended it; say so without waiting for the ttl.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._store.lease_detach_stream(stream_id))
+
+    async def _next_or_idle(
+        self, iterator: AsyncIterator[lease_pb2.KeepAliveRequest]
+    ) -> lease_pb2.KeepAliveRequest | None:
+        idle_s = self._config.keepalive_idle_timeout_s
+        next_message = asyncio.ensure_future(anext(iterator))
+        idle = asyncio.ensure_future(self._clock.sleep(idle_s))
+        try:
+            await asyncio.wait({next_message, idle}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            idle.cancel()
+        if not next_message.done():
+            next_message.cancel()
+            raise errors.KeepAliveIdle(
+                f"the keep-alive stream sent nothing for {idle_s:g}s; send renewals or "
+                "empty pings more often",
+                {"idle_timeout": f"{idle_s:g}s"},
+            )
+        try:
+            return next_message.result()
+        except StopAsyncIteration:
+            return None
+
+    async def _keepalive_batch(
+        self, request: lease_pb2.KeepAliveRequest, stream_id: str
+    ) -> lease_pb2.KeepAliveResponse:
+        limits = self._limits
+        namespace = validation.namespace(request.namespace)
+        if len(request.renewals) > limits.max_renewals_per_request:
+            raise errors.InvalidField(
+                "renewals",
+                f"has {len(request.renewals)} entries; at most {limits.max_renewals_per_request}",
+            )
+        results: list[lease_pb2.KeepAliveResult | None] = []
+        valid: list[Renewal] = []
+        for index, item in enumerate(request.renewals):
+            prefix = f"renewals[{index}]"
+            try:
+                renewal = Renewal(
+                    lease_id=validation.lease_id(item.lease_id, f"{prefix}.lease_id"),
+                    fencing_token=validation.fencing_token(
+                        item.fencing_token, f"{prefix}.fencing_token"
+                    ),
+                    progress=(
+                        validation.progress(item.progress, limits, f"{prefix}.progress")
+                        if item.HasField("progress")
+                        else None
+                    ),
+                )
+            except errors.InvalidField as exc:
+                # One bad entry fails alone; the stream and the other leases go on.
+                results.append(
+                    lease_pb2.KeepAliveResult(
+                        lease_id=item.lease_id,
+                        fencing_token=item.fencing_token,
+                        error=to_error_detail(exc),
+                    )
+                )
+                continue
+            results.append(None)
+            valid.append(renewal)
+        outcomes = iter(await self._store.lease_renew_many(namespace, valid, stream_id))
+        response = lease_pb2.KeepAliveResponse(sequence=request.sequence)
+        for entry, renewal_request in zip(results, request.renewals, strict=True):
+            if entry is None:
+                outcome = next(outcomes)
+                if isinstance(outcome, errors.TetherError):
+                    self._metrics.renewals_refused += 1
+                    entry = lease_pb2.KeepAliveResult(
+                        lease_id=renewal_request.lease_id,
+                        fencing_token=renewal_request.fencing_token,
+                        error=to_error_detail(outcome),
+                    )
+                else:
+                    self._metrics.renewals_ok += 1
+                    entry = lease_pb2.KeepAliveResult(
+                        lease_id=outcome.lease_id,
+                        fencing_token=outcome.fencing_token,
+                        expires_at=to_timestamp(outcome.expires_at_us),
+                        ttl=to_duration(outcome.ttl_us),
+                    )
+            response.results.append(entry)
+        return response
+
+    async def Release(
+        self, request: lease_pb2.ReleaseRequest, context: Context
+    ) -> lease_pb2.ReleaseResponse:
+        lease = await self._store.lease_release(
+            ReleaseParams(
+                namespace=validation.namespace(request.namespace),
+                lease_id=validation.lease_id(request.lease_id),
+                fencing_token=validation.fencing_token(request.fencing_token),
+                holder=validation.holder(request.holder, self._limits),
+            )
+        )
+        return lease_pb2.ReleaseResponse(lease=lease_to_pb(lease))
+
+    async def Revoke(
+        self, request: lease_pb2.RevokeRequest, context: Context
+    ) -> lease_pb2.RevokeResponse:
+        principal = self._auth.principal_of(context)
+        namespace = validation.namespace(request.namespace)
+        lease_id = validation.lease_id(request.lease_id)
+        reason = validation.reason(request.reason, self._limits)
+        if not principal.admin:
+            raise errors.AdminRequired(
+                f"revoking a lease needs an admin; {principal.name!r} is not one",
+                {"principal": principal.name},
+            )
+        lease = await self._store.lease_revoke(RevokeParams(namespace, lease_id))
+        log.info(
+            "lease revoked",
+            extra={"lease_id": lease.lease_id, "by": principal.name, "reason": reason},
+        )
+        return lease_pb2.RevokeResponse(lease=lease_to_pb(lease))
+
+    async def GetLease(
+        self, request: lease_pb2.GetLeaseRequest, context: Context
+    ) -> lease_pb2.GetLeaseResponse:
+        namespace = validation.namespace(request.namespace)
+        selector = request.WhichOneof("selector")
+        if selector == "lease_id":
+            lease = await self._store.lease_get(namespace, validation.lease_id(request.lease_id))
+        elif selector == "key":
+            lease = await self._store.lease_get_by_key(
+                namespace, validation.key(request.key, self._limits)
+            )
+        else:
+            raise errors.InvalidField("selector", "set lease_id or key")
+        return lease_pb2.GetLeaseResponse(lease=lease_to_pb(lease))
+
+    async def ListLeases(
+        self, request: lease_pb2.ListLeasesRequest, context: Context
+    ) -> lease_pb2.ListLeasesResponse:
+        limits = self._limits
+        namespace = validation.namespace(request.namespace)
+        prefix = validation.key_prefix(request.key_prefix, limits)
+        holder = validation.optional_holder(request.holder, limits)
+        states = lease_states(list(request.states))
+        size = validation.page_size(request.page_size, limits)
+        digest = paging.query_digest(
+            "leases", namespace, prefix, holder, sorted(s.value for s in states)
+        )
+        position = paging.decode(request.page_token, digest)
+        after = _lease_position(position)
+        page = await self._store.lease_list(
+            ListLeasesParams(namespace, prefix, holder, states, limit=size + 1, after=after)
+        )
+        response = lease_pb2.ListLeasesResponse(leases=[lease_to_pb(x) for x in page[:size]])
+        if len(page) > size:
+            last = page[size - 1]
+            response.next_page_token = paging.encode([last.key, last.fencing_token], digest)
+        return response
+
+    async def Watch(
+        self, request: lease_pb2.WatchRequest, context: Context
+    ) -> AsyncIterator[lease_pb2.WatchResponse]:
+        namespace = validation.namespace(request.namespace)
+        prefix = validation.key_prefix(request.key_prefix, self._limits)
+        start = validation.revision(request.start_revision)
+        if start == 0:
+            current, _ = await self._store.db.current_revision()
+            start = current + 1
+        # Checks compaction before the stream confirms anything.
+        page = await self._store.lease_events_since(namespace, prefix, start, limit=0)
+        yield lease_pb2.WatchResponse(
+            header_revision=page.header_revision, compact_revision=page.compact_revision
+        )
+        self._metrics.watch_streams_open += 1
+        try:
+            next_revision = start
+            batch = self._config.watch_batch_size
+            while True:
+                changed = self._changes.current()
+                page = await self._store.lease_events_since(
+                    namespace, prefix, next_revision, limit=batch
+                )
+                if page.events:
+                    next_revision = page.events[-1].revision + 1
+                    yield lease_pb2.WatchResponse(
+                        header_revision=page.header_revision,
+                        compact_revision=page.compact_revision,
+                        events=[
+                            lease_pb2.LeaseEvent(
+                                revision=event.revision,
+                                type=EVENT_TYPE_TO_PB[event.type],
+                                lease=lease_to_pb(event.lease),
+                                occurred_at=to_timestamp(event.occurred_at_us),
+                            )
+                            for event in page.events
+                        ],
+                    )
+                if len(page.events) == batch:
+                    continue
+                # Every event up to the header revision was visible to this read (revisions
+                # commit in order), so nothing below it can still appear.
+                next_revision = max(next_revision, page.header_revision + 1)
+                await ChangeFeed.wait(changed, self._config.poll_interval_s)
+        finally:
+            self._metrics.watch_streams_open -= 1
+
+
+def _give_up(refusal: Refuse, *, waited: bool) -> errors.TetherError:
+    if not waited:
+        return refusal.error
+    return errors.WaitTimeout(
+        f"gave up waiting: {refusal.error.message}",
+        {**refusal.error.metadata, "cause": refusal.error.reason},
+    )
+
+
+def _lease_position(position: list[str | int] | None) -> tuple[str, int] | None:
+    if position is None:
+        return None
+    match position:
+        case [str(key), int(token)]:
+            return key, token
+    raise errors.InvalidPageToken()
+
+
+async def _first_of(*waits: Any) -> None:
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()

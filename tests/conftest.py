@@ -1,0 +1,119 @@
+"""Fixtures shared by every test.
+
+- ``db_url``: runs a test once per backend (ids ``sqlite`` and ``postgres``) with the URL
+  of a fresh, empty, un-migrated database.
+- ``db_factory``: more fresh databases inside one test (``db_factory("postgres")``).
+- ``pg_admin_url``: the PostgreSQL admin URL (skips locally / fails under CI when unset).
+- ``fake_clock``: a ``FakeClock`` for in-process tests.
+- ``file_clock`` and ``server_factory``: drive real server processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.support import postgres as pg
+from tests.support.server_process import FileClockDriver, ServerProcess
+
+if TYPE_CHECKING:
+    from tether_server.clock import FakeClock
+
+BACKENDS = ("sqlite", "postgres")
+
+DbFactory = Callable[..., str]
+ServerFactory = Callable[..., ServerProcess]
+
+
+@pytest.fixture
+def pg_admin_url() -> str:
+    return pg.pg_admin_url()
+
+
+@pytest.fixture
+def db_factory(tmp_path: Path) -> Iterator[DbFactory]:
+    """``db_factory(backend)`` returns the URL of another fresh, empty database.
+
+    PostgreSQL databases are dropped (``WITH (FORCE)``) when the test ends.
+    """
+    created: list[tuple[str, str]] = []
+    sqlite_count = 0
+
+    def make(backend: str = "sqlite") -> str:
+        nonlocal sqlite_count
+        if backend == "sqlite":
+            sqlite_count += 1
+            name = "tether.db" if sqlite_count == 1 else f"tether-{sqlite_count}.db"
+            return f"sqlite:///{tmp_path / name}"
+        if backend == "postgres":
+            admin = pg.pg_admin_url()
+            url = pg.create_database(admin)
+            created.append((admin, url))
+            return url
+        raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+
+    yield make
+
+    errors: list[BaseException] = []
+    for admin, url in reversed(created):
+        try:
+            pg.drop_database(admin, url)
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+    ]
+)
+def db_url(request: pytest.FixtureRequest, db_factory: DbFactory) -> str:
+    """URL of a fresh, empty (un-migrated) database, once per backend."""
+    backend: str = request.param
+    return db_factory(backend)
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    # Imported here so a broken server package fails only the tests that use it.
+    from tether_server.clock import FakeClock
+
+    return FakeClock()
+
+
+@pytest.fixture
+def file_clock(tmp_path: Path) -> FileClockDriver:
+    """A clock file for server processes: pass ``env=file_clock.env`` to the server."""
+    return FileClockDriver(tmp_path / "clock")
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
+    """``server_factory(db_url, **ServerProcess kwargs)`` starts a server, stopped at teardown.
+
+    Logs go to ``tmp_path/logs``. Servers still running at the end get SIGTERM (then SIGKILL).
+    """
+    servers: list[ServerProcess] = []
+
+    def start(db_url: str, **kwargs: Any) -> ServerProcess:
+        kwargs.setdefault("log_dir", tmp_path / "logs")
+        server = ServerProcess(db_url, **kwargs)
+        servers.append(server)
+        return server.start()
+
+    yield start
+
+    errors: list[BaseException] = []
+    for server in reversed(servers):
+        try:
+            server.terminate()
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]

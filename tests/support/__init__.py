@@ -1,0 +1,1 @@
+"""Shared helpers for tether's tests: throwaway databases, ports and server processes."""
