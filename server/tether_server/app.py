@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tether_client.pb import lease_pb2, owner_ref_pb2, saga_pb2, sweep_pb2
 
+from tether_client.pb import lease_pb2, owner_ref_pb2, saga_pb2, sweep_pb2
 from tether_server import __version__
 from tether_server.clock import Clock, clock_from_spec
 from tether_server.config import ServerConfig

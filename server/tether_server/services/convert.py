@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from google.protobuf import duration_pb2, timestamp_pb2
-from tether_client.pb import lease_pb2
 
+from tether_client.pb import lease_pb2
 from tether_server.domain.errors import InvalidField
 from tether_server.domain.lease import Lease, LeaseEventType, LeaseState
 

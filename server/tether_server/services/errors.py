@@ -11,8 +11,8 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from tether_client.pb import common_pb2
 
+from tether_client.pb import common_pb2
 from tether_server.domain import errors
 
 ERROR_DOMAIN = "tether.dev"

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether_client.pb import lease_pb2
-
 from tether_server.auth import AuthPolicy
 from tether_server.clock import MICROS, Clock
 from tether_server.domain import errors, paging, validation
