@@ -104,7 +104,10 @@ class LeaseServiceServicer:
 
     def KeepAlive(self, request_iterator, context):
         """Renews many leases over one stream; each request may carry renewals for several leases
-        and is answered by one response with a result per renewal, in one transaction.
+        and is answered by one response with a result per renewal, in one transaction. A stream
+        that sends nothing, not even an empty ping, for the server's idle timeout (default 2 min)
+        is closed with DEADLINE_EXCEEDED / KEEPALIVE_IDLE. Closing a stream never ends a lease
+        early: the ttl is the grace.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

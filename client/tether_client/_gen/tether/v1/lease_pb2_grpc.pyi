@@ -46,7 +46,10 @@ class LeaseServiceStub:
     """Extends a live lease by its ttl. Never resurrects an expired lease."""
     KeepAlive: _grpc.StreamStreamMultiCallable[_lease_pb2.KeepAliveRequest, _lease_pb2.KeepAliveResponse]
     """Renews many leases over one stream; each request may carry renewals for several leases
-    and is answered by one response with a result per renewal, in one transaction.
+    and is answered by one response with a result per renewal, in one transaction. A stream
+    that sends nothing, not even an empty ping, for the server's idle timeout (default 2 min)
+    is closed with DEADLINE_EXCEEDED / KEEPALIVE_IDLE. Closing a stream never ends a lease
+    early: the ttl is the grace.
     """
     Release: _grpc.UnaryUnaryMultiCallable[_lease_pb2.ReleaseRequest, _lease_pb2.ReleaseResponse]
     """Ends a lease on behalf of its holder. Idempotent."""
@@ -76,7 +79,10 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     """Extends a live lease by its ttl. Never resurrects an expired lease."""
     KeepAlive: _aio.StreamStreamMultiCallable[_lease_pb2.KeepAliveRequest, _lease_pb2.KeepAliveResponse]  # type: ignore[assignment]
     """Renews many leases over one stream; each request may carry renewals for several leases
-    and is answered by one response with a result per renewal, in one transaction.
+    and is answered by one response with a result per renewal, in one transaction. A stream
+    that sends nothing, not even an empty ping, for the server's idle timeout (default 2 min)
+    is closed with DEADLINE_EXCEEDED / KEEPALIVE_IDLE. Closing a stream never ends a lease
+    early: the ttl is the grace.
     """
     Release: _aio.UnaryUnaryMultiCallable[_lease_pb2.ReleaseRequest, _lease_pb2.ReleaseResponse]  # type: ignore[assignment]
     """Ends a lease on behalf of its holder. Idempotent."""
@@ -121,7 +127,10 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_lease_pb2.KeepAliveResponse], _abc.AsyncIterator[_lease_pb2.KeepAliveResponse]]:
         """Renews many leases over one stream; each request may carry renewals for several leases
-        and is answered by one response with a result per renewal, in one transaction.
+        and is answered by one response with a result per renewal, in one transaction. A stream
+        that sends nothing, not even an empty ping, for the server's idle timeout (default 2 min)
+        is closed with DEADLINE_EXCEEDED / KEEPALIVE_IDLE. Closing a stream never ends a lease
+        early: the ttl is the grace.
         """
 
     @_abc_1.abstractmethod
