@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-ANONYMOUS = "anonymous"
+from tether_server.domain.lease import ANONYMOUS
 
 
 @dataclass(frozen=True)

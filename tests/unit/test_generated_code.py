@@ -14,6 +14,7 @@ from types import ModuleType
 
 import grpc
 import pytest
+
 from tether_client import pb
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,6 +14,9 @@ from enum import StrEnum
 from tether_server.domain import errors
 from tether_server.domain.time import format_us
 
+# The principal of every caller until credentials are configured (a loopback dev server).
+ANONYMOUS = "anonymous"
+
 
 class LeaseState(StrEnum):
     ACTIVE = "ACTIVE"
@@ -188,14 +191,23 @@ def stale_token(lease: Lease, presented: int) -> errors.StaleFencingToken:
 
 
 def renewal_refusal(
-    lease: Lease | None, lease_id: str, namespace: str, token: int, now_us: int
+    lease: Lease | None, lease_id: str, namespace: str, token: int, principal: str, now_us: int
 ) -> errors.TetherError:
     """Why a conditional renewal matched no row. Checks in the order a client can act on."""
     if lease is None or lease.namespace != namespace:
         return not_found(lease_id, namespace)
+    if lease.principal != principal:
+        return not_holder(lease, principal)
     if lease.fencing_token != token:
         return stale_token(lease, token)
     return ended_error(lease, now_us)
+
+
+def not_holder(lease: Lease, who: str) -> errors.NotLeaseHolder:
+    return errors.NotLeaseHolder(
+        f"lease {lease.lease_id} is held by {lease.holder!r} ({lease.principal}), not {who!r}",
+        {"lease_id": lease.lease_id, "holder": lease.holder},
+    )
 
 
 @dataclass(frozen=True)
@@ -219,15 +231,21 @@ EndDecision = EndNow | ExpireFirst | AlreadyEnded
 
 
 def decide_release(
-    lease: Lease | None, lease_id: str, namespace: str, token: int, holder: str, now_us: int
+    lease: Lease | None,
+    lease_id: str,
+    namespace: str,
+    token: int,
+    holder: str,
+    principal: str,
+    now_us: int,
 ) -> EndDecision:
+    """Only the holder, bound to the principal that acquired, may release."""
     if lease is None or lease.namespace != namespace:
         raise not_found(lease_id, namespace)
+    if lease.principal != principal:
+        raise not_holder(lease, principal)
     if lease.holder != holder:
-        raise errors.NotLeaseHolder(
-            f"lease {lease_id} is held by {lease.holder!r}, not {holder!r}",
-            {"lease_id": lease_id, "holder": lease.holder},
-        )
+        raise not_holder(lease, holder)
     if lease.fencing_token != token:
         raise stale_token(lease, token)
     return _decide_end(lease, LeaseState.RELEASED, now_us)

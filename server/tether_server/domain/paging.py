@@ -33,7 +33,8 @@ def decode(token: str, digest: str) -> _Position | None:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         body = json.loads(raw)
-    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+    # RecursionError: json refuses absurdly nested input that way.
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidPageToken() from exc
     if not isinstance(body, dict) or body.get("q") != digest:
         raise InvalidPageToken()

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from tether_server.domain.errors import InvalidField
 
 DEFAULT_NAMESPACE = "default"
-_NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_NAMESPACE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _LABEL_KEY = re.compile(
-    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+    r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
 )
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0, DEL and C1 control characters.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Limits:
 def namespace(value: str) -> str:
     if value == "":
         return DEFAULT_NAMESPACE
-    if not _NAMESPACE.match(value):
+    if not _NAMESPACE.fullmatch(value):
         raise InvalidField(
             "namespace", "must be a DNS label: 1-63 of a-z, 0-9 and '-', alphanumeric at both ends"
         )
@@ -124,7 +125,7 @@ def labels(value: Mapping[str, str], limits: Limits) -> dict[str, str]:
     for label_key, label_value in value.items():
         prefix, _, name = label_key.rpartition("/")
         too_long = len(name) > limits.max_label_key_bytes or len(prefix) > 253
-        if too_long or not _LABEL_KEY.match(label_key):
+        if too_long or not _LABEL_KEY.fullmatch(label_key):
             raise InvalidField(f"labels[{label_key!r}]", "key must be a Kubernetes-style label key")
         if len(label_value.encode()) > limits.max_label_value_bytes:
             raise InvalidField(

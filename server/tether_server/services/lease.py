@@ -115,6 +115,7 @@ class LeaseService:
     ) -> lease_pb2.RenewResponse:
         namespace = validation.namespace(request.namespace)
         renewal = Renewal(
+            principal=self._auth.principal_of(context).name,
             lease_id=validation.lease_id(request.lease_id),
             fencing_token=validation.fencing_token(request.fencing_token),
             progress=(
@@ -135,6 +136,7 @@ class LeaseService:
         self, requests: AsyncIterator[lease_pb2.KeepAliveRequest], context: Context
     ) -> AsyncIterator[lease_pb2.KeepAliveResponse]:
         stream_id = f"{self._replica}-{secrets.token_hex(8)}"
+        principal = self._auth.principal_of(context).name
         metrics = self._metrics
         metrics.keepalive_streams_open += 1
         metrics.keepalive_streams_total += 1
@@ -146,7 +148,7 @@ class LeaseService:
                 if request is None:
                     clean_end = True
                     return
-                yield await self._keepalive_batch(request, stream_id)
+                yield await self._keepalive_batch(request, stream_id, principal)
         finally:
             metrics.keepalive_streams_open -= 1
             if not clean_end:
@@ -178,7 +180,7 @@ class LeaseService:
             return None
 
     async def _keepalive_batch(
-        self, request: lease_pb2.KeepAliveRequest, stream_id: str
+        self, request: lease_pb2.KeepAliveRequest, stream_id: str, principal: str
     ) -> lease_pb2.KeepAliveResponse:
         limits = self._limits
         namespace = validation.namespace(request.namespace)
@@ -193,6 +195,7 @@ class LeaseService:
             prefix = f"renewals[{index}]"
             try:
                 renewal = Renewal(
+                    principal=principal,
                     lease_id=validation.lease_id(item.lease_id, f"{prefix}.lease_id"),
                     fencing_token=validation.fencing_token(
                         item.fencing_token, f"{prefix}.fencing_token"
@@ -247,6 +250,7 @@ class LeaseService:
                 lease_id=validation.lease_id(request.lease_id),
                 fencing_token=validation.fencing_token(request.fencing_token),
                 holder=validation.holder(request.holder, self._limits),
+                principal=self._auth.principal_of(context).name,
             )
         )
         return lease_pb2.ReleaseResponse(lease=lease_to_pb(lease))

@@ -20,6 +20,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from tether_server.domain import errors
 from tether_server.domain.lease import (
+    ANONYMOUS,
     AcquireIntent,
     AlreadyEnded,
     EndNow,
@@ -64,6 +65,8 @@ class Renewal:
     lease_id: str
     fencing_token: int
     progress: bytes | None = None
+    # Only the principal that acquired the lease may renew it.
+    principal: str = ANONYMOUS
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class ReleaseParams:
     lease_id: str
     fencing_token: int
     holder: str
+    principal: str = ANONYMOUS
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,13 @@ class LeaseStore:
                         )
                     return AcquireResult(_effective(previous, tx.now_us), created=False)
             key = await self._lock_key(tx, p.namespace, p.key)
-            current = await self._get(tx, key.current_lease_id) if key.current_lease_id else None
+            # Lock the current lease row too: renewals take only that lock, and the decision
+            # must see a renewal that committed after the key lock was granted.
+            current = (
+                await self._get(tx, key.current_lease_id, for_update=True)
+                if key.current_lease_id
+                else None
+            )
             decision = decide_acquire(key, current, AcquireIntent(p.holder, p.principal), tx.now_us)
             if isinstance(decision, ReturnExisting):
                 return AcquireResult(decision.lease, created=False)
@@ -169,10 +179,12 @@ class LeaseStore:
 
         async def work(tx: Tx) -> list[Renewed | errors.TetherError]:
             now = tx.now_us
-            pairs = list({(r.lease_id, r.fencing_token) for r in renewals})
+            triples = list({(r.lease_id, r.fencing_token, r.principal) for r in renewals})
             values: dict[str, Any] = {
-                "renewed_at_us": now,
-                "expires_at_us": now + leases.c.ttl_us,
+                # Never backwards: a renewal whose transaction started earlier but commits
+                # later must not shorten a deadline a newer renewal already reported.
+                "renewed_at_us": self._greatest(leases.c.renewed_at_us, now),
+                "expires_at_us": self._greatest(leases.c.expires_at_us, now + leases.c.ttl_us),
             }
             if stream_id is not None:
                 values["stream_id"] = stream_id
@@ -181,7 +193,9 @@ class LeaseStore:
             result = await tx.conn.execute(
                 update(leases)
                 .where(
-                    tuple_(leases.c.lease_id, leases.c.fencing_token).in_(pairs),
+                    tuple_(leases.c.lease_id, leases.c.fencing_token, leases.c.principal).in_(
+                        triples
+                    ),
                     leases.c.namespace == namespace,
                     leases.c.state == LeaseState.ACTIVE.value,
                     leases.c.expires_at_us > now,
@@ -190,15 +204,21 @@ class LeaseStore:
                 .returning(
                     leases.c.lease_id,
                     leases.c.fencing_token,
+                    leases.c.principal,
                     leases.c.expires_at_us,
                     leases.c.ttl_us,
                 )
             )
             renewed = {row.lease_id: row for row in result}
+            # Only a renewal that itself succeeded (its token is the current one) may store
+            # progress: a stale entry in the same batch must not overwrite the holder's.
             progress = {
                 r.lease_id: r.progress
                 for r in renewals
-                if r.progress is not None and r.lease_id in renewed
+                if r.progress is not None
+                and r.lease_id in renewed
+                and renewed[r.lease_id].fencing_token == r.fencing_token
+                and renewed[r.lease_id].principal == r.principal
             }
             for lease_id, details in progress.items():
                 await tx.conn.execute(
@@ -211,7 +231,11 @@ class LeaseStore:
                 row = renewed.get(r.lease_id)
                 # A batch may name one lease twice with different tokens: only the current
                 # token's renewal succeeded.
-                if row is not None and row.fencing_token == r.fencing_token:
+                if (
+                    row is not None
+                    and row.fencing_token == r.fencing_token
+                    and row.principal == r.principal
+                ):
                     outcomes.append(
                         Renewed(r.lease_id, r.fencing_token, row.expires_at_us, row.ttl_us)
                     )
@@ -220,7 +244,9 @@ class LeaseStore:
                     if lease is None and row is not None:
                         lease = await self._get(tx, r.lease_id)
                     outcomes.append(
-                        renewal_refusal(lease, r.lease_id, namespace, r.fencing_token, now)
+                        renewal_refusal(
+                            lease, r.lease_id, namespace, r.fencing_token, r.principal, now
+                        )
                     )
             return outcomes
 
@@ -236,7 +262,7 @@ class LeaseStore:
         async def work(tx: Tx) -> Lease:
             lease, key = await self._lock_lease_and_key(tx, p.namespace, p.lease_id)
             decision = decide_release(
-                lease, p.lease_id, p.namespace, p.fencing_token, p.holder, tx.now_us
+                lease, p.lease_id, p.namespace, p.fencing_token, p.holder, p.principal, tx.now_us
             )
             assert lease is not None
             assert key is not None
@@ -302,13 +328,18 @@ class LeaseStore:
         """Purge events at or below a revision; watchers asking for them get OUT_OF_RANGE."""
 
         async def work(tx: Tx) -> int:
+            current = (
+                await tx.conn.execute(select(revisions.c.current).with_for_update())
+            ).scalar_one()
+            # Never past the head: revisions not handed out yet cannot have been purged.
+            target = min(up_to_revision, int(current))
             result = await tx.conn.execute(
-                lease_events.delete().where(lease_events.c.revision <= up_to_revision)
+                lease_events.delete().where(lease_events.c.revision <= target)
             )
             await tx.conn.execute(
                 update(revisions)
-                .where(revisions.c.id == 1, revisions.c.compacted < up_to_revision)
-                .values(compacted=up_to_revision)
+                .where(revisions.c.id == 1, revisions.c.compacted < target)
+                .values(compacted=target)
             )
             return int(result.rowcount)
 
@@ -412,6 +443,10 @@ class LeaseStore:
 
     # ---- pieces ---------------------------------------------------------------------
 
+    def _greatest(self, column: Any, value: Any) -> Any:
+        # SQLite's scalar max() is PostgreSQL's greatest().
+        return func.max(column, value) if self.db.is_sqlite else func.greatest(column, value)
+
     async def _lock_key(self, tx: Tx, namespace: str, key: str) -> LeaseKey:
         insert = pg_insert if not self.db.is_sqlite else sqlite_insert
         await tx.conn.execute(
@@ -448,7 +483,9 @@ class LeaseStore:
         if unlocked is None or unlocked.namespace != namespace:
             return unlocked, None
         key = await self._lock_key(tx, unlocked.namespace, unlocked.key)
-        return await self._get(tx, lease_id), key
+        # The lease row lock orders this against renewals and the expiry loop, which do not
+        # take the key lock.
+        return await self._get(tx, lease_id, for_update=True), key
 
     async def _grant(self, tx: Tx, key: LeaseKey, p: AcquireParams, grant: Grant) -> Lease:
         now = tx.now_us
@@ -486,7 +523,14 @@ class LeaseStore:
         if isinstance(decision, AlreadyEnded):
             return _effective(lease, tx.now_us)
         state = decision.state if isinstance(decision, EndNow) else LeaseState.EXPIRED
-        (ended,) = await self._end(tx, [lease], state)
+        ended_now = await self._end(tx, [lease], state)
+        if not ended_now:
+            # Impossible while the row is locked; kept as a guard so a future path that
+            # forgets the lock degrades to "already ended", not to an exception.
+            latest = await self._get(tx, lease.lease_id)
+            assert latest is not None
+            return _effective(latest, tx.now_us)
+        (ended,) = ended_now
         # Expiry's lock-delay is derived from the lease itself (see decide_acquire).
         available_at = lock_delay_after_end(lease, state, tx.now_us)
         if state is LeaseState.REVOKED and available_at > key.available_at_us:
@@ -507,14 +551,19 @@ class LeaseStore:
             return []
         now = tx.now_us
         by_id = {lease.lease_id: lease for lease in candidates}
-        # An expiry happened at the deadline, whenever it is recorded.
-        ended_at: Any = leases.c.expires_at_us if state is LeaseState.EXPIRED else now
+        conditions = [
+            leases.c.lease_id.in_(list(by_id)),
+            leases.c.state == LeaseState.ACTIVE.value,
+        ]
+        ended_at: Any = now
+        if state is LeaseState.EXPIRED:
+            # Re-checked on the latest row version: a renewal that committed meanwhile wins.
+            conditions.append(leases.c.expires_at_us <= now)
+            # An expiry happened at the deadline, whenever it is recorded.
+            ended_at = leases.c.expires_at_us
         result = await tx.conn.execute(
             update(leases)
-            .where(
-                leases.c.lease_id.in_(list(by_id)),
-                leases.c.state == LeaseState.ACTIVE.value,
-            )
+            .where(*conditions)
             .values(state=state.value, ended_at_us=ended_at, stream_id=None)
             .returning(leases.c.lease_id, leases.c.ended_at_us)
         )
@@ -563,8 +612,11 @@ class LeaseStore:
             ],
         )
 
-    async def _get(self, tx: Tx, lease_id: str) -> Lease | None:
-        row = (await tx.conn.execute(select(leases).where(leases.c.lease_id == lease_id))).first()
+    async def _get(self, tx: Tx, lease_id: str, *, for_update: bool = False) -> Lease | None:
+        query = select(leases).where(leases.c.lease_id == lease_id)
+        if for_update:
+            query = query.with_for_update()
+        row = (await tx.conn.execute(query)).first()
         return _row_to_lease(row) if row is not None else None
 
     async def _get_many(self, tx: Tx, lease_ids: set[str]) -> list[Lease]:
