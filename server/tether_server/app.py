@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
+import socket
 from typing import Any
 
 import grpc
@@ -24,6 +26,7 @@ from tether_server.services.lease import LeaseService
 from tether_server.services.unimplemented import Unimplemented
 from tether_server.store.database import Database, Tx, describe_url
 from tether_server.store.leases import LeaseStore
+from tether_server.store.replicas import ReplicaStore
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,11 @@ class TetherServer:
         self.db = Database(config.db_url, self.clock)
         self.db.after_commit(self._on_commit)
         self.leases = LeaseStore(self.db)
+        self.replicas = ReplicaStore(self.db)
+        # Unique per process start; names this process's heartbeat streams in the store.
+        self.instance_id = secrets.token_hex(8)
+        self.replica_name = config.replica
+        self._lease_service: LeaseService | None = None
         self.expiry = ExpiryLoop(self.leases, self.clock, config.expiry)
         # health.aio is the public asyncio servicer; the stubs do not declare it.
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -65,18 +73,24 @@ class TetherServer:
         self._draining = False
 
     async def start(self) -> int:
-        """Migrate, recover, then serve. Returns the bound port."""
+        """Migrate, bind, recover, then serve. Returns the bound port."""
         await self.db.migrate()
-        await self._recover()
         server = grpc.aio.server(options=_GRPC_OPTIONS)
+        self.port = server.add_insecure_port(self.config.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        # Stable across restarts of one replica, so a restart reaps its predecessor.
+        self.replica_name = self.config.replica or f"{socket.gethostname()}:{self.port}"
+        await self._recover()
         lease_service = LeaseService(
             self.leases,
             self.clock,
             self.changes,
             self.metrics,
             self.config.lease,
-            replica=self.config.replica,
+            instance_id=self.instance_id,
         )
+        self._lease_service = lease_service
         services: list[tuple[Any, object]] = [
             (LEASE_SERVICE, lease_service),
             (SAGA_SERVICE, Unimplemented(SAGA_SERVICE, "sagas")),
@@ -92,9 +106,6 @@ class TetherServer:
             + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             server,
         )
-        self.port = server.add_insecure_port(self.config.listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.listen}")
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._server = server
@@ -108,7 +119,8 @@ class TetherServer:
                 "port": self.port,
                 "store": describe_url(self.config.db_url),
                 "backend": self.db.backend,
-                "replica": self.config.replica,
+                "replica": self.replica_name,
+                "instance_id": self.instance_id,
             },
         )
         return self.port
@@ -126,8 +138,15 @@ class TetherServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watchdog
         await self.expiry.stop()
+        if self._lease_service is not None:
+            self._lease_service.drain()
         if self._server is not None:
             await self._server.stop(grace)
+        # Every stream of this process is closed now; say so before the store goes away.
+        try:
+            await self.replicas.replica_deregister(self.instance_id)
+        except StoreUnavailable:
+            log.warning("could not deregister; other replicas will reap this one")
         await self.db.dispose()
         log.info("tether stopped")
 
@@ -136,10 +155,22 @@ class TetherServer:
             await self._server.wait_for_termination()
 
     async def _recover(self) -> None:
-        """Before serving: record what expired while no server ran, and forget streams of a
-        previous process (SQLite has exactly one server process)."""
+        """Before serving: forget the streams of processes that are gone, and record what
+        expired while no server ran."""
         if self.db.is_sqlite:
+            # SQLite has exactly one server process: no stream of any other is open.
             await self.leases.lease_detach_all_streams()
+        reaped = await self.replicas.replica_register(
+            self.instance_id, self.replica_name, self._stale_after_us
+        )
+        if reaped.dead_instances:
+            log.info(
+                "reaped replicas",
+                extra={
+                    "instances": reaped.dead_instances,
+                    "streams_detached": reaped.streams_detached,
+                },
+            )
         expired = 0
         while True:
             result = await self.expiry.run_once()
@@ -156,14 +187,23 @@ class TetherServer:
         for service in SERVING_SERVICES:
             await self.health.set(service, status)
 
+    @property
+    def _stale_after_us(self) -> int:
+        # A replica that missed three heartbeats in a row is considered gone.
+        return round(3 * self.config.store_check_interval_s * 1_000_000)
+
     async def _watch_store(self) -> None:
+        """Heartbeat this replica (which also proves the store reachable) and reap others."""
         serving = True
         while True:
             await asyncio.sleep(self.config.store_check_interval_s)
             try:
-                await self.db.ping()
+                await self.replicas.replica_heartbeat(self.instance_id, self._stale_after_us)
                 healthy = True
             except StoreUnavailable:
+                healthy = False
+            except Exception:
+                log.exception("store heartbeat failed")
                 healthy = False
             if healthy != serving and not self._draining:
                 serving = healthy

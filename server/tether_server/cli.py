@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from tether_server import __version__, logs
 from tether_server.clock import clock_from_spec
-from tether_server.config import DEFAULT_DB, DEFAULT_LISTEN, ServerConfig, default_replica
+from tether_server.config import DEFAULT_DB, DEFAULT_LISTEN, ServerConfig
 from tether_server.domain.validation import Limits
 from tether_server.services.lease import LeaseServiceConfig
 from tether_server.store.database import Database, describe_url
@@ -63,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=_env("TETHER_KEEPALIVE_IDLE_TIMEOUT", "2m"),
     )
-    serve.add_argument("--replica", default=_env("TETHER_REPLICA", default_replica()))
+    serve.add_argument(
+        "--replica",
+        default=_env("TETHER_REPLICA", ""),
+        help="stable replica name (default <hostname>:<port>); a restart reaps its predecessor",
+    )
 
     migrate = commands.add_parser("migrate", help="apply database migrations and exit")
     migrate.add_argument("--db", default=_env("TETHER_DB", DEFAULT_DB))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass, field
 
 from tether_server.domain.validation import Limits
@@ -12,10 +10,6 @@ from tether_server.services.lease import LeaseServiceConfig
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DB = "sqlite:///./tether.db"
-
-
-def default_replica() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -28,7 +22,8 @@ class ServerConfig:
     grace_s: float = 10.0
     # How often the store is pinged for the health service.
     store_check_interval_s: float = 5.0
-    replica: str = field(default_factory=default_replica)
+    # Stable name of this replica; empty means "<hostname>:<port>".
+    replica: str = ""
     lease: LeaseServiceConfig = field(default_factory=LeaseServiceConfig)
     expiry: ExpiryConfig = field(default_factory=ExpiryConfig)
 

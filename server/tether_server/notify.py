@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 
 class ChangeFeed:
@@ -19,9 +18,3 @@ class ChangeFeed:
     def publish(self) -> None:
         self._event.set()
         self._event = asyncio.Event()
-
-    @staticmethod
-    async def wait(event: asyncio.Event, seconds: float) -> None:
-        """Wait for the pulse, or at most ``seconds`` of real time (the poll interval)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), seconds)

@@ -36,6 +36,7 @@ from tether_server.store.leases import (
     Renewal,
     RevokeParams,
 )
+from tether_server.store.replicas import stream_id_for
 
 log = logging.getLogger(__name__)
 Context = Any  # grpc.aio.ServicerContext
@@ -61,7 +62,7 @@ class LeaseService:
         metrics: Metrics,
         config: LeaseServiceConfig | None = None,
         auth: AuthPolicy | None = None,
-        replica: str = "",
+        instance_id: str = "",
     ) -> None:
         self._store = store
         self._clock = clock
@@ -69,7 +70,21 @@ class LeaseService:
         self._metrics = metrics
         self._config = config or LeaseServiceConfig()
         self._auth = auth or AuthPolicy()
-        self._replica = replica or secrets.token_hex(4)
+        # Stream ids start with this process's instance id (see store/replicas.py).
+        self._instance_id = instance_id or secrets.token_hex(8)
+        self._draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """End every stream and wait now with UNAVAILABLE / SERVER_DRAINING, so clients
+        reconnect to another replica at once instead of at the end of the grace period."""
+        self._draining.set()
+
+    def _check_draining(self) -> None:
+        if self._draining.is_set():
+            raise errors.ServerDraining(
+                "the server is shutting down; reconnect (to another replica)",
+                {"instance_id": self._instance_id},
+            )
 
     @property
     def _limits(self) -> Limits:
@@ -108,7 +123,8 @@ class LeaseService:
             # lock-delay) passes, or at the poll interval for other replicas' releases.
             retry_at = min(wait_until, outcome.retry_at_us or wait_until)
             sleep_s = min(self._config.poll_interval_s, max(0.0, (retry_at - now) / MICROS))
-            await _first_of(changed.wait(), self._clock.sleep(sleep_s))
+            await _first_of(changed.wait(), self._clock.sleep(sleep_s), self._draining.wait())
+            self._check_draining()
 
     async def Renew(
         self, request: lease_pb2.RenewRequest, context: Context
@@ -135,7 +151,7 @@ class LeaseService:
     async def KeepAlive(
         self, requests: AsyncIterator[lease_pb2.KeepAliveRequest], context: Context
     ) -> AsyncIterator[lease_pb2.KeepAliveResponse]:
-        stream_id = f"{self._replica}-{secrets.token_hex(8)}"
+        stream_id = stream_id_for(self._instance_id, secrets.token_hex(8))
         principal = self._auth.principal_of(context).name
         metrics = self._metrics
         metrics.keepalive_streams_open += 1
@@ -163,12 +179,23 @@ class LeaseService:
         idle_s = self._config.keepalive_idle_timeout_s
         next_message = asyncio.ensure_future(anext(iterator))
         idle = asyncio.ensure_future(self._clock.sleep(idle_s))
+        drained = asyncio.ensure_future(self._draining.wait())
+        arrived = False
         try:
-            await asyncio.wait({next_message, idle}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {next_message, idle, drained}, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             idle.cancel()
-        if not next_message.done():
-            next_message.cancel()
+            drained.cancel()
+            arrived = next_message.done()
+            if not arrived:
+                # Also when this handler is cancelled: no orphan task may outlive the stream.
+                next_message.cancel()
+            elif not next_message.cancelled():
+                next_message.exception()  # retrieved here, so asyncio never logs it as lost
+        if not arrived:
+            self._check_draining()
             raise errors.KeepAliveIdle(
                 f"the keep-alive stream sent nothing for {idle_s:g}s; send renewals or "
                 "empty pings more often",
@@ -355,7 +382,12 @@ class LeaseService:
                 # Every event up to the header revision was visible to this read (revisions
                 # commit in order), so nothing below it can still appear.
                 next_revision = max(next_revision, page.header_revision + 1)
-                await ChangeFeed.wait(changed, self._config.poll_interval_s)
+                await _first_of(
+                    changed.wait(),
+                    self._draining.wait(),
+                    asyncio.sleep(self._config.poll_interval_s),
+                )
+                self._check_draining()
         finally:
             self._metrics.watch_streams_open -= 1
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, and_, func, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, Row, and_, bindparam, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -582,12 +582,13 @@ class LeaseStore:
                     mod_revision=first + offset,
                 )
             )
-        for lease in ended:
-            await tx.conn.execute(
-                update(leases)
-                .where(leases.c.lease_id == lease.lease_id)
-                .values(mod_revision=lease.mod_revision)
-            )
+        # One executemany round trip, not one statement per lease (expiry ends hundreds).
+        await tx.conn.execute(
+            update(leases)
+            .where(leases.c.lease_id == bindparam("b_lease_id"))
+            .values(mod_revision=bindparam("b_mod_revision")),
+            [{"b_lease_id": x.lease_id, "b_mod_revision": x.mod_revision} for x in ended],
+        )
         event_type = LeaseEventType(state.value)
         await self._record_events(tx, [(lease.mod_revision, event_type, lease) for lease in ended])
         return ended

@@ -86,3 +86,16 @@ revisions = Table(
     Column("current", BigInteger, nullable=False),
     Column("compacted", BigInteger, nullable=False),
 )
+
+# Server processes sharing the store. A KeepAlive stream is attached to leases under an id
+# that starts with its process's instance id, so the streams of a process that died can be
+# detached by whoever notices it is gone (a restart of the same replica, or a stale heartbeat).
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("instance_id", String(64), primary_key=True),
+    Column("name", String(256), nullable=False),
+    Column("started_at_us", BigInteger, nullable=False),
+    Column("heartbeat_at_us", BigInteger, nullable=False),
+    Index("ix_replicas_name", "name"),
+)

@@ -1,4 +1,4 @@
-"""Leases, lease keys, the lease event log and the revision counter.
+"""Leases, lease keys, the lease event log, the revision counter and the replica registry.
 
 Revision ID: 0001
 Revises:
@@ -70,9 +70,19 @@ def upgrade() -> None:
         sa.Column("compacted", sa.BigInteger, nullable=False),
     )
     op.bulk_insert(revisions, [{"id": 1, "current": 0, "compacted": 0}])
+    op.create_table(
+        "replicas",
+        sa.Column("instance_id", sa.String(64), primary_key=True),
+        sa.Column("name", sa.String(256), nullable=False),
+        sa.Column("started_at_us", sa.BigInteger, nullable=False),
+        sa.Column("heartbeat_at_us", sa.BigInteger, nullable=False),
+    )
+    op.create_index("ix_replicas_name", "replicas", ["name"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_replicas_name", "replicas")
+    op.drop_table("replicas")
     op.drop_table("revisions")
     op.drop_index("ix_lease_events_ns_rev", "lease_events")
     op.drop_table("lease_events")

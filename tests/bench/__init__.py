@@ -1,0 +1,1 @@
+"""Load benchmarks (``make bench`` runs ``python -m tests.bench.load``); not collected by pytest."""

@@ -1,0 +1,180 @@
+"""The real grpcurl binary against a real ``tether serve``: reflection, JSON, ErrorInfo, health.
+
+DESIGN.md promises that grpcurl works out of the box. Every test here runs grpcurl v1.8.6
+as a subprocess, exactly as an operator would type it, on both backends.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.e2e import ServerFactory, error_info, lease_stub
+from tests.support.server_process import ServerProcess
+from tether_client.pb import lease_pb2
+
+pytestmark = pytest.mark.e2e
+
+GRPCURL = Path(sys.executable).parent / "grpcurl"
+LEASE_SERVICE = "tether.v1.LeaseService"
+LEASE_RPCS = (
+    "Acquire",
+    "Renew",
+    "KeepAlive",
+    "Release",
+    "Revoke",
+    "GetLease",
+    "ListLeases",
+    "Watch",
+)
+SECONDS_30 = Duration(seconds=30)
+ACQUIRE_JSON = '{"key":"tasks/168","holder":"agent-1","ttl":"30s"}'
+# grpcurl exits with 64 + the gRPC status code when the call fails.
+GRPCURL_FAILED_PRECONDITION = 64 + grpc.StatusCode.FAILED_PRECONDITION.value[0]
+
+
+def grpcurl(target: str, *args: str, data: str | None = None) -> subprocess.CompletedProcess[str]:
+    command = [str(GRPCURL), "-plaintext"]
+    if data is not None:
+        command += ["-d", data]
+    command += [target, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (
+        f"grpcurl exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    )
+    return result.stdout
+
+
+@pytest.fixture
+def server(db_url: str, server_factory: ServerFactory) -> ServerProcess:
+    if not GRPCURL.exists():
+        pytest.fail(f"grpcurl is not installed at {GRPCURL} (dev dependency)")
+    return server_factory(db_url)
+
+
+def test_grpcurl_version() -> None:
+    result = subprocess.run(
+        [str(GRPCURL), "-version"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert "1.8.6" in result.stdout + result.stderr
+
+
+def test_list_and_describe(server: ServerProcess) -> None:
+    services = ok(grpcurl(server.target, "list")).split()
+    for name in (
+        "tether.v1.LeaseService",
+        "tether.v1.SagaService",
+        "tether.v1.OwnerRefService",
+        "tether.v1.SweepService",
+        "grpc.health.v1.Health",
+    ):
+        assert name in services, services
+
+    description = ok(grpcurl(server.target, "describe", LEASE_SERVICE))
+    assert f"{LEASE_SERVICE} is a service" in description
+    rpcs = [line.split()[1] for line in description.splitlines() if line.strip().startswith("rpc ")]
+    assert sorted(rpcs) == sorted(LEASE_RPCS), description
+    assert "stream .tether.v1.KeepAliveRequest" in description
+    assert "returns ( stream .tether.v1.WatchResponse )" in description
+
+
+async def test_acquire_json_conflict_error_info_and_stubs(server: ServerProcess) -> None:
+    # The first Acquire, as JSON, answered as JSON.
+    result = grpcurl(server.target, f"{LEASE_SERVICE}/Acquire", data=ACQUIRE_JSON)
+    body = json.loads(ok(result))
+    lease = body["lease"]
+    assert body["created"] is True
+    assert lease["key"] == "tasks/168"
+    assert lease["holder"] == "agent-1"
+    assert lease["namespace"] == "default"
+    assert lease["ttl"] == "30s"
+    # uint64 is a JSON string in the protobuf JSON mapping.
+    assert lease["fencing_token"] == "1"
+    assert lease["state"] == "LEASE_STATE_ACTIVE"
+    assert lease["lease_id"]
+
+    # Another holder: FAILED_PRECONDITION, and grpcurl prints the ErrorInfo details.
+    other = '{"key":"tasks/168","holder":"agent-2","ttl":"30s"}'
+    refused = grpcurl(server.target, f"{LEASE_SERVICE}/Acquire", data=other)
+    assert refused.returncode == GRPCURL_FAILED_PRECONDITION, refused
+    assert "Code: FailedPrecondition" in refused.stderr, refused.stderr
+    assert "Message: key 'tasks/168' is held by 'agent-1'" in refused.stderr, refused.stderr
+    assert "Details:" in refused.stderr
+    detail_line = next(
+        line for line in refused.stderr.splitlines() if "google.rpc.ErrorInfo" in line
+    )
+    detail = json.loads(detail_line.split("\t", 1)[1] if "\t" in detail_line else detail_line)
+    assert detail["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+    assert detail["reason"] == "LEASE_HELD"
+    assert detail["domain"] == "tether.dev"
+    assert detail["metadata"]["holder"] == "agent-1"
+    assert detail["metadata"]["lease_id"] == lease["lease_id"]
+    assert detail["metadata"]["fencing_token"] == "1"
+    assert detail["metadata"]["expires_at"] == lease["expires_at"]
+
+    # The same Acquire through the generated stubs, against the same process.
+    async with lease_stub(server.target) as stub:
+        again = await stub.Acquire(
+            lease_pb2.AcquireRequest(key="tasks/168", holder="agent-1", ttl=SECONDS_30),
+            timeout=10,
+        )
+        assert again.created is False  # the same holder gets its live lease back
+        assert again.lease.lease_id == lease["lease_id"]
+        assert again.lease.fencing_token == 1
+        assert again.lease.state == lease_pb2.LEASE_STATE_ACTIVE
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Acquire(
+                lease_pb2.AcquireRequest(key="tasks/168", holder="agent-2", ttl=SECONDS_30),
+                timeout=10,
+            )
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        info = error_info(caught.value)
+        assert info.reason == "LEASE_HELD"
+        assert info.metadata["holder"] == "agent-1"
+
+        fresh = await stub.Acquire(
+            lease_pb2.AcquireRequest(key="tasks/169", holder="agent-1", ttl=SECONDS_30),
+            timeout=10,
+        )
+        assert fresh.created is True
+        assert fresh.lease.fencing_token == 1
+
+    # And grpcurl reads what the stubs wrote.
+    got = json.loads(
+        ok(grpcurl(server.target, f"{LEASE_SERVICE}/GetLease", data='{"key":"tasks/169"}'))
+    )
+    assert got["lease"]["lease_id"] == fresh.lease.lease_id
+    assert got["lease"]["state"] == "LEASE_STATE_ACTIVE"
+
+
+def test_health_check(server: ServerProcess) -> None:
+    body = json.loads(ok(grpcurl(server.target, "grpc.health.v1.Health/Check")))
+    assert body == {"status": "SERVING"}
+    per_service = json.loads(
+        ok(
+            grpcurl(
+                server.target,
+                "grpc.health.v1.Health/Check",
+                data=json.dumps({"service": LEASE_SERVICE}),
+            )
+        )
+    )
+    assert per_service == {"status": "SERVING"}
+
+    # The same answer through the generated health stub.
+    with grpc.insecure_channel(server.target) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10
+        )
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
