@@ -18,7 +18,7 @@ from tether_server.store.database import Database
 from tether_server.store.leases import AcquireParams, AcquireResult, LeaseStore
 from tether_server.store.schema import metadata, revisions
 
-TABLES = {"lease_keys", "leases", "lease_events", "revisions", "replicas"}
+TABLES = {"lease_keys", "leases", "lease_events", "lease_requests", "revisions", "replicas"}
 
 
 def alembic_head() -> str:

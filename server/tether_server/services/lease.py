@@ -182,9 +182,7 @@ class LeaseService:
         drained = asyncio.ensure_future(self._draining.wait())
         arrived = False
         try:
-            await asyncio.wait(
-                {next_message, idle, drained}, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait({next_message, idle, drained}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             idle.cancel()
             drained.cancel()

@@ -157,6 +157,10 @@ class Database:
         async with self.engine.connect() as conn:
             if readonly:
                 await conn.execution_options(tether_readonly=True)
+                if not self.is_sqlite:
+                    # One snapshot for every statement of a read: a header revision and the
+                    # events read after it agree (SQLite's read transactions already do).
+                    await conn.execution_options(isolation_level="REPEATABLE READ")
             try:
                 async with conn.begin():
                     yield conn

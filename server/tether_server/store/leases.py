@@ -8,6 +8,7 @@ paths can wait on each other in a cycle.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import secrets
 from collections.abc import Mapping, Sequence
@@ -39,7 +40,13 @@ from tether_server.domain.lease import (
     renewal_refusal,
 )
 from tether_server.store.database import Database, Tx
-from tether_server.store.schema import lease_events, lease_keys, leases, revisions
+from tether_server.store.schema import (
+    lease_events,
+    lease_keys,
+    lease_requests,
+    leases,
+    revisions,
+)
 
 
 @dataclass(frozen=True)
@@ -142,14 +149,9 @@ class LeaseStore:
     async def lease_acquire(self, p: AcquireParams) -> AcquireResult | Refuse:
         async def work(tx: Tx) -> AcquireResult | Refuse:
             if p.request_id is not None:
-                previous = await self._by_request_id(tx, p.namespace, p.request_id)
-                if previous is not None:
-                    if previous.key != p.key or previous.holder != p.holder:
-                        raise errors.RequestIdConflict(
-                            f"request_id {p.request_id!r} was used for another acquire",
-                            {"request_id": p.request_id, "lease_id": previous.lease_id},
-                        )
-                    return AcquireResult(_effective(previous, tx.now_us), created=False)
+                first = await self._first_result(tx, p)
+                if first is not None:
+                    return AcquireResult(_effective(first, tx.now_us), created=False)
             key = await self._lock_key(tx, p.namespace, p.key)
             # Lock the current lease row too: renewals take only that lock, and the decision
             # must see a renewal that committed after the key lock was granted.
@@ -160,13 +162,17 @@ class LeaseStore:
             )
             decision = decide_acquire(key, current, AcquireIntent(p.holder, p.principal), tx.now_us)
             if isinstance(decision, ReturnExisting):
+                await self._remember_result(tx, p, decision.lease)
                 return AcquireResult(decision.lease, created=False)
             stale = decision.expire_current
             if stale is not None:
                 await self._end(tx, [stale], LeaseState.EXPIRED)
             if isinstance(decision, Refuse):
+                # Nothing was granted: a retry with the same request id may still succeed.
                 return decision
-            return AcquireResult(await self._grant(tx, key, p, decision), created=True)
+            granted = await self._grant(tx, key, p, decision)
+            await self._remember_result(tx, p, granted)
+            return AcquireResult(granted, created=True)
 
         return await self.db.run_write(work)
 
@@ -626,15 +632,40 @@ class LeaseStore:
         rows = await tx.conn.execute(select(leases).where(leases.c.lease_id.in_(lease_ids)))
         return [_row_to_lease(row) for row in rows]
 
-    async def _by_request_id(self, tx: Tx, namespace: str, request_id: str) -> Lease | None:
+    async def _first_result(self, tx: Tx, p: AcquireParams) -> Lease | None:
+        """The lease a request id was first answered with, or None for a new request id."""
+        assert p.request_id is not None
         row = (
             await tx.conn.execute(
-                select(leases).where(
-                    leases.c.namespace == namespace, leases.c.request_id == request_id
+                select(lease_requests).where(
+                    lease_requests.c.namespace == p.namespace,
+                    lease_requests.c.request_id == p.request_id,
                 )
             )
         ).first()
-        return _row_to_lease(row) if row is not None else None
+        if row is None:
+            return None
+        if row.fingerprint != _fingerprint(p):
+            raise errors.RequestIdConflict(
+                f"request_id {p.request_id!r} was first used for a different acquire",
+                {"request_id": p.request_id, "lease_id": row.lease_id},
+            )
+        return await self._get(tx, row.lease_id)
+
+    async def _remember_result(self, tx: Tx, p: AcquireParams, lease: Lease) -> None:
+        if p.request_id is None:
+            return
+        # Two first attempts racing insert the same key: the loser's transaction is retried
+        # (Database._guard) and then finds the winner's record.
+        await tx.conn.execute(
+            lease_requests.insert().values(
+                namespace=p.namespace,
+                request_id=p.request_id,
+                lease_id=lease.lease_id,
+                fingerprint=_fingerprint(p),
+                created_at_us=tx.now_us,
+            )
+        )
 
     async def _next_deadline(self, tx: Tx) -> int | None:
         value = (
@@ -645,6 +676,19 @@ class LeaseStore:
             )
         ).scalar_one_or_none()
         return int(value) if value is not None else None
+
+
+def _fingerprint(p: AcquireParams) -> str:
+    """What makes two acquires with one request id the same request."""
+    content = [
+        p.key,
+        p.holder,
+        p.principal,
+        p.ttl_us,
+        p.lock_delay_us,
+        sorted((p.labels or {}).items()),
+    ]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
 
 def _has_prefix(column: Any, prefix: str) -> ColumnElement[bool]:

@@ -57,10 +57,21 @@ leases = Table(
     Column("create_revision", BigInteger, nullable=False),
     Column("mod_revision", BigInteger, nullable=False),
     UniqueConstraint("namespace", "key", "fencing_token", name="uq_leases_key_token"),
-    UniqueConstraint("namespace", "request_id", name="uq_leases_request_id"),
     Index("ix_leases_state_expires", "state", "expires_at_us"),
     Index("ix_leases_holder", "namespace", "holder"),
     Index("ix_leases_stream", "stream_id"),
+)
+
+# Acquire's idempotency record: the first result of each client request id, and a digest
+# of the request so a reuse with other content is refused instead of answered wrongly.
+lease_requests = Table(
+    "lease_requests",
+    metadata,
+    Column("namespace", String(63), primary_key=True),
+    Column("request_id", String(128), primary_key=True),
+    Column("lease_id", String(64), nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
 )
 
 # The watch log. Revisions are allocated from `revisions` under its row lock, so they commit

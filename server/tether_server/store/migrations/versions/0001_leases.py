@@ -47,11 +47,18 @@ def upgrade() -> None:
         sa.Column("create_revision", sa.BigInteger, nullable=False),
         sa.Column("mod_revision", sa.BigInteger, nullable=False),
         sa.UniqueConstraint("namespace", "key", "fencing_token", name="uq_leases_key_token"),
-        sa.UniqueConstraint("namespace", "request_id", name="uq_leases_request_id"),
     )
     op.create_index("ix_leases_state_expires", "leases", ["state", "expires_at_us"])
     op.create_index("ix_leases_holder", "leases", ["namespace", "holder"])
     op.create_index("ix_leases_stream", "leases", ["stream_id"])
+    op.create_table(
+        "lease_requests",
+        sa.Column("namespace", sa.String(63), primary_key=True),
+        sa.Column("request_id", sa.String(128), primary_key=True),
+        sa.Column("lease_id", sa.String(64), nullable=False),
+        sa.Column("fingerprint", sa.String(64), nullable=False),
+        sa.Column("created_at_us", sa.BigInteger, nullable=False),
+    )
     op.create_table(
         "lease_events",
         sa.Column("revision", sa.BigInteger, primary_key=True, autoincrement=False),
@@ -84,6 +91,7 @@ def downgrade() -> None:
     op.drop_index("ix_replicas_name", "replicas")
     op.drop_table("replicas")
     op.drop_table("revisions")
+    op.drop_table("lease_requests")
     op.drop_index("ix_lease_events_ns_rev", "lease_events")
     op.drop_table("lease_events")
     op.drop_index("ix_leases_stream", "leases")

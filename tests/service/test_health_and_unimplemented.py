@@ -1,0 +1,159 @@
+"""grpc.health.v1, server reflection, and the services not built yet."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tether_client.pb import lease_pb2, owner_ref_pb2, saga_pb2, sweep_pb2
+from tether_server.domain.lease import Refuse
+
+from .conftest import WAIT_S, Harness, dur, error_info, eventually
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+UNBUILT_SERVICES = [
+    saga_pb2.DESCRIPTOR.services_by_name["SagaService"],
+    owner_ref_pb2.DESCRIPTOR.services_by_name["OwnerRefService"],
+    sweep_pb2.DESCRIPTOR.services_by_name["SweepService"],
+]
+
+
+@pytest.mark.parametrize("service", ["", "tether.v1.LeaseService"])
+async def test_health_check_reports_serving(tether: Harness, service: str) -> None:
+    stub = health_pb2_grpc.HealthStub(tether.channel)
+    response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=WAIT_S)
+    assert response.status == SERVING
+
+
+async def test_health_check_of_an_unknown_service_is_not_found(tether: Harness) -> None:
+    stub = health_pb2_grpc.HealthStub(tether.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Check(
+            health_pb2.HealthCheckRequest(service="tether.v1.NoSuchService"), timeout=WAIT_S
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_health_reports_not_serving_once_stop_begins(tether: Harness) -> None:
+    stub = health_pb2_grpc.HealthStub(tether.channel)
+    watches = {
+        service: stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=WAIT_S)
+        for service in ("", "tether.v1.LeaseService")
+    }
+    for watch in watches.values():
+        first = await asyncio.wait_for(watch.read(), WAIT_S)
+        assert first.status == SERVING
+    # A grace long enough for the NOT_SERVING updates to reach us before the server stops;
+    # cancelling the watches lets stop() finish long before it.
+    stopping = asyncio.ensure_future(tether.server.stop(WAIT_S))
+    try:
+        for watch in watches.values():
+            update = await asyncio.wait_for(watch.read(), WAIT_S)
+            assert update.status == NOT_SERVING
+    finally:
+        for watch in watches.values():
+            watch.cancel()
+        await asyncio.wait_for(stopping, WAIT_S * 2)
+
+
+async def test_reflection_lists_every_service(tether: Harness) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(tether.channel)
+    call = stub.ServerReflectionInfo(timeout=WAIT_S)
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    response = await asyncio.wait_for(call.read(), WAIT_S)
+    await call.done_writing()
+    names = {service.name for service in response.list_services_response.service}
+    assert {
+        "tether.v1.LeaseService",
+        "tether.v1.SagaService",
+        "tether.v1.OwnerRefService",
+        "tether.v1.SweepService",
+        "grpc.health.v1.Health",
+    } <= names
+
+
+async def _call(tether: Harness, method: MethodDescriptor) -> grpc.aio.AioRpcError | None:
+    """Call ``method`` with an empty request; the error it answers, or None."""
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    request_cls = message_factory.GetMessageClass(method.input_type)
+    response_cls = message_factory.GetMessageClass(method.output_type)
+    assert not method.client_streaming, "no client-streaming RPCs in tether.v1"
+    options = {
+        "request_serializer": request_cls.SerializeToString,
+        "response_deserializer": response_cls.FromString,
+    }
+    try:
+        if method.server_streaming:
+            stream = tether.channel.unary_stream(path, **options)(request_cls(), timeout=WAIT_S)
+            async for _ in stream:
+                raise AssertionError(f"{path} yielded a message")
+        else:
+            await tether.channel.unary_unary(path, **options)(request_cls(), timeout=WAIT_S)
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    return None
+
+
+async def test_every_rpc_of_the_unbuilt_services_answers_unimplemented(tether: Harness) -> None:
+    methods = [method for service in UNBUILT_SERVICES for method in service.methods]
+    assert len(methods) >= 20
+    assert any(method.server_streaming for method in methods)
+    wrong: list[str] = []
+    for method in methods:
+        error = await _call(tether, method)
+        name = f"{method.containing_service.name}.{method.name}"
+        if error is None:
+            wrong.append(f"{name}: succeeded")
+            continue
+        code, reason, metadata = error_info(error)
+        expected = {
+            "service": method.containing_service.full_name,
+            "method": method.name,
+        }
+        if (code, reason) != (grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED"):
+            wrong.append(f"{name}: {code.name} {reason} {error.details()}")
+        elif {k: metadata.get(k) for k in expected} != expected or not metadata.get("area"):
+            wrong.append(f"{name}: metadata {metadata}")
+    assert wrong == []
+
+
+async def test_stop_ends_streams_and_waiters_with_server_draining(tether: Harness) -> None:
+    """Streams and waiting calls end at once with UNAVAILABLE / SERVER_DRAINING, so clients
+    reconnect elsewhere instead of hanging until the end of the grace period."""
+    await tether.acquire("jobs/a", "w1", ttl_s=600)
+    keepalive = tether.stub.KeepAlive(timeout=WAIT_S * 3)
+    await keepalive.write(lease_pb2.KeepAliveRequest(sequence=1))
+    assert (await asyncio.wait_for(keepalive.read(), WAIT_S)).sequence == 1
+    watch = tether.stub.Watch(lease_pb2.WatchRequest(), timeout=WAIT_S * 3)
+    assert list((await asyncio.wait_for(watch.read(), WAIT_S)).events) == []
+    waiter = asyncio.ensure_future(
+        tether.stub.Acquire(
+            lease_pb2.AcquireRequest(key="jobs/a", holder="w2", ttl=dur(10), wait=dur(60)),
+            timeout=WAIT_S * 3,
+        )
+    )
+    await eventually(
+        lambda: any(isinstance(o, Refuse) for o in tether.acquire_outcomes), "waiter refused"
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    # A grace far longer than this test may take: draining must not wait for it.
+    stopping = asyncio.ensure_future(tether.server.stop(WAIT_S * 3))
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(keepalive.read(), watch.read(), waiter, return_exceptions=True), WAIT_S
+    )
+    for name, outcome in zip(("KeepAlive", "Watch", "Acquire"), outcomes, strict=True):
+        assert isinstance(outcome, grpc.aio.AioRpcError), f"{name}: {outcome!r}"
+        code, reason, _ = error_info(outcome)
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "SERVER_DRAINING"), name
+    await asyncio.wait_for(stopping, WAIT_S)
+    assert loop.time() - started < WAIT_S
