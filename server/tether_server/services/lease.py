@@ -122,7 +122,9 @@ class LeaseService:
             # Wake when this process ends a lease, when the holder's deadline (or the
             # lock-delay) passes, or at the poll interval for other replicas' releases.
             retry_at = min(wait_until, outcome.retry_at_us or wait_until)
-            sleep_s = min(self._config.poll_interval_s, max(0.0, (retry_at - now) / MICROS))
+            # The floor keeps a refusal that outlives its retry time (the database clock
+            # behind ours) from spinning.
+            sleep_s = min(self._config.poll_interval_s, max(0.01, (retry_at - now) / MICROS))
             await _first_of(changed.wait(), self._clock.sleep(sleep_s), self._draining.wait())
             self._check_draining()
 
