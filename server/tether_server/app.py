@@ -142,6 +142,8 @@ class TetherServer:
             self._lease_service.drain()
         if self._server is not None:
             await self._server.stop(grace)
+        if self._lease_service is not None:
+            await self._lease_service.wait_streams_closed(timeout_s=5.0)
         # Every stream of this process is closed now; say so before the store goes away.
         try:
             await self.replicas.replica_deregister(self.instance_id)
@@ -198,7 +200,9 @@ class TetherServer:
         while True:
             await asyncio.sleep(self.config.store_check_interval_s)
             try:
-                await self.replicas.replica_heartbeat(self.instance_id, self._stale_after_us)
+                await self.replicas.replica_heartbeat(
+                    self.instance_id, self.replica_name, self._stale_after_us
+                )
                 healthy = True
             except StoreUnavailable:
                 healthy = False

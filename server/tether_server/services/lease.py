@@ -73,6 +73,7 @@ class LeaseService:
         # Stream ids start with this process's instance id (see store/replicas.py).
         self._instance_id = instance_id or secrets.token_hex(8)
         self._draining = asyncio.Event()
+        self._open_streams: set[asyncio.Task[Any] | None] = set()
 
     def drain(self) -> None:
         """End every stream and wait now with UNAVAILABLE / SERVER_DRAINING, so clients
@@ -158,22 +159,37 @@ class LeaseService:
         metrics = self._metrics
         metrics.keepalive_streams_open += 1
         metrics.keepalive_streams_total += 1
-        clean_end = False
+        half_closed = False
+
+        def count_end(ended: Context) -> None:
+            # Only when the call has ended is it known how: a client's cancel can end the
+            # request iterator before it cancels this handler.
+            metrics.keepalive_streams_open -= 1
+            if ended.cancelled() or not half_closed:
+                metrics.keepalive_streams_broken += 1
+
+        context.add_done_callback(count_end)
+        self._open_streams.add(asyncio.current_task())
         try:
             iterator = aiter(requests)
             while True:
                 request = await self._next_or_idle(iterator)
                 if request is None:
-                    clean_end = True
+                    half_closed = True
                     return
                 yield await self._keepalive_batch(request, stream_id, principal)
         finally:
-            metrics.keepalive_streams_open -= 1
-            if not clean_end:
-                metrics.keepalive_streams_broken += 1
             # The stream is gone whatever ended it; say so without waiting for the ttl.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._store.lease_detach_stream(stream_id))
+            self._open_streams.discard(asyncio.current_task())
+
+    async def wait_streams_closed(self, timeout_s: float) -> None:
+        """After the server stopped: let cancelled stream handlers finish their cleanup
+        before the store closes under them."""
+        pending = {task for task in self._open_streams if task is not None}
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
 
     async def _next_or_idle(
         self, iterator: AsyncIterator[lease_pb2.KeepAliveRequest]
@@ -354,6 +370,7 @@ class LeaseService:
             header_revision=page.header_revision, compact_revision=page.compact_revision
         )
         self._metrics.watch_streams_open += 1
+        self._open_streams.add(asyncio.current_task())
         try:
             next_revision = start
             batch = self._config.watch_batch_size
@@ -390,6 +407,7 @@ class LeaseService:
                 self._check_draining()
         finally:
             self._metrics.watch_streams_open -= 1
+            self._open_streams.discard(asyncio.current_task())
 
 
 def _give_up(refusal: Refuse, *, waited: bool) -> errors.TetherError:

@@ -53,15 +53,28 @@ class ReplicaStore:
 
         return await self.db.run_write(work)
 
-    async def replica_heartbeat(self, instance_id: str, stale_after_us: int) -> ReapResult:
+    async def replica_heartbeat(
+        self, instance_id: str, name: str, stale_after_us: int
+    ) -> ReapResult:
         """Prove this process alive, and reap the ones that stopped proving it."""
 
         async def work(tx: Tx) -> ReapResult:
-            await tx.conn.execute(
+            beat = await tx.conn.execute(
                 update(replicas)
                 .where(replicas.c.instance_id == instance_id)
                 .values(heartbeat_at_us=tx.now_us)
             )
+            if beat.rowcount == 0:
+                # Reaped while it could not reach the store (its streams were detached;
+                # they attach again with their next renewal): register again.
+                await tx.conn.execute(
+                    replicas.insert().values(
+                        instance_id=instance_id,
+                        name=name,
+                        started_at_us=tx.now_us,
+                        heartbeat_at_us=tx.now_us,
+                    )
+                )
             return await self._reap(
                 tx,
                 replicas.c.heartbeat_at_us < tx.now_us - stale_after_us,
