@@ -37,6 +37,7 @@ from tether_server.domain.lease import (
     decide_release,
     decide_revoke,
     lock_delay_after_end,
+    not_found,
     renewal_refusal,
 )
 from tether_server.store.database import Database, Tx
@@ -357,10 +358,7 @@ class LeaseStore:
         async with self.db.read() as tx:
             lease = await self._get(tx, lease_id)
             if lease is None or lease.namespace != namespace:
-                raise errors.LeaseNotFound(
-                    f"no lease {lease_id!r} in namespace {namespace!r}",
-                    {"lease_id": lease_id, "namespace": namespace},
-                )
+                raise not_found(lease_id, namespace)
             return _effective(lease, tx.now_us)
 
     async def lease_get_by_key(self, namespace: str, key: str) -> Lease:
@@ -693,7 +691,7 @@ def _fingerprint(p: AcquireParams) -> str:
 
 def _has_prefix(column: Any, prefix: str) -> ColumnElement[bool]:
     # substr, not LIKE: SQLite's LIKE ignores ASCII case and both need escaping.
-    return and_(func.substr(column, 1, len(prefix)) == prefix)
+    return func.substr(column, 1, len(prefix)) == prefix
 
 
 def _in_state(state: LeaseState, now_us: int) -> ColumnElement[bool]:
