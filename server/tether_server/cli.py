@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from tether_server import __version__, logs
 from tether_server.clock import clock_from_spec
 from tether_server.config import DEFAULT_DB, DEFAULT_LISTEN, ServerConfig
+from tether_server.domain.errors import TetherError
 from tether_server.domain.validation import Limits
 from tether_server.services.lease import LeaseServiceConfig
 from tether_server.store.database import Database, describe_url
@@ -95,14 +96,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 async def serve(config: ServerConfig) -> None:
     from tether_server.app import TetherServer
 
-    server = TetherServer(config)
-    await server.start()
+    # Handlers first: a SIGTERM during migration or recovery still stops cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
+    server = TetherServer(config)
+    try:
+        await server.start()
+        await stop.wait()
+    finally:
+        await server.stop()
 
 
 async def migrate(url: str) -> None:
@@ -124,8 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(migrate(args.db))
     except KeyboardInterrupt:
         return 130
-    except (OSError, ValueError) as exc:
-        log.error("tether failed to start: %s", exc)
+    # grpcio reports a taken port as RuntimeError; an unreachable store as TetherError.
+    except (OSError, ValueError, RuntimeError, TetherError) as exc:
+        log.error("tether failed: %s", exc)
         return 1
     return 0
 

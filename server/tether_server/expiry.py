@@ -26,6 +26,8 @@ class ExpiryConfig:
     max_batches_per_tick: int = 10
     # Longest sleep between passes: bounds the delay for leases other replicas granted.
     max_interval_s: float = 1.0
+    # Shortest sleep while overdue leases are locked by someone else.
+    min_interval_s: float = 0.05
     retry_after_error_s: float = 1.0
 
     def __post_init__(self) -> None:
@@ -59,7 +61,10 @@ class ExpiryLoop:
             if len(batch.expired) < cfg.batch_size:
                 if batch.next_deadline_us is not None:
                     until = (batch.next_deadline_us - batch.now_us) / MICROS
-                    result.sleep_s = min(cfg.max_interval_s, max(0.0, until))
+                    # A deadline already past that this pass could not take is locked by
+                    # another transaction (an acquire, another replica): do not spin on it.
+                    floor = cfg.min_interval_s if until <= 0 else 0.0
+                    result.sleep_s = min(cfg.max_interval_s, max(floor, until))
                 return result
         result.backlog = True
         result.sleep_s = 0.0

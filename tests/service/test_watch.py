@@ -251,7 +251,7 @@ async def test_header_revision_covers_every_event_in_its_message(
     @contextlib.asynccontextmanager
     async def interposing_read() -> AsyncIterator[Tx]:
         async with original_read() as tx:
-            yield Tx(_InterposingConn(tx.conn, commit_another_event), tx.now_us)  # type: ignore[arg-type]
+            yield Tx(_InterposingConn(tx.conn, commit_another_event), tx.now_us, tx.read_clock)  # type: ignore[arg-type]
 
     db.read = interposing_read  # type: ignore[method-assign]
     try:

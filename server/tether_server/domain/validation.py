@@ -90,8 +90,12 @@ def lease_id(value: str, field_name: str = "lease_id") -> str:
     return value
 
 
+# Tokens are stored as signed 64-bit integers; no lease is ever granted a larger one.
+MAX_FENCING_TOKEN = 2**63 - 1
+
+
 def fencing_token(value: int, field_name: str = "fencing_token") -> int:
-    if value <= 0:
+    if not 0 < value <= MAX_FENCING_TOKEN:
         raise InvalidField(field_name, "must be the positive token the lease was granted with")
     return value
 

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from google.protobuf.message import Message
 
 from tether_client.pb import lease_pb2
 from tether_server.auth import AuthPolicy
@@ -51,6 +53,8 @@ class LeaseServiceConfig:
     # A KeepAlive stream that sends nothing, not even a ping, for this long is closed.
     keepalive_idle_timeout_s: float = 120.0
     watch_batch_size: int = 500
+    # gRPC clients refuse messages over 4 MiB by default; stay well below.
+    max_response_bytes: int = 1 << 20
 
 
 class LeaseService:
@@ -349,9 +353,12 @@ class LeaseService:
         page = await self._store.lease_list(
             ListLeasesParams(namespace, prefix, holder, states, limit=size + 1, after=after)
         )
-        response = lease_pb2.ListLeasesResponse(leases=[lease_to_pb(x) for x in page[:size]])
-        if len(page) > size:
-            last = page[size - 1]
+        messages = [lease_to_pb(x) for x in page[:size]]
+        # A page also ends before it outgrows what clients accept in one message.
+        fits = _count_fitting(messages, self._config.max_response_bytes)
+        response = lease_pb2.ListLeasesResponse(leases=messages[:fits])
+        if fits < len(page):
+            last = page[fits - 1]
             response.next_page_token = paging.encode([last.key, last.fencing_token], digest)
         return response
 
@@ -381,19 +388,25 @@ class LeaseService:
                 )
                 if page.events:
                     next_revision = page.events[-1].revision + 1
-                    yield lease_pb2.WatchResponse(
-                        header_revision=page.header_revision,
-                        compact_revision=page.compact_revision,
-                        events=[
-                            lease_pb2.LeaseEvent(
-                                revision=event.revision,
-                                type=EVENT_TYPE_TO_PB[event.type],
-                                lease=lease_to_pb(event.lease),
-                                occurred_at=to_timestamp(event.occurred_at_us),
-                            )
-                            for event in page.events
-                        ],
-                    )
+                    events = [
+                        lease_pb2.LeaseEvent(
+                            revision=event.revision,
+                            type=EVENT_TYPE_TO_PB[event.type],
+                            lease=lease_to_pb(event.lease),
+                            occurred_at=to_timestamp(event.occurred_at_us),
+                        )
+                        for event in page.events
+                    ]
+                    # Split so no message outgrows what clients accept (events carry the
+                    # lease's progress details, up to 64 KiB each).
+                    while events:
+                        fits = _count_fitting(events, self._config.max_response_bytes)
+                        yield lease_pb2.WatchResponse(
+                            header_revision=page.header_revision,
+                            compact_revision=page.compact_revision,
+                            events=events[:fits],
+                        )
+                        events = events[fits:]
                 if len(page.events) == batch:
                     continue
                 # Every event up to the header revision was visible to this read (revisions
@@ -410,6 +423,17 @@ class LeaseService:
             self._open_streams.discard(asyncio.current_task())
 
 
+def _count_fitting(messages: Sequence[Message], max_bytes: int) -> int:
+    """How many leading messages fit in ``max_bytes`` of a response; at least one."""
+    total = 0
+    for count, item in enumerate(messages):
+        # Field tag and length prefix: a few bytes per repeated element.
+        total += item.ByteSize() + 8
+        if total > max_bytes and count > 0:
+            return count
+    return len(messages)
+
+
 def _give_up(refusal: Refuse, *, waited: bool) -> errors.TetherError:
     if not waited:
         return refusal.error
@@ -423,7 +447,7 @@ def _lease_position(position: list[str | int] | None) -> tuple[str, int] | None:
     if position is None:
         return None
     match position:
-        case [str(key), int(token)]:
+        case [str(key), int(token)] if 0 < token <= validation.MAX_FENCING_TOKEN:
             return key, token
     raise errors.InvalidPageToken()
 

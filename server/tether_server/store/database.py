@@ -60,8 +60,15 @@ class Tx:
 
     conn: AsyncConnection
     now_us: int
+    read_clock: Callable[[AsyncConnection], Awaitable[int]]
     # Set when the transaction appended to an event log, so watchers can be woken.
     wrote_events: bool = False
+
+    async def refresh_now(self) -> int:
+        """Read the clock again once the rows a decision depends on are locked: a wait on a
+        lock must not leave the decision judging deadlines by a time already past."""
+        self.now_us = max(self.now_us, await self.read_clock(self.conn))
+        return self.now_us
 
     async def next_revisions(self, count: int) -> int:
         """Reserve ``count`` revisions; returns the first. Holds the counter row lock until
@@ -114,14 +121,14 @@ class Database:
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[Tx]:
         async with self._guard(), self._begin(readonly=True) as conn:
-            yield Tx(conn, await self._now(conn))
+            yield Tx(conn, await self._now(conn), self._now)
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[Tx]:
         """One write transaction. Callers that can be retried use ``run_write`` instead."""
         lock = self._write_lock or contextlib.nullcontext()
         async with lock, self._guard(), self._begin(readonly=False) as conn:
-            yield Tx(conn, await self._now(conn))
+            yield Tx(conn, await self._now(conn), self._now)
 
     async def run_write(self, work: Callable[[Tx], Awaitable[T]]) -> T:
         """Run ``work(tx)`` in a write transaction, retrying transient conflicts."""

@@ -13,7 +13,7 @@ import json
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Row, and_, bindparam, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -161,6 +161,7 @@ class LeaseStore:
                 if key.current_lease_id
                 else None
             )
+            await tx.refresh_now()
             decision = decide_acquire(key, current, AcquireIntent(p.holder, p.principal), tx.now_us)
             if isinstance(decision, ReturnExisting):
                 await self._remember_result(tx, p, decision.lease)
@@ -185,8 +186,19 @@ class LeaseStore:
             return []
 
         async def work(tx: Tx) -> list[Renewed | errors.TetherError]:
-            now = tx.now_us
-            triples = list({(r.lease_id, r.fencing_token, r.principal) for r in renewals})
+            ids = sorted({r.lease_id for r in renewals})
+            if not self.db.is_sqlite:
+                # Lock in one global order (no deadlock between batches), then read the
+                # clock: a renewal that waited on a lock past the deadline must fail.
+                for chunk in _chunks(ids):
+                    await tx.conn.execute(
+                        select(leases.c.lease_id)
+                        .where(leases.c.lease_id.in_(chunk))
+                        .order_by(leases.c.lease_id)
+                        .with_for_update()
+                    )
+            now = await tx.refresh_now()
+            triples = sorted({(r.lease_id, r.fencing_token, r.principal) for r in renewals})
             values: dict[str, Any] = {
                 # Never backwards: a renewal whose transaction started earlier but commits
                 # later must not shorten a deadline a newer renewal already reported.
@@ -195,28 +207,32 @@ class LeaseStore:
             }
             if stream_id is not None:
                 values["stream_id"] = stream_id
-            # Conditional: a lease at or past its deadline is never renewed, whatever the
-            # expiry loop has or has not recorded yet.
-            result = await tx.conn.execute(
-                update(leases)
-                .where(
-                    tuple_(leases.c.lease_id, leases.c.fencing_token, leases.c.principal).in_(
-                        triples
-                    ),
-                    leases.c.namespace == namespace,
-                    leases.c.state == LeaseState.ACTIVE.value,
-                    leases.c.expires_at_us > now,
+            renewed: dict[str, Row[Any]] = {}
+            # Chunked: one statement with thousands of row values exhausts PostgreSQL's
+            # expression stack.
+            for batch in _chunks(triples):
+                # Conditional: a lease at or past its deadline is never renewed, whatever
+                # the expiry loop has or has not recorded yet.
+                result = await tx.conn.execute(
+                    update(leases)
+                    .where(
+                        tuple_(leases.c.lease_id, leases.c.fencing_token, leases.c.principal).in_(
+                            batch
+                        ),
+                        leases.c.namespace == namespace,
+                        leases.c.state == LeaseState.ACTIVE.value,
+                        leases.c.expires_at_us > now,
+                    )
+                    .values(**values)
+                    .returning(
+                        leases.c.lease_id,
+                        leases.c.fencing_token,
+                        leases.c.principal,
+                        leases.c.expires_at_us,
+                        leases.c.ttl_us,
+                    )
                 )
-                .values(**values)
-                .returning(
-                    leases.c.lease_id,
-                    leases.c.fencing_token,
-                    leases.c.principal,
-                    leases.c.expires_at_us,
-                    leases.c.ttl_us,
-                )
-            )
-            renewed = {row.lease_id: row for row in result}
+                renewed.update({row.lease_id: row for row in result})
             # Only a renewal that itself succeeded (its token is the current one) may store
             # progress: a stale entry in the same batch must not overwrite the holder's.
             progress = {
@@ -489,7 +505,9 @@ class LeaseStore:
         key = await self._lock_key(tx, unlocked.namespace, unlocked.key)
         # The lease row lock orders this against renewals and the expiry loop, which do not
         # take the key lock.
-        return await self._get(tx, lease_id, for_update=True), key
+        lease = await self._get(tx, lease_id, for_update=True)
+        await tx.refresh_now()
+        return lease, key
 
     async def _grant(self, tx: Tx, key: LeaseKey, p: AcquireParams, grant: Grant) -> Lease:
         now = tx.now_us
@@ -625,10 +643,11 @@ class LeaseStore:
         return _row_to_lease(row) if row is not None else None
 
     async def _get_many(self, tx: Tx, lease_ids: set[str]) -> list[Lease]:
-        if not lease_ids:
-            return []
-        rows = await tx.conn.execute(select(leases).where(leases.c.lease_id.in_(lease_ids)))
-        return [_row_to_lease(row) for row in rows]
+        found: list[Lease] = []
+        for chunk in _chunks(sorted(lease_ids)):
+            rows = await tx.conn.execute(select(leases).where(leases.c.lease_id.in_(chunk)))
+            found.extend(_row_to_lease(row) for row in rows)
+        return found
 
     async def _first_result(self, tx: Tx, p: AcquireParams) -> Lease | None:
         """The lease a request id was first answered with, or None for a new request id."""
@@ -674,6 +693,14 @@ class LeaseStore:
             )
         ).scalar_one_or_none()
         return int(value) if value is not None else None
+
+
+_CHUNK = 500
+_T = TypeVar("_T")
+
+
+def _chunks(items: Sequence[_T]) -> list[Sequence[_T]]:
+    return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
 
 
 def _fingerprint(p: AcquireParams) -> str:

@@ -517,7 +517,7 @@ class RevokeRequest(_message.Message):
     namespace: _builtins.str
     lease_id: _builtins.str
     reason: _builtins.str
-    """Why, for the audit trail and the REVOKED event."""
+    """Why; written to the server's structured log with the revoking principal."""
     def __init__(
         self,
         *,
@@ -615,7 +615,7 @@ class ListLeasesRequest(_message.Message):
     key_prefix: _builtins.str
     holder: _builtins.str
     page_size: _builtins.int
-    """Default 100, at most 1000."""
+    """Default 100, at most 1000; a page also ends early rather than exceed about 1 MiB."""
     page_token: _builtins.str
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___LeaseState.ValueType]:
