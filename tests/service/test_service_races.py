@@ -98,7 +98,8 @@ async def test_renewal_racing_expiry_never_both_wins(tether: Harness) -> None:
     computed from a moment at or past the deadline.
 
     A hook pauses the Renew's transaction just before it reads the clock. Half the rounds
-    cross the deadline before that read (the renewal must be refused); the others after it,
+    cross the deadline before its reads (the renewal must be refused); the others after the
+    read its decision uses (taken once its rows are locked),
     with the expiry pass starting at a varying point of the rest of the Renew's transaction.
     """
     rng = random.Random(7)
@@ -116,15 +117,23 @@ async def test_renewal_racing_expiry_never_both_wins(tether: Harness) -> None:
         renewing.set(True)
         return await original_renew_many(*args, **kwargs)
 
+    reads = [0]
+
     async def gated_now(conn: Any) -> int:
         if not renewing.get():
             return await original_now(conn)
-        reading_now.set()
-        await gate.wait()
+        # The renewal reads the clock when its transaction begins and again once its rows
+        # are locked; the decision uses the second read. Pause before the first, and report
+        # after the last.
+        reads[0] += 1
+        if reads[0] == 1:
+            reading_now.set()
+            await gate.wait()
         try:
             return await original_now(conn)
         finally:
-            now_read.set()
+            if reads[0] == 2:
+                now_read.set()
 
     store.lease_renew_many = spying_renew_many  # type: ignore[method-assign]
     db._now = gated_now  # type: ignore[method-assign]
@@ -134,6 +143,7 @@ async def test_renewal_racing_expiry_never_both_wins(tether: Harness) -> None:
         tether.clock.set(deadline - 1)
         for event in (reading_now, now_read, gate):
             event.clear()
+        reads[0] = 0
         cross_first = round_ % 2 == 0
 
         async def renew(lease: lease_pb2.Lease = lease) -> lease_pb2.RenewResponse | Exception:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -224,8 +225,8 @@ def _create_engine(url: str, is_sqlite: bool) -> AsyncEngine:
         # Take transaction control away from the driver so we can issue BEGIN IMMEDIATE.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=30000")
+        _enable_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
@@ -236,6 +237,20 @@ def _create_engine(url: str, is_sqlite: bool) -> AsyncEngine:
         conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
     return engine
+
+
+def _enable_wal(cursor: Any) -> None:
+    """Switching a new database file to WAL needs an exclusive lock, and SQLite answers
+    "database is locked" at once instead of waiting when two processes open the same new
+    file together. It happens only at the first open of a file, so a brief retry is enough."""
+    for attempt in range(100):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as exc:
+            if "locked" not in str(exc) or attempt == 99:
+                raise
+            time.sleep(0.02)  # only on the first open of a new file, and briefly
 
 
 def _upgrade_to_head(sync_conn: Connection) -> None:
