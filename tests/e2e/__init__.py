@@ -45,6 +45,27 @@ async def lease_stub(target: str) -> AsyncIterator[lease_pb2_grpc.LeaseServiceSt
         yield lease_pb2_grpc.LeaseServiceStub(channel)
 
 
+async def open_renewing_stream(
+    stub: lease_pb2_grpc.LeaseServiceStub, lease: lease_pb2.Lease
+) -> Any:
+    """A KeepAlive stream that has renewed ``lease`` once, acknowledged without error."""
+    stream = stub.KeepAlive()
+    await stream.write(
+        lease_pb2.KeepAliveRequest(
+            sequence=1,
+            renewals=[
+                lease_pb2.KeepAliveRenewal(
+                    lease_id=lease.lease_id, fencing_token=lease.fencing_token
+                )
+            ],
+        )
+    )
+    ack = await asyncio.wait_for(stream.read(), 10)
+    assert ack.sequence == 1
+    assert not ack.results[0].HasField("error")
+    return stream
+
+
 def ts_us(ts: Any) -> int:
     """A protobuf Timestamp as microseconds since the epoch."""
     return int(ts.seconds) * MICROS + int(ts.nanos) // 1000

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from tests.e2e import MICROS, EventCollector, ServerFactory, lease_stub, ts_us
+from tests.e2e import MICROS, EventCollector, ServerFactory, lease_stub, open_renewing_stream, ts_us
 from tests.support.server_process import FileClockDriver, ServerProcess
 from tether_client.pb import lease_pb2, lease_pb2_grpc
 
@@ -197,20 +197,7 @@ async def test_sigkill_forgets_heartbeat_streams(
     server = server_factory(db_url, env=file_clock.env)
     async with lease_stub(server.target) as stub:
         lease = (await acquire(stub, "jobs/streamed", "worker-1", 60)).lease
-        stream = stub.KeepAlive()
-        await stream.write(
-            lease_pb2.KeepAliveRequest(
-                sequence=1,
-                renewals=[
-                    lease_pb2.KeepAliveRenewal(
-                        lease_id=lease.lease_id, fencing_token=lease.fencing_token
-                    )
-                ],
-            )
-        )
-        ack = await asyncio.wait_for(stream.read(), 10)
-        assert ack.sequence == 1
-        assert not ack.results[0].HasField("error")
+        stream = await open_renewing_stream(stub, lease)
         assert (await get(stub, lease.lease_id)).heartbeat_stream_attached
 
         server.kill()

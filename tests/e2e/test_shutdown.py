@@ -16,7 +16,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.e2e import ServerFactory, error_info
+from tests.e2e import ServerFactory, error_info, open_renewing_stream
 from tether_client.pb import lease_pb2, lease_pb2_grpc
 
 pytestmark = pytest.mark.e2e
@@ -70,20 +70,7 @@ async def test_sigterm_with_open_streams_exits_cleanly(
         ).lease
 
         # A KeepAlive stream with one acknowledged renewal.
-        keepalive = stub.KeepAlive()
-        await keepalive.write(
-            lease_pb2.KeepAliveRequest(
-                sequence=1,
-                renewals=[
-                    lease_pb2.KeepAliveRenewal(
-                        lease_id=lease.lease_id, fencing_token=lease.fencing_token
-                    )
-                ],
-            )
-        )
-        ack = await asyncio.wait_for(keepalive.read(), 10)
-        assert ack.sequence == 1
-        assert not ack.results[0].HasField("error")
+        keepalive = await open_renewing_stream(stub, lease)
 
         # A Watch stream, confirmed.
         watch = stub.Watch(lease_pb2.WatchRequest(start_revision=0))
@@ -156,18 +143,7 @@ async def test_sigterm_detaches_keepalive_streams(
                     timeout=10,
                 )
             ).lease
-            keepalive = stub.KeepAlive()
-            await keepalive.write(
-                lease_pb2.KeepAliveRequest(
-                    sequence=1,
-                    renewals=[
-                        lease_pb2.KeepAliveRenewal(
-                            lease_id=lease.lease_id, fencing_token=lease.fencing_token
-                        )
-                    ],
-                )
-            )
-            await asyncio.wait_for(keepalive.read(), 10)
+            keepalive = await open_renewing_stream(stub, lease)
             leases.append(lease)
             streams.append(keepalive)
         listed = await stub.ListLeases(lease_pb2.ListLeasesRequest(), timeout=10)

@@ -651,7 +651,8 @@ async def test_get_and_get_by_key(lease_store: LeaseStore, fake_clock: FakeClock
 
     second = await grant(lease_store, holder="worker-2")
     assert await lease_store.lease_get_by_key(NS, "jobs/a") == second
-    assert await lease_store.now_us() == fake_clock.now_us()
+    async with lease_store.db.read() as tx:
+        assert tx.now_us == fake_clock.now_us()
 
 
 async def _list(store: LeaseStore, **kw) -> list[tuple[str, int]]:

@@ -457,10 +457,6 @@ class LeaseStore:
         async with self.db.read() as tx:
             return await self._next_deadline(tx)
 
-    async def now_us(self) -> int:
-        async with self.db.read() as tx:
-            return tx.now_us
-
     # ---- pieces ---------------------------------------------------------------------
 
     def _greatest(self, column: Any, value: Any) -> Any:
