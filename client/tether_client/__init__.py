@@ -1,3 +1,31 @@
-"""tether client: generated gRPC stubs and message types for the tether control plane."""
+"""tether client: a typed asyncio client (and a sync facade) for the tether control plane.
+
+async with TetherClient("127.0.0.1:50051") as client:
+    async with client.hold("tasks/168", ttl=timedelta(seconds=15)) as lease:
+        ...  # lease.fencing_token fences every write; lease.lost says when to stop
+"""
+
+from tether_client.client import OnLost, TetherClient, default_holder
+from tether_client.clock import Clock, ManualClock, SystemClock
+from tether_client.errors import LeaseLost, LeaseNotHeld, TetherError
+from tether_client.keeper import HeldLease, KeeperConfig, KeeperStats
+from tether_client.retry import RetryPolicy
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Clock",
+    "HeldLease",
+    "KeeperConfig",
+    "KeeperStats",
+    "LeaseLost",
+    "LeaseNotHeld",
+    "ManualClock",
+    "OnLost",
+    "RetryPolicy",
+    "SystemClock",
+    "TetherClient",
+    "TetherError",
+    "__version__",
+    "default_holder",
+]

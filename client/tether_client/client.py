@@ -1,0 +1,367 @@
+"""``TetherClient``: the asyncio client for every tether service.
+
+Lease calls take keyword arguments and return the generated messages (typed by their
+``.pyi`` stubs); ``hold()`` is the lease keeper. Saga, owner-reference and sweep calls live
+on ``client.sagas``, ``client.objects`` and ``client.sweeps`` and take request messages.
+Every failure is raised as a :class:`tether_client.errors.TetherError` subclass.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Literal, TypeVar
+
+import grpc
+
+from tether_client.clock import Clock, SystemClock
+from tether_client.connection import Connection, Endpoint, TokenSource
+from tether_client.convert import Seconds, seconds, to_duration
+from tether_client.errors import RevisionCompacted, TetherError, from_rpc_error
+from tether_client.keeper import HeldLease, Keeper, KeeperConfig, LostCallback
+from tether_client.pb import lease_pb2
+from tether_client.retry import Attempt, RetryPolicy, invoke, is_transient
+from tether_client.services import ObjectsClient, SagasClient, SweepsClient
+
+R = TypeVar("R")
+OnLost = Literal["cancel"] | LostCallback | None
+
+
+def default_holder() -> str:
+    """``host/pid/random``: unique per client, readable in ``tether lease list``."""
+    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+
+
+class TetherClient:
+    """An asyncio client; use as ``async with TetherClient("host:50051") as client:``.
+
+    ``targets`` is one ``host:port`` or several (a comma-separated string or a list): calls
+    go to one and fail over to the next when it is unavailable. ``credentials`` are TLS
+    channel credentials; ``token`` a bearer token or a function returning the current one.
+    """
+
+    def __init__(
+        self,
+        targets: str | Sequence[str],
+        *,
+        namespace: str = "",
+        holder: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: TokenSource | None = None,
+        channel_options: Sequence[tuple[str, int | str]] = (),
+        retry: RetryPolicy | None = None,
+        keeper: KeeperConfig | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.connection = Connection(
+            targets, credentials=credentials, token=token, options=channel_options
+        )
+        self.namespace = namespace
+        self.holder = holder or default_holder()
+        self.retry_policy = retry or RetryPolicy()
+        self.clock: Clock = clock or SystemClock()
+        self.keeper = Keeper(self, keeper or KeeperConfig(), self.clock)
+        self.sagas = SagasClient(self)
+        self.objects = ObjectsClient(self)
+        self.sweeps = SweepsClient(self)
+
+    async def __aenter__(self) -> TetherClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop renewing (leases still held run out on the server) and close channels."""
+        await self.keeper.close()
+        await self.connection.close()
+
+    # --- plumbing -------------------------------------------------------------------
+
+    async def call(self, attempt: Attempt[R], *, safe: bool, timeout: float | None) -> R:
+        """One RPC with this client's retry policy (see :mod:`tether_client.retry`)."""
+        return await invoke(
+            self.connection, attempt, safe=safe, timeout=timeout, policy=self.retry_policy
+        )
+
+    def _ns(self, namespace: str | None) -> str:
+        return self.namespace if namespace is None else namespace
+
+    # --- LeaseService -----------------------------------------------------------------
+
+    async def acquire(
+        self,
+        key: str,
+        *,
+        ttl: Seconds,
+        holder: str | None = None,
+        namespace: str | None = None,
+        wait: Seconds = 0,
+        lock_delay: Seconds = 0,
+        labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> lease_pb2.AcquireResponse:
+        """Acquire ``key``; with ``wait``, block up to that long for it to free up.
+
+        Raises ``LeaseHeld`` / ``LockDelay`` (no wait) or ``WaitTimeout``. Retried on
+        transient failures: the generated request id makes a repeat return the first result.
+        """
+        request = lease_pb2.AcquireRequest(
+            namespace=self._ns(namespace),
+            key=key,
+            holder=holder or self.holder,
+            ttl=to_duration(ttl),
+            wait=to_duration(wait),
+            lock_delay=to_duration(lock_delay),
+            labels=dict(labels or {}),
+            request_id=request_id or uuid.uuid4().hex,
+        )
+        if timeout is None:
+            timeout = seconds(wait) + self.retry_policy.default_timeout
+
+        async def attempt(
+            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
+        ) -> lease_pb2.AcquireResponse:
+            return await endpoint.lease.Acquire(request, timeout=left, metadata=metadata)
+
+        return await self.call(attempt, safe=True, timeout=timeout)
+
+    async def renew(
+        self,
+        lease_id: str,
+        fencing_token: int,
+        *,
+        progress: bytes | None = None,
+        namespace: str | None = None,
+        timeout: float | None = None,
+    ) -> lease_pb2.RenewResponse:
+        """Extend a live lease by its ttl (repeating a renewal is harmless, so it retries)."""
+        request = lease_pb2.RenewRequest(
+            namespace=self._ns(namespace), lease_id=lease_id, fencing_token=fencing_token
+        )
+        if progress is not None:
+            request.progress = progress
+
+        async def attempt(
+            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
+        ) -> lease_pb2.RenewResponse:
+            return await endpoint.lease.Renew(request, timeout=left, metadata=metadata)
+
+        return await self.call(attempt, safe=True, timeout=timeout)
+
+    async def release(
+        self,
+        lease_id: str,
+        fencing_token: int,
+        *,
+        holder: str | None = None,
+        namespace: str | None = None,
+        timeout: float | None = None,
+    ) -> lease_pb2.Lease:
+        """End a lease as its holder. Idempotent: releasing again returns the ended lease."""
+        request = lease_pb2.ReleaseRequest(
+            namespace=self._ns(namespace),
+            lease_id=lease_id,
+            fencing_token=fencing_token,
+            holder=holder or self.holder,
+        )
+
+        async def attempt(
+            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
+        ) -> lease_pb2.ReleaseResponse:
+            return await endpoint.lease.Release(request, timeout=left, metadata=metadata)
+
+        return (await self.call(attempt, safe=True, timeout=timeout)).lease
+
+    async def revoke(
+        self,
+        lease_id: str,
+        *,
+        reason: str = "",
+        namespace: str | None = None,
+        timeout: float | None = None,
+    ) -> lease_pb2.Lease:
+        """End someone's lease as an admin."""
+        request = lease_pb2.RevokeRequest(
+            namespace=self._ns(namespace), lease_id=lease_id, reason=reason
+        )
+
+        async def attempt(
+            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
+        ) -> lease_pb2.RevokeResponse:
+            return await endpoint.lease.Revoke(request, timeout=left, metadata=metadata)
+
+        return (await self.call(attempt, safe=True, timeout=timeout)).lease
+
+    async def get_lease(
+        self,
+        *,
+        lease_id: str | None = None,
+        key: str | None = None,
+        namespace: str | None = None,
+        timeout: float | None = None,
+    ) -> lease_pb2.Lease:
+        """One lease by id, or the latest lease of a key."""
+        if (lease_id is None) == (key is None):
+            raise ValueError("give exactly one of lease_id and key")
+        request = lease_pb2.GetLeaseRequest(namespace=self._ns(namespace))
+        if lease_id is not None:
+            request.lease_id = lease_id
+        else:
+            request.key = key or ""
+
+        async def attempt(
+            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
+        ) -> lease_pb2.GetLeaseResponse:
+            return await endpoint.lease.GetLease(request, timeout=left, metadata=metadata)
+
+        return (await self.call(attempt, safe=True, timeout=timeout)).lease
+
+    async def list_leases(
+        self,
+        *,
+        key_prefix: str = "",
+        holder: str = "",
+        states: Iterable[lease_pb2.LeaseState.ValueType] = (),
+        page_size: int = 0,
+        page_token: str = "",
+        namespace: str | None = None,
+        timeout: float | None = None,
+    ) -> lease_pb2.ListLeasesResponse:
+        """One page of leases; see :meth:`iter_leases` for all of them."""
+        request = lease_pb2.ListLeasesRequest(
+            namespace=self._ns(namespace),
+            key_prefix=key_prefix,
+            holder=holder,
+            states=list(states),
+            page_size=page_size,
+            page_token=page_token,
+        )
+
+        async def attempt(
+            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
+        ) -> lease_pb2.ListLeasesResponse:
+            return await endpoint.lease.ListLeases(request, timeout=left, metadata=metadata)
+
+        return await self.call(attempt, safe=True, timeout=timeout)
+
+    async def iter_leases(
+        self,
+        *,
+        key_prefix: str = "",
+        holder: str = "",
+        states: Iterable[lease_pb2.LeaseState.ValueType] = (),
+        page_size: int = 0,
+        namespace: str | None = None,
+    ) -> AsyncIterator[lease_pb2.Lease]:
+        """Every matching lease, page after page."""
+        states = list(states)
+        token = ""
+        while True:
+            page = await self.list_leases(
+                key_prefix=key_prefix,
+                holder=holder,
+                states=states,
+                page_size=page_size,
+                page_token=token,
+                namespace=namespace,
+            )
+            for lease in page.leases:
+                yield lease
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def watch(
+        self,
+        *,
+        key_prefix: str = "",
+        start_revision: int = 0,
+        namespace: str | None = None,
+        resume: bool = True,
+    ) -> AsyncIterator[lease_pb2.LeaseEvent]:
+        """Lease events under ``key_prefix`` in revision order, from ``start_revision`` on.
+
+        When the stream breaks on a transient failure it is re-opened (with backoff, on the
+        next replica) from the revision after the last delivered event, so no event is lost
+        or repeated. Raises ``RevisionCompacted`` when that revision has been purged.
+        """
+        next_revision = start_revision
+        failures = 0
+        while True:
+            endpoint = self.connection.current
+            call = endpoint.lease.Watch(
+                lease_pb2.WatchRequest(
+                    namespace=self._ns(namespace),
+                    key_prefix=key_prefix,
+                    start_revision=next_revision,
+                ),
+                metadata=self.connection.metadata(),
+            )
+            try:
+                async for response in call:
+                    failures = 0
+                    if next_revision == 0:
+                        # A watch "from now" resumes after the revision it started at.
+                        next_revision = response.header_revision + 1
+                    for event in response.events:
+                        next_revision = event.revision + 1
+                        yield event
+                return
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc)
+                if isinstance(error, RevisionCompacted) or not (resume and is_transient(error)):
+                    raise error from exc
+                self.connection.fail_over(endpoint)
+                failures += 1
+                await self.clock.sleep(self.retry_policy.delay(failures))
+            finally:
+                call.cancel()
+
+    def hold(
+        self,
+        key: str,
+        *,
+        ttl: Seconds,
+        holder: str | None = None,
+        namespace: str | None = None,
+        wait: Seconds = 0,
+        lock_delay: Seconds = 0,
+        labels: Mapping[str, str] | None = None,
+        progress: bytes | None = None,
+        on_lost: OnLost = None,
+        timeout: float | None = None,
+    ) -> AbstractAsyncContextManager[HeldLease]:
+        """Acquire ``key`` and keep it renewed until the block exits, then release it.
+
+        ``on_lost="cancel"`` cancels the body when the lease is lost, and the block raises
+        ``LeaseLost``; a callable is called with the lease instead. Either way
+        ``lease.lost`` is set and every later ``lease.fencing_token`` raises ``LeaseLost``.
+        """
+        callback: LostCallback | None = None if on_lost == "cancel" else on_lost
+        return self.keeper.hold(
+            key,
+            ttl=seconds(ttl),
+            holder=holder or self.holder,
+            namespace=self._ns(namespace),
+            wait=seconds(wait),
+            lock_delay=seconds(lock_delay),
+            labels=dict(labels or {}),
+            progress=progress,
+            cancel_on_lost=on_lost == "cancel",
+            on_lost=callback,
+            timeout=timeout,
+        )
+
+
+__all__ = ["HeldLease", "TetherClient", "TetherError", "default_holder"]

@@ -1,0 +1,365 @@
+"""Typed exceptions, chosen by the ``google.rpc.ErrorInfo`` reason a server attaches.
+
+Every error the client raises derives from :class:`TetherError`. A failed call whose
+trailers carry an ErrorInfo of domain ``tether.dev`` becomes the class registered for its
+reason (``LEASE_HELD`` → :class:`LeaseHeld`); one without becomes the class for its gRPC
+status code (:class:`Unavailable`, :class:`DeadlineExceeded`, …). Reason classes also derive
+from their code class, so ``except Unavailable`` catches ``StoreUnavailable`` too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any, ClassVar
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from tether_client.pb import common_pb2
+
+ERROR_DOMAIN = "tether.dev"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class TetherError(Exception):
+    """Base of every tether client error."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+    reason: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        code: grpc.StatusCode | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+        if code is not None:
+            self.status_code = code
+        else:
+            self.status_code = type(self).code
+
+    def __str__(self) -> str:
+        label = self.reason or self.status_code.name
+        return f"{label}: {self.message}"
+
+
+# --- by status code (no ErrorInfo, or a reason this client does not know) -------------
+
+
+class InvalidArgument(TetherError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class FailedPrecondition(TetherError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class NotFound(TetherError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(TetherError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDenied(TetherError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(TetherError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class OutOfRange(TetherError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Aborted(TetherError):
+    code = grpc.StatusCode.ABORTED
+
+
+class DeadlineExceeded(TetherError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(TetherError):
+    """Transient: the server, the network or the store is not there right now."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(TetherError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Cancelled(TetherError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Unimplemented(TetherError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Internal(TetherError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class Unknown(TetherError):
+    code = grpc.StatusCode.UNKNOWN
+
+
+# --- by ErrorInfo reason ----------------------------------------------------------------
+
+
+def _time(metadata: Mapping[str, str], name: str) -> datetime | None:
+    value = metadata.get(name)
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+class InvalidField(InvalidArgument):
+    reason = "INVALID_FIELD"
+
+    @property
+    def field(self) -> str:
+        return self.metadata.get("field", "")
+
+
+class MalformedRequest(InvalidArgument):
+    reason = "MALFORMED_REQUEST"
+
+
+class InvalidPageToken(InvalidArgument):
+    reason = "INVALID_PAGE_TOKEN"
+
+
+class LeaseUnavailable(FailedPrecondition):
+    """The key cannot be acquired right now (held, or in its lock-delay)."""
+
+
+class LeaseHeld(LeaseUnavailable):
+    reason = "LEASE_HELD"
+
+    @property
+    def holder(self) -> str:
+        return self.metadata.get("holder", "")
+
+    @property
+    def expires_at(self) -> datetime | None:
+        """When the current holder's lease runs out unless renewed (server clock)."""
+        return _time(self.metadata, "expires_at")
+
+
+class LockDelay(LeaseUnavailable):
+    reason = "LOCK_DELAY"
+
+    @property
+    def available_at(self) -> datetime | None:
+        return _time(self.metadata, "available_at")
+
+
+class LeaseEnded(FailedPrecondition):
+    """The lease is no longer active on the server; it never comes back."""
+
+
+class LeaseExpired(LeaseEnded):
+    reason = "LEASE_EXPIRED"
+
+
+class LeaseReleased(LeaseEnded):
+    reason = "LEASE_RELEASED"
+
+
+class LeaseRevoked(LeaseEnded):
+    reason = "LEASE_REVOKED"
+
+
+class StaleFencingToken(FailedPrecondition):
+    reason = "STALE_FENCING_TOKEN"
+
+
+class LeaseNotFound(NotFound):
+    reason = "LEASE_NOT_FOUND"
+
+
+class NotLeaseHolder(PermissionDenied):
+    reason = "NOT_LEASE_HOLDER"
+
+
+class AdminRequired(PermissionDenied):
+    reason = "ADMIN_REQUIRED"
+
+
+class RevisionCompacted(OutOfRange):
+    reason = "REVISION_COMPACTED"
+
+    @property
+    def compact_revision(self) -> int:
+        try:
+            return int(self.metadata.get("compact_revision", "0"))
+        except ValueError:
+            return 0
+
+
+class WaitTimeout(DeadlineExceeded):
+    reason = "WAIT_TIMEOUT"
+
+    @property
+    def holder(self) -> str:
+        return self.metadata.get("holder", "")
+
+    @property
+    def expires_at(self) -> datetime | None:
+        return _time(self.metadata, "expires_at")
+
+
+class KeepAliveIdle(DeadlineExceeded):
+    reason = "KEEPALIVE_IDLE"
+
+
+class StoreUnavailable(Unavailable):
+    reason = "STORE_UNAVAILABLE"
+
+
+class ServerDraining(Unavailable):
+    reason = "SERVER_DRAINING"
+
+
+class RequestIdConflict(AlreadyExists):
+    reason = "REQUEST_ID_CONFLICT"
+
+
+class NotImplementedYet(Unimplemented):
+    reason = "NOT_IMPLEMENTED"
+
+
+class SagaTerminal(FailedPrecondition):
+    reason = "SAGA_TERMINAL"
+
+
+class ResourceVersionConflict(Aborted):
+    reason = "RESOURCE_VERSION_CONFLICT"
+
+
+class OwnerCycle(FailedPrecondition):
+    reason = "OWNER_CYCLE"
+
+
+class SagaNotFound(NotFound):
+    reason = "SAGA_NOT_FOUND"
+
+
+class ObjectNotFound(NotFound):
+    reason = "OBJECT_NOT_FOUND"
+
+
+class NothingClaimable(FailedPrecondition):
+    reason = "NOTHING_CLAIMABLE"
+
+
+# --- raised by the client itself ----------------------------------------------------------
+
+
+class LeaseNotHeld(TetherError):
+    """A held lease was used after it ended: released by this client, or lost."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "LEASE_NOT_HELD"
+
+
+class LeaseLost(LeaseNotHeld):
+    """The client can no longer be sure the server considers the lease live.
+
+    Raised by every use of a lost lease's fencing token, and out of ``hold()`` when the body
+    was cancelled because of the loss. ``cause`` is the server's refusal when there was one
+    (``LeaseExpired``, ``LeaseRevoked``, …), None when the safety deadline ran out first.
+    """
+
+    reason = "LEASE_LOST"
+
+    def __init__(self, message: str, *, cause: TetherError | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def _all_subclasses(cls: type[TetherError]) -> list[type[TetherError]]:
+    found: list[type[TetherError]] = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+_CLIENT_SIDE = {LeaseNotHeld, LeaseLost}
+BY_REASON: dict[str, type[TetherError]] = {
+    cls.reason: cls
+    for cls in _all_subclasses(TetherError)
+    if cls.reason and cls not in _CLIENT_SIDE and "reason" in cls.__dict__
+}
+BY_CODE: dict[grpc.StatusCode, type[TetherError]] = {
+    cls.code: cls
+    for cls in _all_subclasses(TetherError)
+    if not cls.reason and "code" in cls.__dict__
+}
+
+
+def error_for(
+    code: grpc.StatusCode, reason: str, message: str, metadata: Mapping[str, str]
+) -> TetherError:
+    """The typed error for a status code and (possibly empty) ErrorInfo reason."""
+    cls = BY_REASON.get(reason)
+    if cls is None or cls.code != code:
+        # A reason this client does not know (a newer server), or one arriving with an
+        # unexpected code: the code decides, the reason stays readable in the metadata.
+        cls = BY_CODE.get(code, Unknown)
+        metadata = {**metadata, "reason": reason} if reason else metadata
+    return cls(message, metadata=metadata, code=code)
+
+
+def _error_info(metadata: Iterable[Any] | None) -> error_details_pb2.ErrorInfo | None:
+    for key, value in metadata or ():
+        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except Exception:  # a foreign proxy's garbage must not hide the real error
+            return None
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
+                return info
+    return None
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError) -> TetherError:
+    """The typed error for a failed call."""
+    info = _error_info(exc.trailing_metadata())
+    reason = ""
+    metadata: dict[str, str] = {}
+    if info is not None and info.domain == ERROR_DOMAIN:
+        reason = info.reason
+        metadata = dict(info.metadata)
+    error = error_for(exc.code(), reason, exc.details() or "", metadata)
+    error.__cause__ = exc
+    return error
+
+
+def from_error_detail(detail: common_pb2.ErrorDetail) -> TetherError:
+    """The typed error for one failed item of a batch (a KeepAlive result)."""
+    try:
+        code = grpc.StatusCode(_CODE_BY_NUMBER[detail.code])
+    except KeyError:
+        code = grpc.StatusCode.UNKNOWN
+    return error_for(code, detail.reason, detail.message, dict(detail.metadata))
+
+
+_CODE_BY_NUMBER: dict[int, tuple[int, str]] = {c.value[0]: c.value for c in grpc.StatusCode}

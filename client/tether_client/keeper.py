@@ -1,0 +1,706 @@
+"""The lease keeper behind ``TetherClient.hold()``.
+
+One keeper per client renews every lease the client holds over a single multiplexed
+``KeepAlive`` stream: due renewals are batched into one request per namespace, matched to
+their acknowledgement by sequence number.
+
+The rule that matters: **a lease is reported held only while the client is sure the
+server still considers it live.** For each lease the keeper keeps ``safe_until``, on its
+own monotonic clock: the *send* time of the last acknowledged renewal plus the ttl the
+server granted, minus a safety margin. The server measured its deadline from a moment after
+that send, so the server's deadline is later than ``safe_until`` by at least the margin.
+When ``safe_until`` passes without a newer acknowledgement, the lease is lost: ``lost`` is
+set, callbacks run, the body is cancelled if asked, and the fencing token stops working.
+A lost lease is never renewed again.
+
+When the stream breaks (server restart, replica gone, network cut) the keeper reconnects
+with exponential backoff and full jitter, failing over between targets, and re-sends what
+was in flight. A stream that stops answering (a black-holed connection) is treated as
+broken once a request goes unacknowledged for ``ack_timeout``. After ``fallback_after``
+failed streams in a row, due renewals go by unary ``Renew`` until a stream works again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import grpc
+
+from tether_client.clock import Clock
+from tether_client.connection import Endpoint
+from tether_client.convert import duration_seconds, to_datetime
+from tether_client.errors import (
+    LeaseLost,
+    LeaseNotHeld,
+    TetherError,
+    from_error_detail,
+    from_rpc_error,
+)
+from tether_client.pb import common_pb2, lease_pb2
+from tether_client.retry import RetryPolicy, is_transient
+
+if TYPE_CHECKING:
+    from tether_client.client import TetherClient
+
+log = logging.getLogger("tether_client.keeper")
+
+LostCallback = Callable[["HeldLease"], object]
+
+
+@dataclass(frozen=True)
+class KeeperConfig:
+    # Renew once this fraction of the granted ttl has passed since the last acked send.
+    renew_fraction: float = 1 / 3
+    # safe_until = acked send time + granted ttl - max(min_safety_margin, fraction * ttl).
+    safety_margin_fraction: float = 0.1
+    min_safety_margin: float = 0.05
+    # An unacknowledged request older than this breaks the stream (None: the renew
+    # interval of the request's shortest lease, and ping_ack_timeout for pings).
+    ack_timeout: float | None = None
+    ping_ack_timeout: float = 10.0
+    # The server closes a stream silent for 2 min; ping well before.
+    ping_interval: float = 30.0
+    reconnect_initial: float = 0.05
+    reconnect_max: float = 2.0
+    # Failed streams in a row before due renewals go by unary Renew.
+    fallback_after: int = 2
+    max_renewals_per_request: int = 500
+    release_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.renew_fraction < 1:
+            raise ValueError("renew_fraction must be between 0 and 1")
+        if not 0 <= self.safety_margin_fraction < 1 - self.renew_fraction:
+            raise ValueError("safety_margin_fraction must leave room to renew before it")
+
+
+@dataclass
+class KeeperStats:
+    """What the keeper did; for tests, benchmarks and debugging."""
+
+    streams_opened: int = 0
+    streams_broken: int = 0
+    requests_sent: int = 0
+    renewals_sent: int = 0
+    pings_sent: int = 0
+    unary_renewals: int = 0
+    renewals_acked: int = 0
+    leases_lost: int = 0
+
+
+class HeldLease:
+    """A lease kept alive by the keeper. Read it; never cache its fencing token."""
+
+    def __init__(
+        self,
+        keeper: Keeper,
+        lease: lease_pb2.Lease,
+        *,
+        ttl: float,
+        margin: float,
+    ) -> None:
+        self._keeper = keeper
+        self.key = lease.key
+        self.namespace = lease.namespace
+        self.lease_id = lease.lease_id
+        self.holder = lease.holder
+        self.ttl = ttl
+        self.acquired = lease
+        self._token = lease.fencing_token
+        self._margin = margin
+        self._expires_at = to_datetime(lease.expires_at)
+        self._safe_until = float("-inf")
+        self._next_renew = float("-inf")
+        self._in_flight = False
+        self._progress: bytes | None = None
+        self._lost = asyncio.Event()
+        self._lost_error: LeaseLost | None = None
+        self._released = False
+        self._callbacks: list[LostCallback] = []
+        self._cancel_task: asyncio.Task[object] | None = None
+        self._cancel_requested = False
+        self.renewals_sent = 0
+
+    # --- what the holder reads ----------------------------------------------------------
+
+    @property
+    def fencing_token(self) -> int:
+        """The token to present with every fenced write. Raises once the lease is not held."""
+        self.check()
+        return self._token
+
+    @property
+    def fence(self) -> common_pb2.Fence:
+        """``Fence(lease_id, fencing_token)`` for saga and object calls; raises like the token."""
+        return common_pb2.Fence(lease_id=self.lease_id, fencing_token=self.fencing_token)
+
+    @property
+    def expires_at(self) -> datetime:
+        """The server's deadline after the last acknowledged renewal (server clock)."""
+        return self._expires_at
+
+    @property
+    def safe_until(self) -> float:
+        """Until when, on the client's monotonic clock, the lease is certainly live."""
+        return self._safe_until
+
+    @property
+    def alive(self) -> bool:
+        return (
+            not self._lost.is_set()
+            and not self._released
+            and self._keeper.clock.monotonic() < self._safe_until
+        )
+
+    @property
+    def lost(self) -> bool:
+        if not self._lost.is_set() and not self._released:
+            # Do not wait for the keeper's timer: the deadline is the truth.
+            self._keeper.expire_if_overdue(self)
+        return self._lost.is_set()
+
+    @property
+    def lost_error(self) -> LeaseLost | None:
+        return self._lost_error
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` (or ``LeaseNotHeld`` after release) unless the lease is held."""
+        if self._released:
+            raise LeaseNotHeld(f"lease {self.lease_id} on {self.key!r} was released")
+        if self.lost:
+            assert self._lost_error is not None
+            raise self._lost_error
+
+    def set_progress(self, progress: bytes) -> None:
+        """Progress details to send with the next renewal (readable by a successor)."""
+        self._progress = progress
+
+    def on_lost(self, callback: LostCallback) -> None:
+        """Call ``callback(lease)`` when the lease is lost (at once if it already is)."""
+        if self._lost.is_set():
+            self._keeper.run_callback(callback, self)
+        else:
+            self._callbacks.append(callback)
+
+    async def wait_lost(self) -> LeaseLost:
+        """Return once the lease is lost, with the reason."""
+        while not self._lost.is_set():
+            # The timer may be late (a busy loop); the deadline still rules.
+            waiter = asyncio.ensure_future(self._lost.wait())
+            sleeper = asyncio.ensure_future(
+                self._keeper.clock.sleep(self._safe_until - self._keeper.clock.monotonic())
+            )
+            try:
+                await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+                sleeper.cancel()
+            self._keeper.expire_if_overdue(self)
+        assert self._lost_error is not None
+        return self._lost_error
+
+    def __repr__(self) -> str:
+        state = "lost" if self._lost.is_set() else "released" if self._released else "held"
+        return (
+            f"<HeldLease {self.key!r} id={self.lease_id} token={self._token} {state} "
+            f"expires_at={self._expires_at.isoformat()}>"
+        )
+
+    # --- keeper side ---------------------------------------------------------------------
+
+    def _acked(self, sent_at: float, granted_ttl: float, expires_at: datetime | None) -> None:
+        self._in_flight = False
+        if self._lost.is_set():
+            return
+        self._safe_until = max(self._safe_until, sent_at + granted_ttl - self._margin)
+        self._next_renew = sent_at + granted_ttl * self._keeper.config.renew_fraction
+        if expires_at is not None:
+            self._expires_at = expires_at
+
+    def _take_progress(self) -> bytes | None:
+        progress, self._progress = self._progress, None
+        return progress
+
+
+@dataclass
+class _Send:
+    sent_at: float
+    timeout_at: float
+    leases: list[tuple[HeldLease, bytes | None]] = field(default_factory=list)
+
+
+class _Stream:
+    """One open KeepAlive call: a writer fed by a queue and a reader of acknowledgements."""
+
+    def __init__(self, keeper: Keeper, endpoint: Endpoint, opened_at: float) -> None:
+        self.keeper = keeper
+        self.endpoint = endpoint
+        # grpc-stubs lacks the asyncio form without a request iterator (writes come later).
+        self.call = endpoint.lease.KeepAlive(  # type: ignore[call-arg]
+            metadata=keeper.client.connection.metadata()
+        )
+        self.sequence = 0
+        self.pending: dict[int, _Send] = {}
+        self.last_send = opened_at
+        self.outbox: asyncio.Queue[lease_pb2.KeepAliveRequest] = asyncio.Queue()
+        self.tasks = (
+            asyncio.create_task(self._write(), name="tether-keepalive-writer"),
+            asyncio.create_task(self._read(), name="tether-keepalive-reader"),
+        )
+
+    def send(self, request: lease_pb2.KeepAliveRequest, record: _Send) -> None:
+        self.sequence += 1
+        request.sequence = self.sequence
+        self.pending[self.sequence] = record
+        self.last_send = record.sent_at
+        self.outbox.put_nowait(request)
+
+    def oldest_timeout(self) -> float:
+        return min((send.timeout_at for send in self.pending.values()), default=float("inf"))
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self.call.write(await self.outbox.get())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.keeper.stream_broken(self, exc)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                response = await self.call.read()
+                if not isinstance(response, lease_pb2.KeepAliveResponse):  # grpc.aio.EOF
+                    self.keeper.stream_broken(self, EOFError("the server ended the stream"))
+                    return
+                self.keeper.on_response(self, response)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.keeper.stream_broken(self, exc)
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        self.call.cancel()
+
+
+class Keeper:
+    def __init__(self, client: TetherClient, config: KeeperConfig, clock: Clock) -> None:
+        self.client = client
+        self.config = config
+        self.clock = clock
+        self.stats = KeeperStats()
+        self._leases: dict[str, HeldLease] = {}
+        self._unary: set[asyncio.Task[None]] = set()
+        self._callbacks: set[asyncio.Task[object]] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stream: _Stream | None = None
+        self._stream_failures = 0
+        self._next_stream_attempt = float("-inf")
+        self._backoff = RetryPolicy(
+            initial_backoff=config.reconnect_initial, max_backoff=config.reconnect_max
+        )
+        self._closed = False
+
+    @property
+    def held(self) -> list[HeldLease]:
+        return list(self._leases.values())
+
+    @property
+    def streaming(self) -> bool:
+        return self._stream is not None
+
+    # --- hold() ------------------------------------------------------------------------
+
+    def hold(
+        self,
+        key: str,
+        *,
+        ttl: float,
+        holder: str,
+        namespace: str,
+        wait: float,
+        lock_delay: float,
+        labels: dict[str, str],
+        progress: bytes | None,
+        cancel_on_lost: bool,
+        on_lost: LostCallback | None,
+        timeout: float | None,
+    ) -> _Hold:
+        async def acquire() -> HeldLease:
+            sent_at = self.clock.monotonic()
+            response = await self.client.acquire(
+                key,
+                ttl=ttl,
+                holder=holder,
+                namespace=namespace,
+                wait=wait,
+                lock_delay=lock_delay,
+                labels=labels,
+                timeout=timeout,
+            )
+            lease = HeldLease(self, response.lease, ttl=ttl, margin=self.margin(ttl))
+            if response.created and wait == 0:
+                granted = response.lease.expires_at.ToMicroseconds()
+                granted -= response.lease.acquired_at.ToMicroseconds()
+                lease._acked(sent_at, granted / 1e6, None)
+            else:
+                # An existing lease handed back, or one granted at some unknown moment of a
+                # wait: only a renewal from a known send time gives a sound deadline.
+                sent_at = self.clock.monotonic()
+                renewed = await self.client.renew(
+                    lease.lease_id, lease._token, namespace=namespace, timeout=timeout
+                )
+                lease._acked(
+                    sent_at, duration_seconds(renewed.ttl), to_datetime(renewed.expires_at)
+                )
+            if progress is not None:
+                lease.set_progress(progress)
+            if on_lost is not None:
+                lease.on_lost(on_lost)
+            return lease
+
+        return _Hold(self, acquire, cancel_on_lost)
+
+    def margin(self, ttl: float) -> float:
+        return max(self.config.min_safety_margin, ttl * self.config.safety_margin_fraction)
+
+    def add(self, lease: HeldLease) -> None:
+        if self._closed:
+            raise LeaseNotHeld("the client is closed")
+        self._leases[lease.lease_id] = lease
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="tether-keeper")
+        self._wake.set()
+
+    def remove(self, lease: HeldLease) -> None:
+        self._leases.pop(lease.lease_id, None)
+        self._wake.set()
+
+    async def release(self, lease: HeldLease) -> None:
+        """Release a lease this client still holds (never one it lost)."""
+        lease._released = True
+        try:
+            await self.client.release(
+                lease.lease_id,
+                lease._token,
+                holder=lease.holder,
+                namespace=lease.namespace,
+                timeout=self.config.release_timeout,
+            )
+        except TetherError as exc:
+            # The ttl is the grace: a release that cannot get through only delays takeover.
+            log.warning("release of lease %s on %r failed: %s", lease.lease_id, lease.key, exc)
+
+    # --- loss ----------------------------------------------------------------------------
+
+    def expire_if_overdue(self, lease: HeldLease) -> None:
+        if self.clock.monotonic() >= lease._safe_until:
+            self.declare_lost(lease, None)
+
+    def declare_lost(self, lease: HeldLease, cause: TetherError | None) -> None:
+        if lease._lost.is_set() or lease._released:
+            return
+        if cause is None:
+            message = (
+                f"lease {lease.lease_id} on {lease.key!r}: no renewal acknowledged before the "
+                f"safety deadline; the server may expire it at any moment"
+            )
+        else:
+            message = f"lease {lease.lease_id} on {lease.key!r}: the server refused a renewal"
+            message += f" ({cause})"
+        lease._lost_error = LeaseLost(message, cause=cause)
+        lease._lost.set()
+        self._leases.pop(lease.lease_id, None)
+        self.stats.leases_lost += 1
+        log.warning("%s", message)
+        task = lease._cancel_task
+        if task is not None and not task.done():
+            lease._cancel_requested = True
+            task.cancel()
+        callbacks, lease._callbacks = lease._callbacks, []
+        for callback in callbacks:
+            self.run_callback(callback, lease)
+
+    def run_callback(self, callback: LostCallback, lease: HeldLease) -> None:
+        try:
+            result = callback(lease)
+        except Exception:
+            log.exception("an on_lost callback failed")
+            return
+        if isinstance(result, Awaitable):
+            task = asyncio.ensure_future(result)
+            self._callbacks.add(task)
+            task.add_done_callback(self._callbacks.discard)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._closed:
+            self._wake.clear()
+            now = self.clock.monotonic()
+            for lease in list(self._leases.values()):
+                if now >= lease._safe_until:
+                    self.declare_lost(lease, None)
+            if not self._leases:
+                self._close_stream()
+                await self._wake.wait()
+                continue
+            stream = self._stream
+            if stream is not None and stream.oldest_timeout() <= now:
+                self.stream_broken(stream, TimeoutError("no acknowledgement in time"))
+                stream = None
+            if stream is None and now >= self._next_stream_attempt:
+                stream = self._open_stream(now)
+            due = [
+                lease
+                for lease in self._leases.values()
+                if not lease._in_flight and lease._next_renew <= now
+            ]
+            if due and stream is not None:
+                self._send_renewals(stream, due, now)
+            elif due and self._stream_failures >= self.config.fallback_after:
+                for lease in due:
+                    self._renew_unary(lease, now)
+            if stream is not None and now - stream.last_send >= self.config.ping_interval:
+                self._send_ping(stream, now)
+            await self._sleep(self._next_wake(now) - now)
+
+    def _next_wake(self, now: float) -> float:
+        moments = [lease._safe_until for lease in self._leases.values()]
+        moments += [lease._next_renew for lease in self._leases.values() if not lease._in_flight]
+        if self._stream is not None:
+            moments.append(self._stream.oldest_timeout())
+            moments.append(self._stream.last_send + self.config.ping_interval)
+        else:
+            moments.append(self._next_stream_attempt)
+        return max(now, min(moments))
+
+    async def _sleep(self, delay: float) -> None:
+        if delay <= 0:
+            await asyncio.sleep(0)
+            return
+        sleeper = asyncio.ensure_future(self.clock.sleep(delay))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
+
+    # --- the stream ----------------------------------------------------------------------
+
+    def _open_stream(self, now: float) -> _Stream:
+        stream = _Stream(self, self.client.connection.current, now)
+        self._stream = stream
+        self.stats.streams_opened += 1
+        # A ping proves the stream works before anything depends on it.
+        self._send_ping(stream, now)
+        return stream
+
+    def _ack_timeout(self, leases: list[HeldLease]) -> float:
+        if self.config.ack_timeout is not None:
+            return self.config.ack_timeout
+        return min(lease.ttl for lease in leases) * self.config.renew_fraction
+
+    def _send_renewals(self, stream: _Stream, due: list[HeldLease], now: float) -> None:
+        by_namespace: dict[str, list[HeldLease]] = {}
+        for lease in due:
+            by_namespace.setdefault(lease.namespace, []).append(lease)
+        limit = self.config.max_renewals_per_request
+        for namespace, leases in by_namespace.items():
+            for start in range(0, len(leases), limit):
+                chunk = leases[start : start + limit]
+                record = _Send(now, now + self._ack_timeout(chunk))
+                request = lease_pb2.KeepAliveRequest(namespace=namespace)
+                for lease in chunk:
+                    renewal = request.renewals.add(
+                        lease_id=lease.lease_id, fencing_token=lease._token
+                    )
+                    progress = lease._take_progress()
+                    if progress is not None:
+                        renewal.progress = progress
+                    record.leases.append((lease, progress))
+                    lease._in_flight = True
+                    lease.renewals_sent += 1
+                stream.send(request, record)
+                self.stats.requests_sent += 1
+                self.stats.renewals_sent += len(chunk)
+
+    def _send_ping(self, stream: _Stream, now: float) -> None:
+        timeout = self.config.ack_timeout or self.config.ping_ack_timeout
+        stream.send(lease_pb2.KeepAliveRequest(), _Send(now, now + timeout))
+        self.stats.pings_sent += 1
+
+    def on_response(self, stream: _Stream, response: lease_pb2.KeepAliveResponse) -> None:
+        record = stream.pending.pop(response.sequence, None)
+        if record is None or stream is not self._stream:
+            return
+        self._stream_failures = 0
+        results = {result.lease_id: result for result in response.results}
+        for lease, progress in record.leases:
+            result = results.get(lease.lease_id)
+            if result is None:
+                self._retry_later(lease, progress)
+            elif result.HasField("error"):
+                self._refused(lease, from_error_detail(result.error), progress)
+            else:
+                self.stats.renewals_acked += 1
+                lease._acked(
+                    record.sent_at, duration_seconds(result.ttl), to_datetime(result.expires_at)
+                )
+        self._wake.set()
+
+    def stream_broken(self, stream: _Stream, error: BaseException) -> None:
+        if stream is not self._stream:
+            return
+        self._stream = None
+        stream.close()
+        self.stats.streams_broken += 1
+        self._stream_failures += 1
+        now = self.clock.monotonic()
+        self._next_stream_attempt = now + self._backoff.delay(self._stream_failures)
+        self.client.connection.fail_over(stream.endpoint)
+        for record in stream.pending.values():
+            for lease, progress in record.leases:
+                self._retry_later(lease, progress, at=now)
+        if not self._closed:
+            log.info("keep-alive stream to %s broke: %r", stream.endpoint.target, error)
+        self._wake.set()
+
+    def _retry_later(
+        self, lease: HeldLease, progress: bytes | None, at: float | None = None
+    ) -> None:
+        lease._in_flight = False
+        if progress is not None and lease._progress is None:
+            lease._progress = progress
+        now = self.clock.monotonic()
+        lease._next_renew = at if at is not None else now + self._backoff.delay(1)
+
+    def _refused(self, lease: HeldLease, error: TetherError, progress: bytes | None) -> None:
+        if is_transient(error):
+            self._retry_later(lease, progress)
+        else:
+            self.declare_lost(lease, error)
+
+    def _close_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+    # --- unary fallback ------------------------------------------------------------------
+
+    def _renew_unary(self, lease: HeldLease, now: float) -> None:
+        lease._in_flight = True
+        lease.renewals_sent += 1
+        self.stats.unary_renewals += 1
+        progress = lease._take_progress()
+        request = lease_pb2.RenewRequest(
+            namespace=lease.namespace, lease_id=lease.lease_id, fencing_token=lease._token
+        )
+        if progress is not None:
+            request.progress = progress
+        timeout = max(0.05, min(self._ack_timeout([lease]), lease._safe_until - now))
+
+        async def renew() -> None:
+            endpoint = self.client.connection.current
+            try:
+                response = await endpoint.lease.Renew(
+                    request, timeout=timeout, metadata=self.client.connection.metadata()
+                )
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc)
+                # A renewal that timed out may still land; either way, try again soon.
+                if is_transient(error) or error.status_code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self.client.connection.fail_over(endpoint)
+                    self._retry_later(lease, progress)
+                else:
+                    self.declare_lost(lease, error)
+            else:
+                if lease.lease_id in self._leases:
+                    self.stats.renewals_acked += 1
+                    lease._acked(
+                        now, duration_seconds(response.ttl), to_datetime(response.expires_at)
+                    )
+                else:
+                    lease._in_flight = False
+            self._wake.set()
+
+        task = asyncio.create_task(renew(), name="tether-renew")
+        self._unary.add(task)
+        task.add_done_callback(self._unary.discard)
+
+    # --- shutdown ------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop renewing. Leases still held are reported lost: nobody keeps them any more."""
+        self._closed = True
+        for lease in list(self._leases.values()):
+            self.declare_lost(lease, LeaseNotHeld("the client was closed while holding it"))
+        self._close_stream()
+        tasks: list[asyncio.Task[object]] = [*self._unary, *self._callbacks]
+        if self._task is not None:
+            tasks.append(self._task)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Hold:
+    """``async with keeper.hold(...) as lease``; cancels the body on loss when asked.
+
+    Like ``asyncio.timeout``: the cancellation this context caused comes out as
+    ``LeaseLost``; any other cancellation passes through untouched.
+    """
+
+    def __init__(
+        self, keeper: Keeper, acquire: Callable[[], Awaitable[HeldLease]], cancel: bool
+    ) -> None:
+        self._keeper = keeper
+        self._acquire = acquire
+        self._cancel = cancel
+        self._lease: HeldLease | None = None
+        self._task: asyncio.Task[object] | None = None
+        self._cancelling = 0
+
+    async def __aenter__(self) -> HeldLease:
+        lease = await self._acquire()
+        if self._cancel:
+            self._task = asyncio.current_task()
+            if self._task is not None:
+                self._cancelling = self._task.cancelling()
+                lease._cancel_task = self._task
+        self._lease = lease
+        self._keeper.add(lease)
+        return lease
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lease = self._lease
+        assert lease is not None
+        lease._cancel_task = None
+        self._keeper.remove(lease)
+        lost = lease.lost
+        if not lost:
+            await self._keeper.release(lease)
+        if (
+            lease._cancel_requested
+            and self._task is not None
+            and self._task.uncancel() <= self._cancelling
+            and exc_type is asyncio.CancelledError
+        ):
+            assert lease._lost_error is not None
+            raise lease._lost_error from exc

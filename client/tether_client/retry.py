@@ -1,0 +1,98 @@
+"""When and how the client repeats a failed call.
+
+Only calls that are safe to repeat are retried: reads, idempotent writes (Renew, Release,
+Revoke), and creates that carry a request id the client generated. Only transient failures
+(``UNAVAILABLE``: server gone or draining, network cut, store unreachable) are retried, with
+exponential backoff and full jitter, and never past the caller's deadline: every attempt
+gets what is left of it as its own gRPC deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_before_delay,
+    wait_random_exponential,
+)
+
+from tether_client.connection import Connection, Endpoint
+from tether_client.errors import DeadlineExceeded, TetherError, Unavailable, from_rpc_error
+
+R = TypeVar("R")
+Metadata = tuple[tuple[str, str], ...]
+# One attempt: the endpoint to call, the seconds left for it, and the call metadata.
+Attempt = Callable[[Endpoint, float, Metadata], Awaitable[R]]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    initial_backoff: float = 0.05
+    max_backoff: float = 2.0
+    # Bounds a call whose caller gave no deadline, retries included.
+    default_timeout: float = 30.0
+
+    def backoff(self) -> wait_random_exponential:
+        return wait_random_exponential(multiplier=self.initial_backoff, max=self.max_backoff)
+
+    def delay(self, attempt_number: int) -> float:
+        """The backoff before retry ``attempt_number`` (1 = first retry), jittered."""
+        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = attempt_number
+        return float(self.backoff()(state))
+
+
+def is_transient(error: BaseException) -> bool:
+    return isinstance(error, Unavailable)
+
+
+async def invoke(
+    connection: Connection,
+    attempt: Attempt[R],
+    *,
+    safe: bool,
+    timeout: float | None,
+    policy: RetryPolicy,
+) -> R:
+    """Run ``attempt`` against the current endpoint, retrying where that is safe.
+
+    Raises the typed error of the last attempt; ``DeadlineExceeded`` when the deadline left
+    no time for another.
+    """
+    budget = policy.default_timeout if timeout is None else timeout
+    deadline = time.monotonic() + budget
+
+    async def once() -> R:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"the call's deadline ({budget:.3g} s) passed")
+        endpoint = connection.current
+        try:
+            return await attempt(endpoint, left, connection.metadata())
+        except grpc.aio.AioRpcError as exc:
+            error = from_rpc_error(exc)
+            if isinstance(error, Unavailable):
+                connection.fail_over(endpoint)
+            raise error from exc
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception(lambda exc: safe and is_transient(exc)),
+        wait=policy.backoff(),
+        stop=stop_before_delay(budget),
+        reraise=True,
+    )
+    result: R
+    async for attempt_state in retrying:
+        with attempt_state:
+            result = await once()
+    return result
+
+
+__all__ = ["Attempt", "RetryPolicy", "TetherError", "invoke", "is_transient"]

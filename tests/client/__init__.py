@@ -1,0 +1,1 @@
+"""Tests of the Python client (``tether_client``) against real servers."""

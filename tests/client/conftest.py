@@ -1,0 +1,87 @@
+"""Fixtures for client tests.
+
+``tether``: a TetherServer in process on a real loopback port over the test's fresh
+database (``db_url``: each test runs on SQLite and PostgreSQL), on a ``FakeClock``.
+``clocks``: that server clock and a ``ManualClock`` for clients, advanced together, so a
+test walks a lease past its deadline on both sides without sleeping.
+``client_factory``: ``TetherClient`` instances on the client clock, closed at teardown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.service.conftest import KEEPALIVE_IDLE_S, _settle
+from tether_client import ManualClock, TetherClient
+from tether_server.app import TetherServer
+from tether_server.clock import FakeClock
+from tether_server.config import ServerConfig
+from tether_server.services.lease import LeaseServiceConfig
+
+
+@dataclass
+class Clocks:
+    """The server's FakeClock and the clients' ManualClock, moved in lockstep."""
+
+    server: FakeClock
+    client: ManualClock
+
+    def advance(self, seconds: float) -> None:
+        self.server.advance(seconds)
+        self.client.advance(seconds)
+
+
+@dataclass
+class InProcessServer:
+    server: TetherServer
+    port: int
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+ClientFactory = Callable[..., TetherClient]
+
+
+@pytest.fixture
+def clocks(fake_clock: FakeClock) -> Clocks:
+    return Clocks(server=fake_clock, client=ManualClock())
+
+
+@pytest.fixture
+async def tether(db_url: str, fake_clock: FakeClock) -> AsyncIterator[InProcessServer]:
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        db_url=db_url,
+        grace_s=0.0,
+        lease=dataclasses.replace(LeaseServiceConfig(), keepalive_idle_timeout_s=KEEPALIVE_IDLE_S),
+    )
+    server = TetherServer(config, fake_clock)
+    port = await server.start()
+    try:
+        yield InProcessServer(server, port)
+    finally:
+        await server.stop(0)
+        await _settle()
+
+
+@pytest.fixture
+async def client_factory(clocks: Clocks) -> AsyncIterator[ClientFactory]:
+    """``client_factory(target, **TetherClient kwargs)``; clients use ``clocks.client``."""
+    clients: list[TetherClient] = []
+
+    def make(target: str, **kwargs: Any) -> TetherClient:
+        kwargs.setdefault("clock", clocks.client)
+        client = TetherClient(target, **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
