@@ -218,7 +218,9 @@ class HeldLease:
         self._in_flight = False
         if self._lost.is_set():
             return
-        self._safe_until = max(self._safe_until, sent_at + granted_ttl - self._margin)
+        # Assigned, not maxed: a renewal granting a shorter ttl moved the server's deadline
+        # earlier. One renewal per lease is in flight at a time, so acks arrive in order.
+        self._safe_until = sent_at + granted_ttl - self._margin
         self._next_renew = sent_at + granted_ttl * self._keeper.config.renew_fraction
         if expires_at is not None:
             self._expires_at = expires_at

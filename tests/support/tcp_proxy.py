@@ -1,7 +1,9 @@
 """A loopback TCP proxy the test controls, to provoke network faults on purpose.
 
 ``cut()`` closes every forwarded connection and refuses new ones (a peer that is gone);
-``restore()`` accepts again. Runs in the test's event loop.
+``restore()`` accepts again. ``stall()`` is the nastier fault: connections stay open and
+new ones are accepted, but nothing is forwarded (a black-holed route; neither side sees an
+error); ``resume()`` lets the held bytes through. Runs in the test's event loop.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ class TcpProxy:
         self._upstream = (upstream_host, upstream_port)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.port = 0
+        self.connections = 0
 
     async def start(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -35,6 +40,12 @@ class TcpProxy:
         if self._server is None:
             await self.start()
 
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     async def close(self) -> None:
         await self.cut()
 
@@ -44,6 +55,7 @@ class TcpProxy:
         except OSError:
             writer.transport.abort()
             return
+        self.connections += 1
         self._writers.update({writer, up_writer})
         await asyncio.gather(
             self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
@@ -52,6 +64,9 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                # Stalled: this chunk waits here and the reader stops, so TCP flow control
+                # holds the peer back; the connection itself stays open.
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         finally:
