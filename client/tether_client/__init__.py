@@ -3,6 +3,8 @@
 async with TetherClient("127.0.0.1:50051") as client:
     async with client.hold("tasks/168", ttl=timedelta(seconds=15)) as lease:
         ...  # lease.fencing_token fences every write; lease.lost says when to stop
+
+Scripts without asyncio use ``TetherClientSync`` (same methods, blocking).
 """
 
 from tether_client.client import OnLost, TetherClient, default_holder
@@ -10,6 +12,7 @@ from tether_client.clock import Clock, ManualClock, SystemClock
 from tether_client.errors import LeaseLost, LeaseNotHeld, TetherError
 from tether_client.keeper import HeldLease, KeeperConfig, KeeperStats
 from tether_client.retry import RetryPolicy
+from tether_client.sync import TetherClientSync
 
 __version__ = "0.1.0"
 
@@ -25,6 +28,7 @@ __all__ = [
     "RetryPolicy",
     "SystemClock",
     "TetherClient",
+    "TetherClientSync",
     "TetherError",
     "__version__",
     "default_holder",

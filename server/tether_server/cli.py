@@ -1,4 +1,12 @@
-"""The ``tether`` command: ``tether serve`` and ``tether migrate``."""
+"""``tether serve`` and ``tether migrate``: the server's subcommands of the ``tether`` command.
+
+The ``tether`` console script belongs to tether-client (workers install only that); this
+package plugs its subcommands in through the ``tether.commands`` entry point, which names
+:func:`register`. ``python -m tether_server.cli serve ...`` still works on its own.
+
+Building the parser imports nothing heavy (no SQLAlchemy, no server modules): every
+``tether`` invocation, ``tether lease ...`` included, builds it.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +17,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tether_server import __version__, logs
-from tether_server.clock import clock_from_spec
-from tether_server.config import DEFAULT_DB, DEFAULT_LISTEN, ServerConfig
-from tether_server.domain.errors import TetherError
-from tether_server.domain.validation import Limits
-from tether_server.services.lease import LeaseServiceConfig
-from tether_server.store.database import Database, describe_url
+from tether_server.defaults import DEFAULT_DB, DEFAULT_LISTEN
+
+if TYPE_CHECKING:
+    from tether_server.config import ServerConfig
 
 log = logging.getLogger("tether")
 
@@ -35,15 +42,18 @@ def _seconds(text: str) -> float:
     return float(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tether", description="tether control plane")
-    parser.add_argument("--version", action="version", version=f"tether {__version__}")
+def _add_log_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default=_env("TETHER_LOG_LEVEL", "INFO"))
     parser.add_argument(
         "--log-format", choices=["json", "text"], default=_env("TETHER_LOG_FORMAT", "json")
     )
-    commands = parser.add_subparsers(dest="command", required=True)
 
+
+def register(commands: argparse._SubParsersAction[Any]) -> None:
+    """Add ``serve`` and ``migrate`` to the ``tether`` command (the plugin entry point).
+
+    Each parsed namespace carries ``handler``: ``args -> exit status``.
+    """
     serve = commands.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--listen", default=_env("TETHER_LISTEN", DEFAULT_LISTEN))
     serve.add_argument(
@@ -69,13 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("TETHER_REPLICA", ""),
         help="stable replica name (default <hostname>:<port>); a restart reaps its predecessor",
     )
+    _add_log_options(serve)
+    serve.set_defaults(handler=_run_serve)
 
     migrate = commands.add_parser("migrate", help="apply database migrations and exit")
     migrate.add_argument("--db", default=_env("TETHER_DB", DEFAULT_DB))
+    _add_log_options(migrate)
+    migrate.set_defaults(handler=_run_migrate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The server's commands alone, for ``python -m tether_server.cli``."""
+    parser = argparse.ArgumentParser(prog="tether", description="tether control plane")
+    parser.add_argument("--version", action="version", version=f"tether {__version__}")
+    register(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    from tether_server.config import ServerConfig
+    from tether_server.domain.validation import Limits
+    from tether_server.services.lease import LeaseServiceConfig
+
     limits = Limits(min_ttl_us=round(args.min_ttl * 1e6), max_ttl_us=round(args.max_ttl * 1e6))
     if not 0 < limits.min_ttl_us <= limits.max_ttl_us:
         raise SystemExit("--min-ttl must be positive and at most --max-ttl")
@@ -110,6 +135,9 @@ async def serve(config: ServerConfig) -> None:
 
 
 async def migrate(url: str) -> None:
+    from tether_server.clock import clock_from_spec
+    from tether_server.store.database import Database, describe_url
+
     db = Database(url, clock_from_spec("system"))
     try:
         await db.migrate()
@@ -118,14 +146,22 @@ async def migrate(url: str) -> None:
     log.info("migrated", extra={"store": describe_url(url)})
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run_serve(args: argparse.Namespace) -> int:
     logs.configure(args.log_level, args.log_format)
+    return _guarded(lambda: asyncio.run(serve(config_from_args(args))))
+
+
+def _run_migrate(args: argparse.Namespace) -> int:
+    logs.configure(args.log_level, args.log_format)
+    return _guarded(lambda: asyncio.run(migrate(args.db)))
+
+
+def _guarded(run: Callable[[], None]) -> int:
+    """Operators get one error line, not a traceback, for the failures they can fix."""
+    from tether_server.domain.errors import TetherError
+
     try:
-        if args.command == "serve":
-            asyncio.run(serve(config_from_args(args)))
-        elif args.command == "migrate":
-            asyncio.run(migrate(args.db))
+        run()
     except KeyboardInterrupt:
         return 130
     # grpcio reports a taken port as RuntimeError; an unreachable store as TetherError.
@@ -133,6 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("tether failed: %s", exc)
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    status: int = args.handler(args)
+    return status
 
 
 if __name__ == "__main__":

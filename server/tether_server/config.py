@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tether_server.defaults import DEFAULT_DB, DEFAULT_LISTEN
 from tether_server.domain.validation import Limits
 from tether_server.expiry import ExpiryConfig
 from tether_server.services.lease import LeaseServiceConfig
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
-DEFAULT_DB = "sqlite:///./tether.db"
+__all__ = ["DEFAULT_DB", "DEFAULT_LISTEN", "ServerConfig"]
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ async def test_hold_renews_on_one_stream_and_releases_on_exit(
     client = client_factory(tether.target)
     async with client.hold("jobs/a", ttl=TTL, labels={"team": "ci"}) as lease:
         first_expiry = lease.expires_at
-        assert lease.alive and not lease.lost
+        assert lease.alive
+        assert not lease.lost
         assert lease.fencing_token >= 1
         await advance_until(clocks, lambda: client.keeper.stats.renewals_acked >= 3)
         assert lease.expires_at > first_expiry

@@ -279,7 +279,8 @@ async def test_dropped_stream_reconnects_and_renewals_resume(rig: Rig) -> None:
         await rig.advance_until(lambda: rig.client.keeper.stats.renewals_acked >= 4, limit=30)
         assert len(rig.seen.streams) >= 3
         assert rig.client.keeper.stats.streams_broken >= 2
-        assert lease.alive and not lease.lost
+        assert lease.alive
+        assert not lease.lost
 
 
 async def test_refused_streams_back_off_with_jitter_and_fall_back_to_unary_renew(
@@ -316,7 +317,8 @@ async def test_silent_server_loses_the_lease_at_the_safety_deadline_and_stops_re
         rig.script.silent = True
         rig.script.refuse_renew = True
         await rig.advance_until(lambda: lease.lost, step=0.05)
-        assert lost_at and lost_at[0] == pytest.approx(last_ack_send + TTL - MARGIN, abs=0.06)
+        assert lost_at
+        assert lost_at[0] == pytest.approx(last_ack_send + TTL - MARGIN, abs=0.06)
         # The server's own deadline (a full ttl after it received that renewal) is later.
         assert lost_at[0] < last_ack_send + TTL
         with pytest.raises(LeaseLost):
@@ -333,10 +335,13 @@ async def test_silent_server_loses_the_lease_at_the_safety_deadline_and_stops_re
 
 
 async def test_refused_renewal_loses_the_lease_at_once(rig: Rig) -> None:
-    with pytest.raises(LeaseLost) as caught:
+    async def body() -> None:
         async with rig.client.hold("jobs/a", ttl=TTL, on_lost="cancel") as lease:
             rig.script.expired.add(lease.lease_id)
             await rig.advance_until(lambda: lease.lost)
             await asyncio.sleep(10)  # cancelled by the loss
+
+    with pytest.raises(LeaseLost) as caught:
+        await body()
     assert isinstance(caught.value.cause, LeaseExpired)
     assert rig.seen.releases == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -52,7 +53,8 @@ async def test_readme_example_runs(
     server = server_factory(db_url)
     example = tmp_path / "worker.py"
     example.write_text(readme_example())
-    result = subprocess.run(
+    result = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, str(example)],
         capture_output=True,
         text=True,
