@@ -36,6 +36,7 @@ from tether_client.clock import Clock
 from tether_client.connection import Endpoint
 from tether_client.convert import duration_seconds, to_datetime
 from tether_client.errors import (
+    LeaseHeld,
     LeaseLost,
     LeaseNotHeld,
     TetherError,
@@ -301,6 +302,8 @@ class Keeper:
         self.clock = clock
         self.stats = KeeperStats()
         self._leases: dict[str, HeldLease] = {}
+        # Lease ids of every hold() from acquisition to exit (a superset of _leases).
+        self._claimed: set[str] = set()
         self._unary: set[asyncio.Task[None]] = set()
         self._callbacks: set[asyncio.Task[object]] = set()
         self._wake = asyncio.Event()
@@ -351,20 +354,21 @@ class Keeper:
                 timeout=timeout,
             )
             lease = HeldLease(self, response.lease, ttl=ttl, margin=self.margin(ttl))
-            if response.created and wait == 0:
-                granted = response.lease.expires_at.ToMicroseconds()
-                granted -= response.lease.acquired_at.ToMicroseconds()
-                lease._acked(sent_at, granted / 1e6, None)
-            else:
-                # An existing lease handed back, or one granted at some unknown moment of a
-                # wait: only a renewal from a known send time gives a sound deadline.
-                sent_at = self.clock.monotonic()
-                renewed = await self.client.renew(
-                    lease.lease_id, lease._token, namespace=namespace, timeout=timeout
+            if lease.lease_id in self._claimed:
+                # The same holder acquiring again gets its live lease back; two holds sharing
+                # it would release it under each other. A hold is not re-entrant.
+                raise LeaseHeld(
+                    f"key {key!r} is already held by this client (lease {lease.lease_id})",
+                    metadata={"holder": holder, "lease_id": lease.lease_id, "key": key},
                 )
-                lease._acked(
-                    sent_at, duration_seconds(renewed.ttl), to_datetime(renewed.expires_at)
-                )
+            self._claimed.add(lease.lease_id)
+            try:
+                await self._start_deadline(lease, response, sent_at, wait, timeout)
+            except BaseException:
+                # Acquired but not kept: give the key back rather than leave it for the ttl.
+                self._claimed.discard(lease.lease_id)
+                await asyncio.shield(self.release(lease))
+                raise
             if progress is not None:
                 lease.set_progress(progress)
             if on_lost is not None:
@@ -372,6 +376,27 @@ class Keeper:
             return lease
 
         return _Hold(self, acquire, cancel_on_lost)
+
+    async def _start_deadline(
+        self,
+        lease: HeldLease,
+        response: lease_pb2.AcquireResponse,
+        sent_at: float,
+        wait: float,
+        timeout: float | None,
+    ) -> None:
+        if response.created and wait == 0:
+            granted = response.lease.expires_at.ToMicroseconds()
+            granted -= response.lease.acquired_at.ToMicroseconds()
+            lease._acked(sent_at, granted / 1e6, None)
+        else:
+            # An existing lease handed back, or one granted at some unknown moment of a
+            # wait: only a renewal from a known send time gives a sound deadline.
+            sent_at = self.clock.monotonic()
+            renewed = await self.client.renew(
+                lease.lease_id, lease._token, namespace=lease.namespace, timeout=timeout
+            )
+            lease._acked(sent_at, duration_seconds(renewed.ttl), to_datetime(renewed.expires_at))
 
     def margin(self, ttl: float) -> float:
         return max(self.config.min_safety_margin, ttl * self.config.safety_margin_fraction)
@@ -386,6 +411,7 @@ class Keeper:
 
     def remove(self, lease: HeldLease) -> None:
         self._leases.pop(lease.lease_id, None)
+        self._claimed.discard(lease.lease_id)
         self._wake.set()
 
     async def release(self, lease: HeldLease) -> None:
@@ -448,34 +474,44 @@ class Keeper:
 
     async def _run(self) -> None:
         while not self._closed:
-            self._wake.clear()
-            now = self.clock.monotonic()
-            for lease in list(self._leases.values()):
-                if now >= lease._safe_until:
-                    self.declare_lost(lease, None)
-            if not self._leases:
-                self._close_stream()
-                await self._wake.wait()
-                continue
-            stream = self._stream
-            if stream is not None and stream.oldest_timeout() <= now:
-                self.stream_broken(stream, TimeoutError("no acknowledgement in time"))
-                stream = None
-            if stream is None and now >= self._next_stream_attempt:
-                stream = self._open_stream(now)
-            due = [
-                lease
-                for lease in self._leases.values()
-                if not lease._in_flight and lease._next_renew <= now
-            ]
-            if due and stream is not None:
-                self._send_renewals(stream, due, now)
-            elif due and self._stream_failures >= self.config.fallback_after:
-                for lease in due:
-                    self._renew_unary(lease, now)
-            if stream is not None and now - stream.last_send >= self.config.ping_interval:
-                self._send_ping(stream, now)
-            await self._sleep(self._next_wake(now) - now)
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug here must not silently stop every renewal; deadlines still rule.
+                log.exception("the lease keeper failed a step; carrying on")
+                await self._sleep(self.config.reconnect_max)
+
+    async def _step(self) -> None:
+        self._wake.clear()
+        now = self.clock.monotonic()
+        for lease in list(self._leases.values()):
+            if now >= lease._safe_until:
+                self.declare_lost(lease, None)
+        if not self._leases:
+            self._close_stream()
+            await self._wake.wait()
+            return
+        stream = self._stream
+        if stream is not None and stream.oldest_timeout() <= now:
+            self.stream_broken(stream, TimeoutError("no acknowledgement in time"))
+            stream = None
+        if stream is None and now >= self._next_stream_attempt:
+            stream = self._open_stream(now)
+        due = [
+            lease
+            for lease in self._leases.values()
+            if not lease._in_flight and lease._next_renew <= now
+        ]
+        if due and stream is not None:
+            self._send_renewals(stream, due, now)
+        elif due and self._stream_failures >= self.config.fallback_after:
+            for lease in due:
+                self._renew_unary(lease, now)
+        if stream is not None and now - stream.last_send >= self.config.ping_interval:
+            self._send_ping(stream, now)
+        await self._sleep(self._next_wake(now) - now)
 
     def _next_wake(self, now: float) -> float:
         moments = [lease._safe_until for lease in self._leases.values()]
@@ -628,7 +664,7 @@ class Keeper:
                 else:
                     self.declare_lost(lease, error)
             else:
-                if lease.lease_id in self._leases:
+                if lease.lease_id in self._claimed:
                     self.stats.renewals_acked += 1
                     lease._acked(
                         now, duration_seconds(response.ttl), to_datetime(response.expires_at)

@@ -136,6 +136,21 @@ async def test_outside_cancellation_is_not_mistaken_for_a_loss(
     assert lease.state == lease_pb2.LEASE_STATE_RELEASED
 
 
+async def test_a_hold_is_not_reentrant(
+    tether: InProcessServer, client_factory: ClientFactory
+) -> None:
+    client = client_factory(tether.target)
+    async with client.hold("jobs/a", ttl=TTL) as outer:
+        # The server hands the same holder its live lease back; a second hold on it would
+        # release it under the first.
+        with pytest.raises(LeaseHeld):
+            async with client.hold("jobs/a", ttl=TTL):
+                pytest.fail("the body must not run")
+        assert outer.alive
+        stored = await client.get_lease(lease_id=outer.lease_id)
+        assert stored.state == lease_pb2.LEASE_STATE_ACTIVE
+
+
 async def test_lease_held_by_another_and_waiting_hold(
     tether: InProcessServer, clocks: Clocks, client_factory: ClientFactory
 ) -> None:

@@ -23,7 +23,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from tests.service.conftest import eventually
 from tether_client import KeeperConfig, LeaseLost, ManualClock, TetherClient
-from tether_client.errors import LeaseExpired
+from tether_client.errors import LeaseExpired, TetherError
 from tether_client.pb import common_pb2, lease_pb2, lease_pb2_grpc
 
 # pytest-grpc runs the servicer on a thread pool; streams each hold a thread.
@@ -345,3 +345,13 @@ async def test_refused_renewal_loses_the_lease_at_once(rig: Rig) -> None:
         await body()
     assert isinstance(caught.value.cause, LeaseExpired)
     assert rig.seen.releases == []
+
+
+async def test_a_lease_acquired_but_not_kept_is_released(rig: Rig) -> None:
+    rig.script.refuse_renew = True
+    # Granted after a wait: the hold needs a renewal to know its deadline, which fails.
+    with pytest.raises(TetherError):
+        async with rig.client.hold("jobs/a", ttl=TTL, wait=5, timeout=0.5):
+            pytest.fail("the body must not run")
+    assert len(rig.seen.releases) == 1
+    assert rig.client.keeper.held == []
