@@ -72,6 +72,8 @@ class KeeperConfig:
     # Failed streams in a row before due renewals go by unary Renew.
     fallback_after: int = 2
     max_renewals_per_request: int = 500
+    # When renewals go out, leases due within this fraction of their ttl go along.
+    coalesce_fraction: float = 0.1
     release_timeout: float = 10.0
 
     def __post_init__(self) -> None:
@@ -234,7 +236,8 @@ class HeldLease:
 @dataclass
 class _Send:
     sent_at: float
-    timeout_at: float
+    # How long this request may go unanswered before the stream counts as stalled.
+    patience: float
     leases: list[tuple[HeldLease, bytes | None]] = field(default_factory=list)
 
 
@@ -251,6 +254,7 @@ class _Stream:
         self.sequence = 0
         self.pending: dict[int, _Send] = {}
         self.last_send = opened_at
+        self.last_response = opened_at
         self.outbox: asyncio.Queue[lease_pb2.KeepAliveRequest] = asyncio.Queue()
         self.tasks = (
             asyncio.create_task(self._write(), name="tether-keepalive-writer"),
@@ -264,8 +268,14 @@ class _Stream:
         self.last_send = record.sent_at
         self.outbox.put_nowait(request)
 
-    def oldest_timeout(self) -> float:
-        return min((send.timeout_at for send in self.pending.values()), default=float("inf"))
+    def stalled_at(self) -> float:
+        """When the stream counts as stalled: the oldest unanswered request has waited its
+        patience *and* nothing at all arrived meanwhile. A server that answers slowly but
+        steadily (requests queue on a stream) is busy, not gone."""
+        if not self.pending:
+            return float("inf")
+        oldest = min(self.pending.values(), key=lambda send: send.sent_at)
+        return max(oldest.sent_at, self.last_response) + oldest.patience
 
     async def _write(self) -> None:
         try:
@@ -494,16 +504,21 @@ class Keeper:
             await self._wake.wait()
             return
         stream = self._stream
-        if stream is not None and stream.oldest_timeout() <= now:
+        if stream is not None and stream.stalled_at() <= now:
             self.stream_broken(stream, TimeoutError("no acknowledgement in time"))
             stream = None
         if stream is None and now >= self._next_stream_attempt:
             stream = self._open_stream(now)
-        due = [
-            lease
-            for lease in self._leases.values()
-            if not lease._in_flight and lease._next_renew <= now
-        ]
+        if any(not x._in_flight and x._next_renew <= now for x in self._leases.values()):
+            # Renew a little early whatever falls due soon: one request instead of many.
+            due = [
+                lease
+                for lease in self._leases.values()
+                if not lease._in_flight
+                and lease._next_renew - lease.ttl * self.config.coalesce_fraction <= now
+            ]
+        else:
+            due = []
         if due and stream is not None:
             self._send_renewals(stream, due, now)
         elif due and self._stream_failures >= self.config.fallback_after:
@@ -517,7 +532,7 @@ class Keeper:
         moments = [lease._safe_until for lease in self._leases.values()]
         moments += [lease._next_renew for lease in self._leases.values() if not lease._in_flight]
         if self._stream is not None:
-            moments.append(self._stream.oldest_timeout())
+            moments.append(self._stream.stalled_at())
             moments.append(self._stream.last_send + self.config.ping_interval)
         else:
             moments.append(self._next_stream_attempt)
@@ -558,7 +573,7 @@ class Keeper:
         for namespace, leases in by_namespace.items():
             for start in range(0, len(leases), limit):
                 chunk = leases[start : start + limit]
-                record = _Send(now, now + self._ack_timeout(chunk))
+                record = _Send(now, self._ack_timeout(chunk))
                 request = lease_pb2.KeepAliveRequest(namespace=namespace)
                 for lease in chunk:
                     renewal = request.renewals.add(
@@ -576,13 +591,14 @@ class Keeper:
 
     def _send_ping(self, stream: _Stream, now: float) -> None:
         timeout = self.config.ack_timeout or self.config.ping_ack_timeout
-        stream.send(lease_pb2.KeepAliveRequest(), _Send(now, now + timeout))
+        stream.send(lease_pb2.KeepAliveRequest(), _Send(now, timeout))
         self.stats.pings_sent += 1
 
     def on_response(self, stream: _Stream, response: lease_pb2.KeepAliveResponse) -> None:
         record = stream.pending.pop(response.sequence, None)
         if record is None or stream is not self._stream:
             return
+        stream.last_response = self.clock.monotonic()
         self._stream_failures = 0
         results = {result.lease_id: result for result in response.results}
         for lease, progress in record.leases:

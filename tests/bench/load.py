@@ -14,6 +14,11 @@ three scenarios and prints one JSON line per scenario on stdout:
   each stream sending all its 100 leases per request as fast as acknowledgements return.
 - ``expiry``: 500 leases with the minimum ttl (1 s) on the system clock; for every EXPIRED
   event on a Watch, the delay between the lease's ``expires_at`` and the event's arrival.
+- ``client_keeper``: one ``TetherClient`` holds 1000 leases (ttl 3 s) through ``hold()``:
+  renewals acknowledged per second, streams and requests used, leases lost (should be 0),
+  and the smallest ``safe_until - now`` seen (how close any lease came to being declared lost).
+- ``client_loss``: a held lease (ttl 2 s), then the server is SIGKILLed: how long before the
+  server's deadline the client declared the loss (wall clock; should be at least the margin).
 
 Everything is bounded in time and stays on 127.0.0.1; progress goes to stderr.
 """
@@ -39,6 +44,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from tests.support.server_process import ServerProcess
+from tether_client import HeldLease, TetherClient
 from tether_client.pb import lease_pb2, lease_pb2_grpc
 
 PG_ENV_VARS = ("TETHER_BENCH_POSTGRES_URL", "TETHER_TEST_POSTGRES_URL")
@@ -340,6 +346,60 @@ async def scenario_expiry(clients: Clients, backend: str) -> dict[str, Any]:
     }
 
 
+async def scenario_client_keeper(target: str, backend: str, duration: float) -> dict[str, Any]:
+    """1000 leases held by one client's keeper for ``duration`` seconds."""
+    ttl = 3.0
+    async with TetherClient(target) as client, contextlib.AsyncExitStack() as stack:
+        gate = asyncio.Semaphore(SETUP_CONCURRENCY)
+
+        async def hold(i: int) -> HeldLease:
+            async with gate:
+                return await stack.enter_async_context(
+                    client.hold(f"bench/keeper/{i:05d}", ttl=ttl)
+                )
+
+        leases = await asyncio.gather(*(hold(i) for i in range(KEEPALIVE_LEASES)))
+        stats = client.keeper.stats
+        acked_before, requests_before = stats.renewals_acked, stats.requests_sent
+        min_slack = ttl
+        started = time.monotonic()
+        while time.monotonic() - started < duration:
+            now = client.clock.monotonic()
+            min_slack = min(min_slack, min(lease.safe_until - now for lease in leases))
+            await asyncio.sleep(0.05)
+        elapsed = time.monotonic() - started
+        return {
+            "scenario": "client_keeper",
+            "backend": backend,
+            "leases": len(leases),
+            "ttl_s": ttl,
+            "renewals_per_s": round((stats.renewals_acked - acked_before) / elapsed, 1),
+            "requests_per_s": round((stats.requests_sent - requests_before) / elapsed, 1),
+            "streams_opened": stats.streams_opened,
+            "leases_lost": stats.leases_lost,
+            "min_safe_slack_ms": round(min_slack * 1000, 1),
+        }
+
+
+async def scenario_client_loss(process: ServerProcess, backend: str) -> dict[str, Any]:
+    """SIGKILL the server under a held lease; the client must let go before the deadline."""
+    client = TetherClient(process.target)
+    async with client, client.hold("bench/loss", ttl=2.0) as lease:
+        await asyncio.sleep(1.0)  # a renewal or two go through first
+        process.kill()
+        killed = time.time()
+        await asyncio.wait_for(lease.wait_lost(), 10)
+        lost = time.time()
+        deadline = lease.expires_at.timestamp()
+    return {
+        "scenario": "client_loss",
+        "backend": backend,
+        "ttl_s": 2.0,
+        "lost_after_kill_ms": round((lost - killed) * 1000, 1),
+        "lead_before_server_deadline_ms": round((deadline - lost) * 1000, 1),
+    }
+
+
 # ---- driver --------------------------------------------------------------------------
 
 
@@ -357,6 +417,10 @@ async def run_backend(backend: str, duration: float) -> None:
                     emit(await scenario_keepalive(clients, backend, duration))
                     log(f"{backend}: expiry ({EXPIRY_LEASES} leases, ttl {EXPIRY_TTL_S} s)")
                     emit(await scenario_expiry(clients, backend))
+                    log(f"{backend}: client keeper ({duration:g} s, {KEEPALIVE_LEASES} leases)")
+                    emit(await scenario_client_keeper(process.target, backend, duration))
+                    log(f"{backend}: client loss (server SIGKILLed under a held lease)")
+                    emit(await scenario_client_loss(process, backend))
                 except BaseException:
                     log(f"{backend}: server log tail:\n{process.log_tail(30)}")
                     raise
@@ -392,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     # A hard bound on the whole run, whatever happens.
-    budget = len(backends) * (2 * args.duration + EXPIRY_WAIT_S + 120)
+    budget = len(backends) * (3 * args.duration + EXPIRY_WAIT_S + 180)
 
     async def run() -> None:
         async with asyncio.timeout(budget):
