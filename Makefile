@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml client/pyproject.toml server/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ./client -e ./server -e '.[dev]'
+	@# An older tether-server owned bin/tether; upgrading it removes the client's script.
+	test -x $(BIN)/tether || $(BIN)/pip install --quiet --no-deps --force-reinstall -e ./client
 	touch $(STAMP)
 
 serve: $(STAMP)
