@@ -67,6 +67,8 @@ class Seen:
     unary_renewals: list[tuple[float, str]] = field(default_factory=list)
     releases: list[str] = field(default_factory=list)
     answers: int = 0
+    # The authorization header of every call, in arrival order.
+    authorization: list[str] = field(default_factory=list)
 
 
 class ScriptedLeaseService(lease_pb2_grpc.LeaseServiceServicer):
@@ -85,7 +87,12 @@ class ScriptedLeaseService(lease_pb2_grpc.LeaseServiceServicer):
     def _grant(self) -> float:
         return self.script.granted_ttl or TTL
 
+    def _note_auth(self, context: Any) -> None:
+        headers = dict(context.invocation_metadata())
+        self.seen.authorization.append(headers.get("authorization", ""))
+
     def Acquire(self, request: Any, context: Any) -> lease_pb2.AcquireResponse:
+        self._note_auth(context)
         lease = lease_pb2.Lease(
             namespace=request.namespace or "default",
             key=request.key,
@@ -102,6 +109,7 @@ class ScriptedLeaseService(lease_pb2_grpc.LeaseServiceServicer):
         return lease_pb2.AcquireResponse(lease=lease, created=True)
 
     def Renew(self, request: Any, context: Any) -> lease_pb2.RenewResponse:
+        self._note_auth(context)
         self.seen.unary_renewals.append((self.clock.monotonic(), request.lease_id))
         if self.script.refuse_renew:
             context.abort(grpc.StatusCode.UNAVAILABLE, "scripted: unary unavailable")
@@ -119,6 +127,7 @@ class ScriptedLeaseService(lease_pb2_grpc.LeaseServiceServicer):
         )
 
     def KeepAlive(self, request_iterator: Any, context: Any) -> Iterator[Any]:
+        self._note_auth(context)
         script = self.script
         with self._lock:
             self.seen.streams.append(self.clock.monotonic())
@@ -355,3 +364,28 @@ async def test_a_lease_acquired_but_not_kept_is_released(rig: Rig) -> None:
             pytest.fail("the body must not run")
     assert len(rig.seen.releases) == 1
     assert rig.client.keeper.held == []
+
+
+async def test_token_goes_out_as_bearer_metadata_read_afresh_for_every_call(
+    grpc_server: Any, grpc_addr: str, grpc_servicer: ScriptedLeaseService
+) -> None:
+    clock = ManualClock()
+    grpc_servicer.reset(clock)
+    issued = 0
+
+    def rotating_token() -> str:
+        nonlocal issued
+        issued += 1
+        return f"t{issued}"
+
+    async with TetherClient(grpc_addr, clock=clock, token=rotating_token) as client:
+        await client.acquire("jobs/a", ttl=TTL)
+        await client.renew("lease", 1)
+        async with client.hold("jobs/b", ttl=TTL):  # its Acquire, then the stream
+            await eventually(lambda: len(grpc_servicer.seen.authorization) >= 4)
+    assert grpc_servicer.seen.authorization[:4] == [
+        "Bearer t1",
+        "Bearer t2",
+        "Bearer t3",
+        "Bearer t4",
+    ]
