@@ -1,0 +1,187 @@
+"""Typed errors: every reason the protocol defines has its class, with the server's code."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from tests.client.conftest import ClientFactory, Clocks, InProcessServer
+from tests.service.conftest import advance_until_done
+from tether_client import errors
+from tether_client.convert import to_datetime
+from tether_client.pb import common_pb2
+from tether_server.services.errors import _CODES as SERVER_CODES
+
+COMMON_PROTO = Path(__file__).parents[2] / "protos" / "tether" / "v1" / "common.proto"
+PREFIX = "ERROR_REASON_"
+REASONS = [
+    value.name.removeprefix(PREFIX)
+    for value in common_pb2.ErrorReason.DESCRIPTOR.values
+    if value.number != common_pb2.ERROR_REASON_UNSPECIFIED
+]
+
+
+def documented_codes() -> dict[str, grpc.StatusCode]:
+    """reason → the status code common.proto documents for it (``// CODE: …`` above it)."""
+    text = COMMON_PROTO.read_text()
+    found = re.findall(r"//\s*([A-Z_]+):[^\n]*\n\s*" + PREFIX + r"([A-Z_]+)\s*=", text)
+    return {reason: grpc.StatusCode[code] for code, reason in found}
+
+
+def rpc_error(
+    code: grpc.StatusCode, *, info: error_details_pb2.ErrorInfo | None = None, raw: bytes = b""
+) -> grpc.aio.AioRpcError:
+    trailers: list[tuple[str, str | bytes]] = []
+    if info is not None:
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        status = status_pb2.Status(code=code.value[0], message="refused", details=[detail])
+        raw = status.SerializeToString()
+    if raw:
+        trailers.append((errors.STATUS_DETAILS_KEY, raw))
+    return grpc.aio.AioRpcError(
+        code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers), "refused", ""
+    )
+
+
+def test_the_reason_list_and_its_documentation_agree() -> None:
+    assert len(REASONS) >= 25
+    assert set(documented_codes()) == set(REASONS)
+
+
+def test_every_reason_has_its_own_class_with_the_servers_code() -> None:
+    documented = documented_codes()
+    server = {cls.reason: code for cls, code in SERVER_CODES.items()}
+    classes = [errors.BY_REASON[reason] for reason in REASONS]
+    assert len(set(classes)) == len(classes), "two reasons share a class"
+    for reason, cls in zip(REASONS, classes, strict=True):
+        assert cls.reason == reason
+        assert cls.code == documented[reason], reason
+        if reason in server:
+            assert cls.code == server[reason], reason
+        # Reason classes are also their code's class: `except Unavailable` catches them.
+        assert issubclass(cls, errors.BY_CODE[cls.code])
+    # The server maps no reason the client would not recognise.
+    assert set(server) <= set(REASONS)
+
+
+@pytest.mark.parametrize("reason", REASONS)
+def test_a_refusal_becomes_its_reason_class(reason: str) -> None:
+    cls = errors.BY_REASON[reason]
+    info = error_details_pb2.ErrorInfo(
+        reason=reason, domain=errors.ERROR_DOMAIN, metadata={"k": "v"}
+    )
+    error = errors.from_rpc_error(rpc_error(cls.code, info=info))
+    assert type(error) is cls
+    assert error.reason == reason
+    assert error.status_code == cls.code
+    assert error.metadata == {"k": "v"}
+    assert error.message == "refused"
+
+
+def test_an_unknown_reason_falls_back_to_the_code_and_keeps_the_reason() -> None:
+    info = error_details_pb2.ErrorInfo(
+        reason="SOMETHING_NEWER", domain=errors.ERROR_DOMAIN, metadata={"holder": "w1"}
+    )
+    error = errors.from_rpc_error(rpc_error(grpc.StatusCode.FAILED_PRECONDITION, info=info))
+    assert type(error) is errors.FailedPrecondition
+    assert error.metadata == {"holder": "w1", "reason": "SOMETHING_NEWER"}
+    assert error.status_code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_known_reason_with_another_code_goes_by_the_code() -> None:
+    error = errors.error_for(grpc.StatusCode.INTERNAL, "LEASE_HELD", "odd", {})
+    assert type(error) is errors.Internal
+    assert error.metadata["reason"] == "LEASE_HELD"
+
+
+@pytest.mark.parametrize(
+    "code", [c for c in grpc.StatusCode if c not in (grpc.StatusCode.OK,)], ids=lambda c: c.name
+)
+def test_a_status_without_error_info_maps_by_code(code: grpc.StatusCode) -> None:
+    error = errors.from_rpc_error(rpc_error(code))
+    expected = errors.BY_CODE.get(code, errors.Unknown)
+    assert type(error) is expected
+    assert error.reason == ""
+    assert error.status_code == code
+    assert isinstance(error.__cause__, grpc.aio.AioRpcError)
+
+
+def test_error_info_of_another_domain_or_garbage_details_map_by_code() -> None:
+    foreign = error_details_pb2.ErrorInfo(reason="LEASE_HELD", domain="example.com")
+    error = errors.from_rpc_error(rpc_error(grpc.StatusCode.FAILED_PRECONDITION, info=foreign))
+    assert type(error) is errors.FailedPrecondition
+    garbage = errors.from_rpc_error(rpc_error(grpc.StatusCode.UNAVAILABLE, raw=b"\xff\x00junk"))
+    assert type(garbage) is errors.Unavailable
+
+
+def test_invalid_field_names_the_field() -> None:
+    error = errors.error_for(
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "ttl: too short", {"field": "ttl"}
+    )
+    assert isinstance(error, errors.InvalidField)
+    assert error.field == "ttl"
+    assert errors.InvalidField("no field").field == ""
+
+
+def test_wait_timeout_reads_holder_and_deadline() -> None:
+    error = errors.error_for(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        "WAIT_TIMEOUT",
+        "gave up",
+        {"holder": "w1", "expires_at": "2026-01-02T03:04:05.000006Z"},
+    )
+    assert isinstance(error, errors.WaitTimeout)
+    assert isinstance(error, errors.DeadlineExceeded)
+    assert error.holder == "w1"
+    assert error.expires_at == datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+    unreadable = errors.WaitTimeout("x", metadata={"expires_at": "soon"})
+    assert unreadable.expires_at is None
+
+
+# --- from a real server (both backends) ----------------------------------------------
+
+
+async def test_lease_held_from_the_server_names_holder_and_deadline(
+    tether: InProcessServer, client_factory: ClientFactory
+) -> None:
+    first = client_factory(tether.target, holder="w1")
+    second = client_factory(tether.target, holder="w2")
+    held = await first.acquire("jobs/a", ttl=30)
+    with pytest.raises(errors.LeaseHeld) as caught:
+        await second.acquire("jobs/a", ttl=30)
+    assert caught.value.status_code == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.holder == "w1"
+    assert caught.value.expires_at == to_datetime(held.lease.expires_at)
+
+
+async def test_wait_timeout_from_the_server(
+    tether: InProcessServer, client_factory: ClientFactory, clocks: Clocks
+) -> None:
+    first = client_factory(tether.target, holder="w1")
+    second = client_factory(tether.target, holder="w2")
+    held = await first.acquire("jobs/a", ttl=3600)
+    waiter = asyncio.ensure_future(second.acquire("jobs/a", ttl=10, wait=5))
+    await asyncio.sleep(0.2)  # let the server start its wait on the fake clock
+    assert not waiter.done()
+    await advance_until_done(clocks.server, waiter, step_s=1, max_steps=60)
+    with pytest.raises(errors.WaitTimeout) as caught:
+        waiter.result()
+    assert caught.value.holder == "w1"
+    assert caught.value.expires_at == to_datetime(held.lease.expires_at)
+
+
+async def test_invalid_field_from_the_server(
+    tether: InProcessServer, client_factory: ClientFactory
+) -> None:
+    client = client_factory(tether.target)
+    with pytest.raises(errors.InvalidField) as caught:
+        await client.acquire("jobs/a", ttl=0)
+    assert caught.value.field == "ttl"
