@@ -87,10 +87,22 @@ class TetherClient:
 
     # --- plumbing -------------------------------------------------------------------
 
-    async def call(self, attempt: Attempt[R], *, safe: bool, timeout: float | None) -> R:
+    async def call(
+        self,
+        attempt: Attempt[R],
+        *,
+        safe: bool,
+        timeout: float | None,
+        attempt_timeout: float | None = None,
+    ) -> R:
         """One RPC with this client's retry policy (see :mod:`tether_client.retry`)."""
         return await invoke(
-            self.connection, attempt, safe=safe, timeout=timeout, policy=self.retry_policy
+            self.connection,
+            attempt,
+            safe=safe,
+            timeout=timeout,
+            policy=self.retry_policy,
+            attempt_timeout=attempt_timeout,
         )
 
     def _ns(self, namespace: str | None) -> str:
@@ -134,7 +146,13 @@ class TetherClient:
         ) -> lease_pb2.AcquireResponse:
             return await endpoint.lease.Acquire(request, timeout=left, metadata=metadata)
 
-        return await self.call(attempt, safe=True, timeout=timeout)
+        # An attempt may wait for the key on the server: its bound includes the wait.
+        return await self.call(
+            attempt,
+            safe=True,
+            timeout=timeout,
+            attempt_timeout=seconds(wait) + self.retry_policy.attempt_timeout,
+        )
 
     async def renew(
         self,
@@ -295,6 +313,10 @@ class TetherClient:
         When the stream breaks on a transient failure it is re-opened (with backoff, on the
         next replica) from the revision after the last delivered event, so no event is lost
         or repeated. Raises ``RevisionCompacted`` when that revision has been purged.
+
+        Like any async generator, it opens its stream on the first iteration: a watch "from
+        now" (``start_revision=0``) starts then, not when ``watch()`` is called. To miss
+        nothing, read the current revision first and pass ``start_revision``.
         """
         next_revision = start_revision
         failures = 0

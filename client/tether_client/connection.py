@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from tether_client.errors import ClientClosed
 from tether_client.pb import (
     lease_pb2_grpc,
     owner_ref_pb2_grpc,
@@ -90,9 +91,12 @@ class Connection:
         self._endpoints: dict[str, Endpoint] = {}
         self._current = 0
         self.fail_overs = 0
+        self.closed = False
 
     @property
     def current(self) -> Endpoint:
+        if self.closed:
+            raise ClientClosed("the client is closed")
         target = self.targets[self._current]
         endpoint = self._endpoints.get(target)
         if endpoint is None:
@@ -119,6 +123,7 @@ class Connection:
         return (("authorization", f"Bearer {token}"),)
 
     async def close(self) -> None:
+        self.closed = True
         endpoints, self._endpoints = list(self._endpoints.values()), {}
         for endpoint in endpoints:
             await endpoint.channel.close(grace=None)

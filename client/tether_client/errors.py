@@ -269,6 +269,10 @@ class NothingClaimable(FailedPrecondition):
 # --- raised by the client itself ----------------------------------------------------------
 
 
+class ClientClosed(Cancelled):
+    """A call on a client that was closed."""
+
+
 class LeaseNotHeld(TetherError):
     """A held lease was used after it ended: released by this client, or lost."""
 

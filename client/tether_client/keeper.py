@@ -163,10 +163,10 @@ class HeldLease:
 
     @property
     def lost(self) -> bool:
-        if not self._lost.is_set() and not self._released:
-            # Do not wait for the keeper's timer: the deadline is the truth.
-            self._keeper.expire_if_overdue(self)
-        return self._lost.is_set()
+        if self._lost.is_set():
+            return True
+        # Do not wait for the keeper's timer: the deadline is the truth.
+        return not self._released and self._keeper.expire_if_overdue(self)
 
     @property
     def lost_error(self) -> LeaseLost | None:
@@ -177,8 +177,11 @@ class HeldLease:
         if self._released:
             raise LeaseNotHeld(f"lease {self.lease_id} on {self.key!r} was released")
         if self.lost:
-            assert self._lost_error is not None
-            raise self._lost_error
+            # Read from another thread (the sync client), the loss may still be on its way
+            # to the keeper's loop; the lease is lost all the same.
+            raise self._lost_error or LeaseLost(
+                f"lease {self.lease_id} on {self.key!r}: past its safety deadline"
+            )
 
     def set_progress(self, progress: bytes) -> None:
         """Progress details to send with the next renewal (readable by a successor)."""
@@ -325,6 +328,8 @@ class Keeper:
             initial_backoff=config.reconnect_initial, max_backoff=config.reconnect_max
         )
         self._closed = False
+        # The loop the keeper runs on: losses seen from other threads are handed to it.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def held(self) -> list[HeldLease]:
@@ -414,6 +419,7 @@ class Keeper:
     def add(self, lease: HeldLease) -> None:
         if self._closed:
             raise LeaseNotHeld("the client is closed")
+        self._loop = asyncio.get_running_loop()
         self._leases[lease.lease_id] = lease
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="tether-keeper")
@@ -441,9 +447,25 @@ class Keeper:
 
     # --- loss ----------------------------------------------------------------------------
 
-    def expire_if_overdue(self, lease: HeldLease) -> None:
-        if self.clock.monotonic() >= lease._safe_until:
+    def expire_if_overdue(self, lease: HeldLease) -> bool:
+        """Whether ``lease`` is past its safety deadline; if so, declare it lost.
+
+        Safe from any thread: off the keeper's loop the declaration is handed to it.
+        """
+        if self.clock.monotonic() < lease._safe_until:
+            return False
+        if self._on_loop():
             self.declare_lost(lease, None)
+        elif self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.declare_lost, lease, None)
+        return True
+
+    def _on_loop(self) -> bool:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return self._loop is None
+        return self._loop is None or running is self._loop
 
     def declare_lost(self, lease: HeldLease, cause: TetherError | None) -> None:
         if lease._lost.is_set() or lease._released:

@@ -38,6 +38,9 @@ class RetryPolicy:
     max_backoff: float = 2.0
     # Bounds a call whose caller gave no deadline, retries included.
     default_timeout: float = 30.0
+    # Bounds one attempt: a target that swallows packets without refusing them must not
+    # eat the whole deadline; the next attempt goes to the next target.
+    attempt_timeout: float = 10.0
 
     def backoff(self) -> wait_random_exponential:
         return wait_random_exponential(multiplier=self.initial_backoff, max=self.max_backoff)
@@ -60,6 +63,7 @@ async def invoke(
     safe: bool,
     timeout: float | None,
     policy: RetryPolicy,
+    attempt_timeout: float | None = None,
 ) -> R:
     """Run ``attempt`` against the current endpoint, retrying where that is safe.
 
@@ -68,16 +72,29 @@ async def invoke(
     """
     budget = policy.default_timeout if timeout is None else timeout
     deadline = time.monotonic() + budget
+    cap = policy.attempt_timeout if attempt_timeout is None else attempt_timeout
 
     async def once() -> R:
         left = deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded(f"the call's deadline ({budget:.3g} s) passed")
         endpoint = connection.current
+        allowed = min(left, cap)
         try:
-            return await attempt(endpoint, left, connection.metadata())
+            return await attempt(endpoint, allowed, connection.metadata())
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc)
+            if (
+                exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                and not error.reason
+                and allowed < left
+            ):
+                # Our per-attempt bound ran out, not the caller's deadline: that target does
+                # not answer. As transient as a refused connection.
+                error = Unavailable(
+                    f"{endpoint.target} did not answer within {allowed:.3g} s",
+                    metadata={"target": endpoint.target},
+                )
             if isinstance(error, Unavailable):
                 connection.fail_over(endpoint)
             raise error from exc

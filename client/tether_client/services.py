@@ -77,6 +77,7 @@ class _ServiceClient:
         safe: bool,
         timeout: float | None,
         default_namespace: bool = True,
+        attempt_timeout: float | None = None,
     ) -> Resp:
         prepared = self._prepare(request, default_namespace=default_namespace)
 
@@ -85,7 +86,9 @@ class _ServiceClient:
         ) -> Resp:
             return await method(endpoint)(prepared, timeout=left, metadata=metadata)
 
-        return await self._client.call(attempt, safe=safe, timeout=timeout)
+        return await self._client.call(
+            attempt, safe=safe, timeout=timeout, attempt_timeout=attempt_timeout
+        )
 
     async def _stream(
         self, method: Streaming[Req, Resp], request: Req, timeout: float | None
@@ -121,9 +124,17 @@ class SagasClient(_ServiceClient):
         self, request: saga_pb2.ClaimSagaRequest, *, timeout: float | None = None
     ) -> saga_pb2.ClaimSagaResponse:
         """Claim a saga under a lease (not retried). The default timeout covers ``wait``."""
+        wait = duration_seconds(request.wait)
+        policy = self._client.retry_policy
         if timeout is None:
-            timeout = duration_seconds(request.wait) + self._client.retry_policy.default_timeout
-        return await self._unary(lambda e: e.saga.ClaimSaga, request, safe=False, timeout=timeout)
+            timeout = wait + policy.default_timeout
+        return await self._unary(
+            lambda e: e.saga.ClaimSaga,
+            request,
+            safe=False,
+            timeout=timeout,
+            attempt_timeout=wait + policy.attempt_timeout,
+        )
 
     async def record_step(
         self, request: saga_pb2.RecordStepRequest, *, timeout: float | None = None

@@ -83,8 +83,15 @@ class ExpiryLoop:
 
     async def _run(self) -> None:
         while True:
+            # A pass is never cut off mid-transaction: on SQLite a BEGIN IMMEDIATE cancelled
+            # on its way can leave the write lock held, and the next writer (deregistering
+            # at shutdown) would wait out the whole busy timeout. stop() waits for the pass.
+            current = asyncio.ensure_future(self.run_once())
             try:
-                result = await self.run_once()
+                result = await asyncio.shield(current)
+            except asyncio.CancelledError:
+                await asyncio.wait([current])
+                raise
             except Exception:
                 log.exception("expiry pass failed; retrying")
                 await asyncio.sleep(self._config.retry_after_error_s)

@@ -17,9 +17,10 @@ import pytest
 from google.protobuf.message import Message
 
 from tests.support.ports import free_port
+from tests.support.tcp_proxy import TcpProxy
 from tether_client import RetryPolicy, TetherClient
 from tether_client.connection import Endpoint
-from tether_client.errors import DeadlineExceeded, FailedPrecondition, Unavailable
+from tether_client.errors import ClientClosed, DeadlineExceeded, FailedPrecondition, Unavailable
 from tether_client.pb import lease_pb2, lease_pb2_grpc, saga_pb2, saga_pb2_grpc
 
 grpc_max_workers = 8
@@ -256,3 +257,31 @@ async def test_calls_fail_over_to_the_next_target(grpc_addr: str, script: Script
         await client.close()
     assert script.count("GetLease") == 1
     assert script.count("Acquire") == 1
+
+
+async def test_a_target_that_never_answers_costs_one_attempt_bound_not_the_deadline(
+    grpc_addr: str, script: Script
+) -> None:
+    # A black hole: the proxy accepts connections and forwards nothing.
+    host, port = grpc_addr.rsplit(":", 1)
+    black_hole = await TcpProxy(host, int(port)).start()
+    black_hole.stall()
+    policy = RetryPolicy(initial_backoff=0.01, max_backoff=0.05, attempt_timeout=0.5)
+    client = TetherClient([f"127.0.0.1:{black_hole.port}", grpc_addr], retry=policy)
+    try:
+        started = time.monotonic()
+        assert (await client.get_lease(lease_id="lease-1", timeout=20)).lease_id == "lease-1"
+        assert time.monotonic() - started < 10
+        assert client.connection.current.target == grpc_addr
+    finally:
+        await client.close()
+        black_hole.resume()
+        await black_hole.close()
+
+
+async def test_a_closed_client_refuses_calls(grpc_addr: str, script: Script) -> None:
+    client = TetherClient(grpc_addr, retry=FAST)
+    await client.close()
+    with pytest.raises(ClientClosed):
+        await client.get_lease(lease_id="lease-1")
+    assert script.count("GetLease") == 0

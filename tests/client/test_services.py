@@ -309,11 +309,15 @@ async def test_claim_saga_waits_beyond_the_default_timeout(
     scripted: TetherClient, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[float | None] = []
+    attempt_bounds: list[float | None] = []
     original = scripted.call
 
-    async def spy(attempt: Any, *, safe: bool, timeout: float | None) -> Any:
+    async def spy(
+        attempt: Any, *, safe: bool, timeout: float | None, attempt_timeout: float | None = None
+    ) -> Any:
         seen.append(timeout)
-        return await original(attempt, safe=safe, timeout=timeout)
+        attempt_bounds.append(attempt_timeout)
+        return await original(attempt, safe=safe, timeout=timeout, attempt_timeout=attempt_timeout)
 
     monkeypatch.setattr(scripted, "call", spy)
     request = saga_pb2.ClaimSagaRequest(kind="build")
@@ -321,3 +325,5 @@ async def test_claim_saga_waits_beyond_the_default_timeout(
     await scripted.sagas.claim_saga(request)
     await scripted.sagas.claim_saga(request, timeout=3)
     assert seen == [60 + scripted.retry_policy.default_timeout, 3]
+    # One attempt may long-poll for the whole wait.
+    assert attempt_bounds == [60 + scripted.retry_policy.attempt_timeout] * 2
