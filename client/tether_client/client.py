@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Literal, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from tether_client.clock import Clock, SystemClock
 from tether_client.connection import Connection, Endpoint, TokenSource
@@ -24,10 +25,12 @@ from tether_client.convert import Seconds, seconds, to_duration
 from tether_client.errors import RevisionCompacted, TetherError, from_rpc_error
 from tether_client.keeper import HeldLease, Keeper, KeeperConfig, LostCallback
 from tether_client.pb import lease_pb2
-from tether_client.retry import Attempt, RetryPolicy, invoke, is_transient
+from tether_client.retry import Attempt, RetryPolicy, Unary, invoke, is_transient
 from tether_client.services import ObjectsClient, SagasClient, SweepsClient
 
 R = TypeVar("R")
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp")
 OnLost = Literal["cancel"] | LostCallback | None
 
 
@@ -105,6 +108,24 @@ class TetherClient:
             attempt_timeout=attempt_timeout,
         )
 
+    async def unary(
+        self,
+        method: Unary[Req, Resp],
+        request: Req,
+        *,
+        safe: bool,
+        timeout: float | None,
+        attempt_timeout: float | None = None,
+    ) -> Resp:
+        """Send ``request`` with the unary RPC ``method(endpoint)`` under :meth:`call`."""
+
+        async def attempt(
+            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
+        ) -> Resp:
+            return await method(endpoint)(request, timeout=left, metadata=metadata)
+
+        return await self.call(attempt, safe=safe, timeout=timeout, attempt_timeout=attempt_timeout)
+
     def _ns(self, namespace: str | None) -> str:
         return self.namespace if namespace is None else namespace
 
@@ -141,14 +162,10 @@ class TetherClient:
         if timeout is None:
             timeout = seconds(wait) + self.retry_policy.default_timeout
 
-        async def attempt(
-            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
-        ) -> lease_pb2.AcquireResponse:
-            return await endpoint.lease.Acquire(request, timeout=left, metadata=metadata)
-
         # An attempt may wait for the key on the server: its bound includes the wait.
-        return await self.call(
-            attempt,
+        return await self.unary(
+            lambda e: e.lease.Acquire,
+            request,
             safe=True,
             timeout=timeout,
             attempt_timeout=seconds(wait) + self.retry_policy.attempt_timeout,
@@ -170,12 +187,7 @@ class TetherClient:
         if progress is not None:
             request.progress = progress
 
-        async def attempt(
-            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
-        ) -> lease_pb2.RenewResponse:
-            return await endpoint.lease.Renew(request, timeout=left, metadata=metadata)
-
-        return await self.call(attempt, safe=True, timeout=timeout)
+        return await self.unary(lambda e: e.lease.Renew, request, safe=True, timeout=timeout)
 
     async def release(
         self,
@@ -194,12 +206,8 @@ class TetherClient:
             holder=holder or self.holder,
         )
 
-        async def attempt(
-            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
-        ) -> lease_pb2.ReleaseResponse:
-            return await endpoint.lease.Release(request, timeout=left, metadata=metadata)
-
-        return (await self.call(attempt, safe=True, timeout=timeout)).lease
+        response = await self.unary(lambda e: e.lease.Release, request, safe=True, timeout=timeout)
+        return response.lease
 
     async def revoke(
         self,
@@ -214,12 +222,8 @@ class TetherClient:
             namespace=self._ns(namespace), lease_id=lease_id, reason=reason
         )
 
-        async def attempt(
-            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
-        ) -> lease_pb2.RevokeResponse:
-            return await endpoint.lease.Revoke(request, timeout=left, metadata=metadata)
-
-        return (await self.call(attempt, safe=True, timeout=timeout)).lease
+        response = await self.unary(lambda e: e.lease.Revoke, request, safe=True, timeout=timeout)
+        return response.lease
 
     async def get_lease(
         self,
@@ -238,12 +242,8 @@ class TetherClient:
         else:
             request.key = key or ""
 
-        async def attempt(
-            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
-        ) -> lease_pb2.GetLeaseResponse:
-            return await endpoint.lease.GetLease(request, timeout=left, metadata=metadata)
-
-        return (await self.call(attempt, safe=True, timeout=timeout)).lease
+        response = await self.unary(lambda e: e.lease.GetLease, request, safe=True, timeout=timeout)
+        return response.lease
 
     async def list_leases(
         self,
@@ -266,12 +266,7 @@ class TetherClient:
             page_token=page_token,
         )
 
-        async def attempt(
-            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
-        ) -> lease_pb2.ListLeasesResponse:
-            return await endpoint.lease.ListLeases(request, timeout=left, metadata=metadata)
-
-        return await self.call(attempt, safe=True, timeout=timeout)
+        return await self.unary(lambda e: e.lease.ListLeases, request, safe=True, timeout=timeout)
 
     async def iter_leases(
         self,

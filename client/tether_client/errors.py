@@ -146,8 +146,10 @@ class LeaseUnavailable(FailedPrecondition):
     """The key cannot be acquired right now (held, or in its lock-delay)."""
 
 
-class LeaseHeld(LeaseUnavailable):
-    reason = "LEASE_HELD"
+class _HeldBy:
+    """The facts of a refusal because someone else holds the key."""
+
+    metadata: dict[str, str]
 
     @property
     def holder(self) -> str:
@@ -157,6 +159,10 @@ class LeaseHeld(LeaseUnavailable):
     def expires_at(self) -> datetime | None:
         """When the current holder's lease runs out unless renewed (server clock)."""
         return _time(self.metadata, "expires_at")
+
+
+class LeaseHeld(_HeldBy, LeaseUnavailable):
+    reason = "LEASE_HELD"
 
 
 class LockDelay(LeaseUnavailable):
@@ -210,16 +216,8 @@ class RevisionCompacted(OutOfRange):
             return 0
 
 
-class WaitTimeout(DeadlineExceeded):
+class WaitTimeout(_HeldBy, DeadlineExceeded):
     reason = "WAIT_TIMEOUT"
-
-    @property
-    def holder(self) -> str:
-        return self.metadata.get("holder", "")
-
-    @property
-    def expires_at(self) -> datetime | None:
-        return _time(self.metadata, "expires_at")
 
 
 class KeepAliveIdle(DeadlineExceeded):

@@ -30,6 +30,10 @@ R = TypeVar("R")
 Metadata = tuple[tuple[str, str], ...]
 # One attempt: the endpoint to call, the seconds left for it, and the call metadata.
 Attempt = Callable[[Endpoint, float, Metadata], Awaitable[R]]
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+# Picks a unary RPC off an endpoint's stubs, e.g. ``lambda e: e.lease.Renew``.
+Unary = Callable[[Endpoint], "grpc.aio.UnaryUnaryMultiCallable[Req, Resp]"]
 
 
 @dataclass(frozen=True)
@@ -112,4 +116,4 @@ async def invoke(
     return result
 
 
-__all__ = ["Attempt", "RetryPolicy", "TetherError", "invoke", "is_transient"]
+__all__ = ["Attempt", "RetryPolicy", "TetherError", "Unary", "invoke", "is_transient"]

@@ -42,13 +42,13 @@ from tether_client.connection import Endpoint
 from tether_client.convert import duration_seconds
 from tether_client.errors import Unavailable, from_rpc_error
 from tether_client.pb import owner_ref_pb2, saga_pb2, sweep_pb2
+from tether_client.retry import Unary
 
 if TYPE_CHECKING:
     from tether_client.client import TetherClient
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp")
-Unary = Callable[[Endpoint], "grpc.aio.UnaryUnaryMultiCallable[Req, Resp]"]
 Streaming = Callable[[Endpoint], "grpc.aio.UnaryStreamMultiCallable[Req, Resp]"]
 
 
@@ -80,14 +80,8 @@ class _ServiceClient:
         attempt_timeout: float | None = None,
     ) -> Resp:
         prepared = self._prepare(request, default_namespace=default_namespace)
-
-        async def attempt(
-            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
-        ) -> Resp:
-            return await method(endpoint)(prepared, timeout=left, metadata=metadata)
-
-        return await self._client.call(
-            attempt, safe=safe, timeout=timeout, attempt_timeout=attempt_timeout
+        return await self._client.unary(
+            method, prepared, safe=safe, timeout=timeout, attempt_timeout=attempt_timeout
         )
 
     async def _stream(

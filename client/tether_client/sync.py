@@ -11,8 +11,8 @@ Methods have the async client's signatures and raise the same typed errors.
 ``iter_leases`` and ``watch`` are generators (closing ``watch`` cancels the stream);
 ``client.sagas``, ``client.objects`` and ``client.sweeps`` wrap the service clients the
 same way. ``hold`` is a plain context manager yielding the same :class:`HeldLease`; the
-keeper renews it from the loop thread. ``on_lost`` callbacks run there (or in a thread
-that finds the lease overdue while reading it): keep them short, and never call this client
+keeper renews it from the loop thread. ``on_lost`` callbacks run there, also when another
+thread is the first to find the lease overdue: keep them short, and never call this client
 from one. Once :meth:`close` ran, every method raises ``RuntimeError``.
 """
 

@@ -9,6 +9,7 @@ test walks a lease past its deadline on both sides without sleeping.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -47,6 +48,32 @@ class InProcessServer:
 
 
 ClientFactory = Callable[..., TetherClient]
+
+
+async def advance_until(
+    advance: Callable[[float], None],
+    predicate: Callable[[], bool],
+    *,
+    step: float = 0.25,
+    limit: float = 60.0,
+    settle: int = 50,
+) -> float:
+    """Move fake time (``advance``) in small steps until ``predicate()``; the fake seconds used.
+
+    After each step the real loop gets up to ``settle`` short turns for the client, server
+    and network to act on the new time. Bounded by ``limit`` seconds of fake time.
+    """
+    advanced = 0.0
+    while not predicate():
+        if advanced >= limit:
+            raise AssertionError(f"not reached after {advanced:.1f} s of fake time")
+        advance(step)
+        advanced += step
+        for _ in range(settle):
+            await asyncio.sleep(0.004)
+            if predicate():
+                break
+    return advanced
 
 
 @pytest.fixture

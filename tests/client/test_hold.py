@@ -9,32 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 
 import pytest
 
-from tests.client.conftest import ClientFactory, Clocks, InProcessServer
+from tests.client.conftest import ClientFactory, Clocks, InProcessServer, advance_until
 from tether_client import HeldLease, LeaseLost, LeaseNotHeld, TetherClient
 from tether_client.errors import LeaseHeld, LeaseRevoked
 from tether_client.pb import lease_pb2
 
 TTL = 9.0
-
-
-async def advance_until(
-    clocks: Clocks, predicate: Callable[[], bool], *, step: float = 0.25, limit: float = 60
-) -> None:
-    """Move both clocks in small steps until ``predicate()``, giving I/O a moment each."""
-    advanced = 0.0
-    while not predicate():
-        if advanced >= limit:
-            raise AssertionError(f"not reached after {advanced:.1f} s of fake time")
-        clocks.advance(step)
-        advanced += step
-        for _ in range(50):
-            await asyncio.sleep(0.002)
-            if predicate():
-                break
 
 
 async def test_hold_renews_on_one_stream_and_releases_on_exit(
@@ -46,7 +29,7 @@ async def test_hold_renews_on_one_stream_and_releases_on_exit(
         assert lease.alive
         assert not lease.lost
         assert lease.fencing_token >= 1
-        await advance_until(clocks, lambda: client.keeper.stats.renewals_acked >= 3)
+        await advance_until(clocks.advance, lambda: client.keeper.stats.renewals_acked >= 3)
         assert lease.expires_at > first_expiry
         stored = await client.get_lease(lease_id=lease.lease_id)
         assert stored.state == lease_pb2.LEASE_STATE_ACTIVE
@@ -66,11 +49,11 @@ async def test_progress_goes_out_with_the_next_renewal(
 ) -> None:
     client = client_factory(tether.target)
     async with client.hold("jobs/a", ttl=TTL, progress=b"step 1") as lease:
-        await advance_until(clocks, lambda: client.keeper.stats.renewals_acked >= 1)
+        await advance_until(clocks.advance, lambda: client.keeper.stats.renewals_acked >= 1)
         assert (await client.get_lease(lease_id=lease.lease_id)).progress == b"step 1"
         lease.set_progress(b"step 2")
         acked = client.keeper.stats.renewals_acked
-        await advance_until(clocks, lambda: client.keeper.stats.renewals_acked > acked)
+        await advance_until(clocks.advance, lambda: client.keeper.stats.renewals_acked > acked)
         assert (await client.get_lease(lease_id=lease.lease_id)).progress == b"step 2"
 
 
@@ -82,7 +65,7 @@ async def test_revoked_lease_is_lost_at_once_with_callbacks_and_no_release(
     called: list[HeldLease] = []
     async with client.hold("jobs/a", ttl=TTL, on_lost=called.append) as lease:
         await admin.revoke(lease.lease_id, reason="test")
-        await advance_until(clocks, lambda: lease.lost)
+        await advance_until(clocks.advance, lambda: lease.lost)
         assert called == [lease]
         error = await lease.wait_lost()
         assert isinstance(error.cause, LeaseRevoked)
@@ -110,7 +93,7 @@ async def test_on_lost_cancel_cancels_the_body_and_raises_lease_lost(
             reached_end = True
 
     task = asyncio.create_task(body())
-    await advance_until(clocks, task.done)
+    await advance_until(clocks.advance, task.done)
     with pytest.raises(LeaseLost):
         await task
     assert not reached_end
@@ -185,7 +168,7 @@ async def test_expired_on_the_server_is_lost_on_the_client_first(
         await tether.server.stop(0)
         lost_server_time: list[float] = []
         lease.on_lost(lambda _: lost_server_time.append(clocks.server.now_us() / 1e6))
-        await advance_until(clocks, lambda: lease.lost)
+        await advance_until(clocks.advance, lambda: lease.lost)
         assert lost_server_time[0] < server_deadline.timestamp()
 
 
@@ -203,7 +186,9 @@ async def test_thousand_leases_renew_over_one_stream(
 
         leases = await asyncio.gather(*(hold(i) for i in range(count)))
         before = {lease.lease_id: lease.expires_at for lease in leases}
-        await advance_until(clocks, lambda: client.keeper.stats.renewals_acked >= count, step=1.0)
+        await advance_until(
+            clocks.advance, lambda: client.keeper.stats.renewals_acked >= count, step=1.0
+        )
         assert all(lease.expires_at > before[lease.lease_id] for lease in leases)
         assert all(lease.alive for lease in leases)
         assert client.keeper.stats.streams_opened == 1

@@ -21,6 +21,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from tests.client.conftest import advance_until
 from tests.service.conftest import eventually
 from tether_client import KeeperConfig, LeaseLost, ManualClock, TetherClient
 from tether_client.errors import LeaseExpired, TetherError
@@ -203,21 +204,7 @@ class Rig:
     async def advance_until(
         self, predicate: Callable[[], bool], *, step: float = 0.1, limit: float = 60.0
     ) -> float:
-        """Advance the client clock in small steps until ``predicate()``; fake seconds used.
-
-        After each step the loop gets a moment of real time to talk to the servicer.
-        """
-        advanced = 0.0
-        while not predicate():
-            if advanced >= limit:
-                raise AssertionError(f"not reached after {advanced:.1f} s of client time")
-            self.clock.advance(step)
-            advanced += step
-            for _ in range(20):
-                await asyncio.sleep(0.002)
-                if predicate():
-                    break
-        return advanced
+        return await advance_until(self.clock.advance, predicate, step=step, limit=limit, settle=10)
 
 
 @pytest.fixture

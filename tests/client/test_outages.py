@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.client.conftest import advance_until
 from tests.conftest import ServerFactory
 from tests.support.server_process import FileClockDriver, ServerProcess
 from tests.support.tcp_proxy import TcpProxy
@@ -74,24 +75,9 @@ class Outage:
         return self.file_clock.now_us() / 1e6
 
     async def advance_until(
-        self,
-        predicate: Callable[[], bool],
-        *,
-        step: float = 0.25,
-        limit: float = 60,
-        settle: int = 50,
+        self, predicate: Callable[[], bool], *, step: float = 0.25, settle: int = 50
     ) -> None:
-        advanced = 0.0
-        while not predicate():
-            if advanced >= limit:
-                raise AssertionError(f"not reached after {advanced:.1f} s of fake time")
-            self.advance(step)
-            advanced += step
-            # The server reads its clock file on its own; give both sides real time to act.
-            for _ in range(settle):
-                await asyncio.sleep(0.004)
-                if predicate():
-                    break
+        await advance_until(self.advance, predicate, step=step, settle=settle)
 
 
 @pytest.fixture(params=FAULTS)
