@@ -29,7 +29,9 @@ async def test_hold_renews_on_one_stream_and_releases_on_exit(
         assert lease.alive
         assert not lease.lost
         assert lease.fencing_token >= 1
-        await advance_until(clocks.advance, lambda: client.keeper.stats.renewals_acked >= 3)
+        await advance_until(
+            clocks.advance, lambda: client.keeper.stats.renewals_acked >= 3, step=1.0
+        )
         assert lease.expires_at > first_expiry
         stored = await client.get_lease(lease_id=lease.lease_id)
         assert stored.state == lease_pb2.LEASE_STATE_ACTIVE
@@ -49,11 +51,15 @@ async def test_progress_goes_out_with_the_next_renewal(
 ) -> None:
     client = client_factory(tether.target)
     async with client.hold("jobs/a", ttl=TTL, progress=b"step 1") as lease:
-        await advance_until(clocks.advance, lambda: client.keeper.stats.renewals_acked >= 1)
+        await advance_until(
+            clocks.advance, lambda: client.keeper.stats.renewals_acked >= 1, step=1.0
+        )
         assert (await client.get_lease(lease_id=lease.lease_id)).progress == b"step 1"
         lease.set_progress(b"step 2")
         acked = client.keeper.stats.renewals_acked
-        await advance_until(clocks.advance, lambda: client.keeper.stats.renewals_acked > acked)
+        await advance_until(
+            clocks.advance, lambda: client.keeper.stats.renewals_acked > acked, step=1.0
+        )
         assert (await client.get_lease(lease_id=lease.lease_id)).progress == b"step 2"
 
 
@@ -168,7 +174,8 @@ async def test_expired_on_the_server_is_lost_on_the_client_first(
         await tether.server.stop(0)
         lost_server_time: list[float] = []
         lease.on_lost(lambda _: lost_server_time.append(clocks.server.now_us() / 1e6))
-        await advance_until(clocks.advance, lambda: lease.lost)
+        # The loss is the client's own decision: nothing to wait for on the network.
+        await advance_until(clocks.advance, lambda: lease.lost, settle=5)
         assert lost_server_time[0] < server_deadline.timestamp()
 
 
