@@ -441,7 +441,6 @@ def _leaf(
             required=True,
             help="the lease's fencing token (from acquire)",
         )
-    if fencing_token:
         taken = (*taken, "--token")
     _add_connection_options(parser, leaf=True, taken=taken)
     _add_verbose_option(parser, leaf=True)

@@ -69,7 +69,6 @@ class Runner:
     def __init__(self, spec: RunSpec) -> None:
         self.spec = spec
         self.proc: asyncio.subprocess.Process | None = None
-        self.lost = False
         self.interrupted: int | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
         self._main: asyncio.Task[object] | None = None
@@ -119,7 +118,7 @@ class Runner:
         except OSError as exc:
             say(f"{command}: cannot run: {exc.strerror or exc}")
             return EXIT_CANNOT_EXECUTE
-        if self.lost:
+        if lease.lost:  # lost before the command existed to be stopped
             self._stop()
         try:
             returncode = await self.proc.wait()
@@ -128,14 +127,13 @@ class Runner:
                 self._kill_timer.cancel()
         # ``lease.lost`` also checks the safety deadline itself: a lease whose renewal could
         # not be confirmed was not held throughout, even if the keeper's timer is late.
-        if self.lost or lease.lost:
+        if lease.lost:
             return EXIT_LEASE_LOST
         return exit_status(returncode)
 
     def _on_lost(self, lease: HeldLease) -> None:
         # Called by the keeper (the lease is then never released): stop the command, another
         # holder may take the key at any moment.
-        self.lost = True
         error = lease.lost_error
         why = f"lease lost: {error.message if error else lease.lease_id}"
         proc = self.proc

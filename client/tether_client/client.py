@@ -84,7 +84,8 @@ class TetherClient:
         await self.close()
 
     async def close(self) -> None:
-        """Stop renewing (leases still held run out on the server) and close channels."""
+        """Stop renewing (held leases are reported lost and run out on the server) and close
+        the channels; later calls raise ``ClientClosed``."""
         await self.keeper.close()
         await self.connection.close()
 
@@ -159,16 +160,13 @@ class TetherClient:
             labels=dict(labels or {}),
             request_id=request_id or uuid.uuid4().hex,
         )
-        if timeout is None:
-            timeout = seconds(wait) + self.retry_policy.default_timeout
-
-        # An attempt may wait for the key on the server: its bound includes the wait.
+        call_timeout, attempt_timeout = self.retry_policy.waiting(seconds(wait), timeout)
         return await self.unary(
             lambda e: e.lease.Acquire,
             request,
             safe=True,
-            timeout=timeout,
-            attempt_timeout=seconds(wait) + self.retry_policy.attempt_timeout,
+            timeout=call_timeout,
+            attempt_timeout=attempt_timeout,
         )
 
     async def renew(

@@ -123,6 +123,7 @@ class Connection:
         return (("authorization", f"Bearer {token}"),)
 
     async def close(self) -> None:
+        """Close every channel; later calls raise ``ClientClosed``."""
         self.closed = True
         endpoints, self._endpoints = list(self._endpoints.values()), {}
         for endpoint in endpoints:

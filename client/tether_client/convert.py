@@ -17,18 +17,18 @@ def seconds(value: Seconds) -> float:
 
 
 def to_duration(value: Seconds) -> duration_pb2.Duration:
-    micros = round(seconds(value) * 1_000_000)
-    return duration_pb2.Duration(seconds=micros // 1_000_000, nanos=(micros % 1_000_000) * 1000)
+    duration = duration_pb2.Duration()
+    duration.FromMicroseconds(round(seconds(value) * 1_000_000))
+    return duration
 
 
 def duration_seconds(value: duration_pb2.Duration) -> float:
-    return value.seconds + value.nanos / 1e9
+    return value.ToNanoseconds() / 1e9
 
 
 def to_datetime(value: timestamp_pb2.Timestamp) -> datetime:
     """A Timestamp as an aware UTC datetime (microsecond precision)."""
-    micros = value.seconds * 1_000_000 + value.nanos // 1000
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+    return value.ToDatetime(tzinfo=UTC)
 
 
 def parse_duration(text: str) -> float:

@@ -38,10 +38,7 @@ class TetherError(Exception):
         super().__init__(message)
         self.message = message
         self.metadata: dict[str, str] = dict(metadata or {})
-        if code is not None:
-            self.status_code = code
-        else:
-            self.status_code = type(self).code
+        self.status_code = code if code is not None else type(self).code
 
     def __str__(self) -> str:
         label = self.reason or self.status_code.name
@@ -355,13 +352,10 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> TetherError:
     return error
 
 
+_CODE_BY_NUMBER: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+
+
 def from_error_detail(detail: common_pb2.ErrorDetail) -> TetherError:
     """The typed error for one failed item of a batch (a KeepAlive result)."""
-    try:
-        code = grpc.StatusCode(_CODE_BY_NUMBER[detail.code])
-    except KeyError:
-        code = grpc.StatusCode.UNKNOWN
+    code = _CODE_BY_NUMBER.get(detail.code, grpc.StatusCode.UNKNOWN)
     return error_for(code, detail.reason, detail.message, dict(detail.metadata))
-
-
-_CODE_BY_NUMBER: dict[int, tuple[int, str]] = {c.value[0]: c.value for c in grpc.StatusCode}

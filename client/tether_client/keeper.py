@@ -30,18 +30,16 @@ from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-import grpc
-
 from tether_client.clock import Clock
 from tether_client.connection import Endpoint
 from tether_client.convert import duration_seconds, to_datetime
 from tether_client.errors import (
+    DeadlineExceeded,
     LeaseHeld,
     LeaseLost,
     LeaseNotHeld,
     TetherError,
     from_error_detail,
-    from_rpc_error,
 )
 from tether_client.pb import common_pb2, lease_pb2
 from tether_client.retry import RetryPolicy, is_transient
@@ -155,11 +153,7 @@ class HeldLease:
 
     @property
     def alive(self) -> bool:
-        return (
-            not self._lost.is_set()
-            and not self._released
-            and self._keeper.clock.monotonic() < self._safe_until
-        )
+        return not self._released and not self.lost
 
     @property
     def lost(self) -> bool:
@@ -663,7 +657,9 @@ class Keeper:
         lease._next_renew = at if at is not None else now + self._backoff.delay(1)
 
     def _refused(self, lease: HeldLease, error: TetherError, progress: bytes | None) -> None:
-        if is_transient(error):
+        # A renewal that timed out (not a server refusal) may still land: try again soon.
+        timed_out = isinstance(error, DeadlineExceeded) and not error.reason
+        if is_transient(error) or timed_out:
             self._retry_later(lease, progress)
         else:
             self.declare_lost(lease, error)
@@ -688,27 +684,16 @@ class Keeper:
         timeout = max(0.05, min(self._ack_timeout([lease]), lease._safe_until - now))
 
         async def renew() -> None:
-            endpoint = self.client.connection.current
             try:
-                response = await endpoint.lease.Renew(
-                    request, timeout=timeout, metadata=self.client.connection.metadata()
+                # One attempt: the keeper schedules its own retries against the deadline.
+                response = await self.client.unary(
+                    lambda e: e.lease.Renew, request, safe=False, timeout=timeout
                 )
-            except grpc.aio.AioRpcError as exc:
-                error = from_rpc_error(exc)
-                # A renewal that timed out may still land; either way, try again soon.
-                if is_transient(error) or error.status_code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    self.client.connection.fail_over(endpoint)
-                    self._retry_later(lease, progress)
-                else:
-                    self.declare_lost(lease, error)
+            except TetherError as error:
+                self._refused(lease, error, progress)
             else:
-                if lease.lease_id in self._claimed:
-                    self.stats.renewals_acked += 1
-                    lease._acked(
-                        now, duration_seconds(response.ttl), to_datetime(response.expires_at)
-                    )
-                else:
-                    lease._in_flight = False
+                self.stats.renewals_acked += 1
+                lease._acked(now, duration_seconds(response.ttl), to_datetime(response.expires_at))
             self._wake.set()
 
         task = asyncio.create_task(renew(), name="tether-renew")

@@ -3,8 +3,9 @@
 Only calls that are safe to repeat are retried: reads, idempotent writes (Renew, Release,
 Revoke), and creates that carry a request id the client generated. Only transient failures
 (``UNAVAILABLE``: server gone or draining, network cut, store unreachable) are retried, with
-exponential backoff and full jitter, and never past the caller's deadline: every attempt
-gets what is left of it as its own gRPC deadline.
+exponential backoff and full jitter, and never past the caller's deadline. Every attempt
+is bounded by ``min(time left, attempt_timeout)``; an attempt whose own bound runs out
+counts as ``Unavailable`` and the next one goes to the next target.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from tenacity import (
 )
 
 from tether_client.connection import Connection, Endpoint
-from tether_client.errors import DeadlineExceeded, TetherError, Unavailable, from_rpc_error
+from tether_client.errors import DeadlineExceeded, Unavailable, from_rpc_error
 
 R = TypeVar("R")
 Metadata = tuple[tuple[str, str], ...]
-# One attempt: the endpoint to call, the seconds left for it, and the call metadata.
+# One attempt: the endpoint to call, the seconds it may take, and the call metadata.
 Attempt = Callable[[Endpoint, float, Metadata], Awaitable[R]]
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -48,6 +49,12 @@ class RetryPolicy:
 
     def backoff(self) -> wait_random_exponential:
         return wait_random_exponential(multiplier=self.initial_backoff, max=self.max_backoff)
+
+    def waiting(self, wait: float, timeout: float | None) -> tuple[float, float]:
+        """(call timeout, attempt bound) for a call that may block ``wait`` s on the server:
+        the server's wait must not count against either."""
+        call_timeout = wait + self.default_timeout if timeout is None else timeout
+        return call_timeout, wait + self.attempt_timeout
 
     def delay(self, attempt_number: int) -> float:
         """The backoff before retry ``attempt_number`` (1 = first retry), jittered."""
@@ -71,8 +78,8 @@ async def invoke(
 ) -> R:
     """Run ``attempt`` against the current endpoint, retrying where that is safe.
 
-    Raises the typed error of the last attempt; ``DeadlineExceeded`` when the deadline left
-    no time for another.
+    Raises the last attempt's typed error (retries stop before a backoff would pass the
+    deadline); ``DeadlineExceeded`` only when no time was left to start an attempt.
     """
     budget = policy.default_timeout if timeout is None else timeout
     deadline = time.monotonic() + budget
@@ -116,4 +123,4 @@ async def invoke(
     return result
 
 
-__all__ = ["Attempt", "RetryPolicy", "TetherError", "Unary", "invoke", "is_transient"]
+__all__ = ["Attempt", "RetryPolicy", "Unary", "invoke", "is_transient"]

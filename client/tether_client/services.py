@@ -118,16 +118,14 @@ class SagasClient(_ServiceClient):
         self, request: saga_pb2.ClaimSagaRequest, *, timeout: float | None = None
     ) -> saga_pb2.ClaimSagaResponse:
         """Claim a saga under a lease (not retried). The default timeout covers ``wait``."""
-        wait = duration_seconds(request.wait)
         policy = self._client.retry_policy
-        if timeout is None:
-            timeout = wait + policy.default_timeout
+        call_timeout, attempt_timeout = policy.waiting(duration_seconds(request.wait), timeout)
         return await self._unary(
             lambda e: e.saga.ClaimSaga,
             request,
             safe=False,
-            timeout=timeout,
-            attempt_timeout=wait + policy.attempt_timeout,
+            timeout=call_timeout,
+            attempt_timeout=attempt_timeout,
         )
 
     async def record_step(

@@ -303,7 +303,7 @@ class TetherClientSync(_Facade[TetherClient]):
         before each step; ``on_lost`` is called with the lease when it is lost. Unlike the
         async client, a blocking body cannot be cancelled: ``on_lost="cancel"`` is refused.
         """
-        if isinstance(on_lost, str) or (on_lost is not None and not callable(on_lost)):
+        if on_lost is not None and not callable(on_lost):
             raise ValueError(
                 "on_lost takes a callback in sync code; a blocking body cannot be cancelled"
             )

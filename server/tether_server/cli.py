@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from tether_client.convert import parse_duration
 from tether_server import __version__, logs
 from tether_server.defaults import DEFAULT_DB, DEFAULT_LISTEN
 
@@ -34,12 +35,11 @@ def _env(name: str, default: str) -> str:
 
 
 def _seconds(text: str) -> float:
-    """``30``, ``30s``, ``500ms``, ``2m`` or ``1h``."""
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    for suffix in ("ms", "s", "m", "h"):
-        if text.endswith(suffix):
-            return float(text.removesuffix(suffix)) * units[suffix]
-    return float(text)
+    """A duration flag, parsed as the client's CLI parses them (``30s``, ``1m30s``, ...)."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_log_options(parser: argparse.ArgumentParser) -> None:
@@ -55,24 +55,44 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     Each parsed namespace carries ``handler``: ``args -> exit status``.
     """
     serve = commands.add_parser("serve", help="run the gRPC server")
-    serve.add_argument("--listen", default=_env("TETHER_LISTEN", DEFAULT_LISTEN))
+    serve.add_argument(
+        "--listen",
+        default=_env("TETHER_LISTEN", DEFAULT_LISTEN),
+        help="HOST:PORT to listen on (env TETHER_LISTEN; default %(default)s)",
+    )
     serve.add_argument(
         "--db",
         default=_env("TETHER_DB", DEFAULT_DB),
-        help="sqlite:///PATH (default ./tether.db) or postgresql://USER@HOST:PORT/DB",
+        help=f"sqlite:///PATH (default {DEFAULT_DB}) or postgresql://USER@HOST:PORT/DB",
     )
     serve.add_argument(
         "--clock",
         default=_env("TETHER_CLOCK", "system"),
         help="'system', or 'file:PATH' (tests that drive the clock of a server process)",
     )
-    serve.add_argument("--grace", type=_seconds, default=_env("TETHER_GRACE", "10s"))
-    serve.add_argument("--min-ttl", type=_seconds, default=_env("TETHER_MIN_TTL", "1s"))
-    serve.add_argument("--max-ttl", type=_seconds, default=_env("TETHER_MAX_TTL", "1h"))
+    serve.add_argument(
+        "--grace",
+        type=_seconds,
+        default=_env("TETHER_GRACE", "10s"),
+        help="DURATION, e.g. 10s (env TETHER_GRACE; default %(default)s)",
+    )
+    serve.add_argument(
+        "--min-ttl",
+        type=_seconds,
+        default=_env("TETHER_MIN_TTL", "1s"),
+        help="DURATION, e.g. 1s (env TETHER_MIN_TTL; default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-ttl",
+        type=_seconds,
+        default=_env("TETHER_MAX_TTL", "1h"),
+        help="DURATION, e.g. 1h (env TETHER_MAX_TTL; default %(default)s)",
+    )
     serve.add_argument(
         "--keepalive-idle-timeout",
         type=_seconds,
         default=_env("TETHER_KEEPALIVE_IDLE_TIMEOUT", "2m"),
+        help="DURATION (env TETHER_KEEPALIVE_IDLE_TIMEOUT; default %(default)s)",
     )
     serve.add_argument(
         "--replica",

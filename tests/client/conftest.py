@@ -10,19 +10,16 @@ test walks a lease past its deadline on both sides without sleeping.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from tests.service.conftest import KEEPALIVE_IDLE_S, _settle
+from tests.service.conftest import _settle, make_test_server
 from tether_client import ManualClock, TetherClient
 from tether_server.app import TetherServer
 from tether_server.clock import FakeClock
-from tether_server.config import ServerConfig
-from tether_server.services.lease import LeaseServiceConfig
 
 
 @dataclass
@@ -83,13 +80,7 @@ def clocks(fake_clock: FakeClock) -> Clocks:
 
 @pytest.fixture
 async def tether(db_url: str, fake_clock: FakeClock) -> AsyncIterator[InProcessServer]:
-    config = ServerConfig(
-        listen="127.0.0.1:0",
-        db_url=db_url,
-        grace_s=0.0,
-        lease=dataclasses.replace(LeaseServiceConfig(), keepalive_idle_timeout_s=KEEPALIVE_IDLE_S),
-    )
-    server = TetherServer(config, fake_clock)
+    server = make_test_server(db_url, fake_clock)
     port = await server.start()
     try:
         yield InProcessServer(server, port)

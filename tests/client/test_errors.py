@@ -107,8 +107,12 @@ def test_a_known_reason_with_another_code_goes_by_the_code() -> None:
 )
 def test_a_status_without_error_info_maps_by_code(code: grpc.StatusCode) -> None:
     error = errors.from_rpc_error(rpc_error(code))
-    expected = errors.BY_CODE.get(code, errors.Unknown)
-    assert type(error) is expected
+    # Every code has its own class, except DATA_LOSS, which tether never sends.
+    if code == grpc.StatusCode.DATA_LOSS:
+        assert type(error) is errors.Unknown
+    else:
+        assert type(error).code == code
+        assert not type(error).reason
     assert error.reason == ""
     assert error.status_code == code
     assert isinstance(error.__cause__, grpc.aio.AioRpcError)
@@ -169,8 +173,6 @@ async def test_wait_timeout_from_the_server(
     second = client_factory(tether.target, holder="w2")
     held = await first.acquire("jobs/a", ttl=3600)
     waiter = asyncio.ensure_future(second.acquire("jobs/a", ttl=10, wait=5))
-    await asyncio.sleep(0.2)  # let the server start its wait on the fake clock
-    assert not waiter.done()
     await advance_until_done(clocks.server, waiter, step_s=1, max_steps=60)
     with pytest.raises(errors.WaitTimeout) as caught:
         waiter.result()

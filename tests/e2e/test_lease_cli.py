@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -272,7 +273,8 @@ def test_the_installed_tether_has_lease_and_server_commands(
 
     help_text = run("--help")
     for name in ("lease", "serve", "migrate"):
-        assert name in help_text
+        # A row of the command list, not the word anywhere in the prose.
+        assert re.search(rf"^\s+{name}\s", help_text, re.M), name
     assert "--listen" in run("serve", "--help")
     run("lease", "--target", target, "acquire", "jobs/1", "--ttl", "30s")
     assert "jobs/1" in run("lease", "--target", target, "list")
@@ -360,9 +362,10 @@ def test_run_kills_a_command_that_ignores_sigterm(
     proc = run_under_lease(target, "jobs/1", command, "ignore", "--grace", "0.5s")
     try:
         facts = json.loads(wait_for_file(tmp_path / "started", proc))
+        # Taken before the revoke: any delay in noticing SIGTERM only lengthens the interval.
+        termed = time.monotonic()
         ok(target, "revoke", facts["TETHER_LEASE_ID"])
         wait_for_file(tmp_path / "term", proc)
-        termed = time.monotonic()
         status, err = finish(proc)
         killed_after = time.monotonic() - termed
     finally:
@@ -370,7 +373,7 @@ def test_run_kills_a_command_that_ignores_sigterm(
             proc.kill()
     assert status == EXIT_LEASE_LOST, err
     assert "SIGKILL" in err
-    assert killed_after >= 0.3  # the grace was given (less the marker-polling slack)
+    assert killed_after >= 0.5  # the grace was given
     assert not (tmp_path / "done").exists()
     assert not alive(facts["pid"])
     assert ok_json(target, "get", "jobs/1")["state"] == "LEASE_STATE_REVOKED"

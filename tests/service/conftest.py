@@ -198,15 +198,21 @@ async def advance_until_done(
     raise AssertionError(f"task still running after advancing {advanced}s of fake time")
 
 
-@pytest.fixture
-async def tether(db_url: str, fake_clock: FakeClock) -> AsyncIterator[Harness]:
+def make_test_server(db_url: str, clock: FakeClock) -> TetherServer:
+    """A TetherServer for in-process tests: a free loopback port, no grace, a short
+    keep-alive idle timeout (so an idle test advances the fake clock only a little)."""
     config = ServerConfig(
         listen="127.0.0.1:0",
         db_url=db_url,
         grace_s=0.0,
         lease=dataclasses.replace(LeaseServiceConfig(), keepalive_idle_timeout_s=KEEPALIVE_IDLE_S),
     )
-    server = TetherServer(config, fake_clock)
+    return TetherServer(config, clock)
+
+
+@pytest.fixture
+async def tether(db_url: str, fake_clock: FakeClock) -> AsyncIterator[Harness]:
+    server = make_test_server(db_url, fake_clock)
     port = await server.start()
     # Tests decide when expiries are recorded; see the module docstring.
     await server.expiry.stop()
