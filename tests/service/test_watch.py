@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import sqlite3
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy.engine import make_url
 
 from tether_client.pb import lease_pb2
-from tether_server.store.database import Tx
+from tether_server.store.tx import Tx
 
 from .conftest import WAIT_S, Harness, error_info, eventually, ts_us
 
@@ -210,22 +211,43 @@ async def test_watch_after_the_compacted_revision_still_works(tether: Harness) -
     call.cancel()
 
 
-class _InterposingConn:
-    """Delegates to a connection; runs ``before`` once, just before the statement that
-    reads lease events with a limit (the body of a Watch page)."""
+class _InterposingTx:
+    """Delegates to a Tx; runs ``before`` once, just before the statement that reads the
+    events of a Watch page (after the revision header was read)."""
 
-    def __init__(self, conn: Any, before: Callable[[], Awaitable[None]]) -> None:
-        self._conn = conn
+    def __init__(self, tx: Tx, before: Callable[[], Awaitable[None]]) -> None:
+        self._tx = tx
         self._before = before
 
-    async def execute(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
-        froms = [getattr(f, "name", "") for f in getattr(statement, "get_final_froms", list)()]
-        if "lease_events" in froms and getattr(statement, "_limit", None):
+    async def fetch(self, stmt: Any, *args: Any) -> Any:
+        if "FROM events" in stmt.pg:
             await self._before()
-        return await self._conn.execute(statement, *args, **kwargs)
+        return await self._tx.fetch(stmt, *args)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._conn, name)
+        return getattr(self._tx, name)
+
+
+def _commit_event_outside(db_path: str) -> int:
+    """Commit one more event through a connection of its own (SQLite reads run in a thread
+    whose unit cannot wait for the event loop)."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        revision = conn.execute(
+            "UPDATE revisions SET current = current + 1 WHERE id = 1 RETURNING current"
+        ).fetchone()[0]
+        snapshot = conn.execute(
+            "SELECT snapshot FROM events ORDER BY revision DESC LIMIT 1"
+        ).fetchone()[0]
+        conn.execute(
+            "INSERT INTO events VALUES (?, 'lease', 'default', 'jobs/b', 'x', 'ACQUIRED', 0, ?)",
+            (revision, snapshot.replace('"jobs/a"', '"jobs/b"')),
+        )
+        conn.execute("COMMIT")
+        return int(revision)
+    finally:
+        conn.close()
 
 
 async def test_header_revision_covers_every_event_in_its_message(
@@ -243,15 +265,18 @@ async def test_header_revision_covers_every_event_in_its_message(
     injected: list[int] = []
 
     async def commit_another_event() -> None:
-        if not injected:
-            injected.append(0)
-            lease = await tether.acquire("jobs/b", "w2")
-            injected[0] = lease.create_revision
+        if injected:
+            return
+        injected.append(0)
+        if db.is_sqlite:
+            injected[0] = _commit_event_outside(make_url(db.url).database or "")
+        else:
+            injected[0] = (await tether.acquire("jobs/b", "w2")).create_revision
 
-    @contextlib.asynccontextmanager
-    async def interposing_read() -> AsyncIterator[Tx]:
-        async with original_read() as tx:
-            yield Tx(_InterposingConn(tx.conn, commit_another_event), tx.now_us, tx.read_clock)  # type: ignore[arg-type]
+    async def interposing_read(unit: Any, *, snapshot: bool = True) -> Any:
+        return await original_read(
+            lambda tx: unit(_InterposingTx(tx, commit_another_event)), snapshot=snapshot
+        )
 
     db.read = interposing_read  # type: ignore[method-assign]
     try:

@@ -26,6 +26,7 @@ from tether_server.store.leases import (
     Renewed,
     RevokeParams,
 )
+from tether_server.store.tx import Tx
 
 S = 1_000_000
 TTL = 10 * S
@@ -651,8 +652,11 @@ async def test_get_and_get_by_key(lease_store: LeaseStore, fake_clock: FakeClock
 
     second = await grant(lease_store, holder="worker-2")
     assert await lease_store.lease_get_by_key(NS, "jobs/a") == second
-    async with lease_store.db.read() as tx:
-        assert tx.now_us == fake_clock.now_us()
+
+    async def read_now(tx: Tx) -> int:
+        return tx.now_us
+
+    assert await lease_store.db.read(read_now) == fake_clock.now_us()
 
 
 async def _list(store: LeaseStore, **kw) -> list[tuple[str, int]]:

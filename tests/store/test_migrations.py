@@ -1,9 +1,11 @@
 """Alembic migrations: idempotent, safe to run from two processes at once, and in step with
-the table definitions the queries use (store/schema.py)."""
+the table definitions in store/schema.py."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from importlib import resources
 
 from alembic.autogenerate import compare_metadata
@@ -12,13 +14,14 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, select, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from tether_server.clock import FakeClock
 from tether_server.store.database import Database
 from tether_server.store.leases import AcquireParams, AcquireResult, LeaseStore
 from tether_server.store.schema import metadata, revisions
 
-TABLES = {"lease_keys", "leases", "lease_events", "lease_requests", "revisions", "replicas"}
+TABLES = {"lease_keys", "leases", "events", "lease_requests", "revisions", "replicas"}
 
 
 def alembic_head() -> str:
@@ -36,8 +39,19 @@ def _state(conn: Connection) -> tuple[set[str], str | None]:
     return tables, MigrationContext.configure(conn).get_current_revision()
 
 
+@contextlib.asynccontextmanager
+async def inspect_connection(db: Database) -> AsyncIterator[AsyncConnection]:
+    """A SQLAlchemy connection of the test's own, for inspecting what migrations made."""
+    engine = create_async_engine(db.url)
+    try:
+        async with engine.connect() as conn:
+            yield conn
+    finally:
+        await engine.dispose()
+
+
 async def schema_state(db: Database) -> tuple[set[str], str | None]:
-    async with db.engine.connect() as conn:
+    async with inspect_connection(db) as conn:
         return await conn.run_sync(_state)
 
 
@@ -62,10 +76,10 @@ async def test_migrate_is_idempotent(database: Database) -> None:
     tables, version = await schema_state(database)
     assert tables == TABLES | {"alembic_version"}
     assert version == alembic_head()
-    async with database.read() as tx:
-        rows = (await tx.conn.execute(select(revisions))).all()
+    async with inspect_connection(database) as conn:
+        rows = (await conn.execute(select(revisions))).all()
         assert [tuple(r) for r in rows] == [(1, 1, 0)]
-        versions = (await tx.conn.execute(text("SELECT version_num FROM alembic_version"))).all()
+        versions = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
         assert len(versions) == 1
     assert await store.lease_get("default", result.lease.lease_id) == result.lease
 
@@ -88,6 +102,6 @@ async def test_migrated_schema_matches_schema_module(database: Database) -> None
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         return list(compare_metadata(context, metadata))
 
-    async with database.engine.connect() as conn:
+    async with inspect_connection(database) as conn:
         diffs = await conn.run_sync(diff)
     assert diffs == []

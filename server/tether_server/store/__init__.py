@@ -1,6 +1,6 @@
-"""The transactional store: SQLAlchemy Core over aiosqlite or asyncpg."""
+"""The transactional store: units of work over SQLite or PostgreSQL, group-committed."""
 
-from tether_server.store.database import Database, Tx
-from tether_server.store.leases import LeaseStore
+from tether_server.store.database import Database
+from tether_server.store.tx import Tx
 
-__all__ = ["Database", "LeaseStore", "Tx"]
+__all__ = ["Database", "Tx"]

@@ -1,42 +1,50 @@
-"""Engine, transactions, time and revisions: the one seam between the store and a driver.
+"""The store's front door: a backend (SQLite or PostgreSQL), the group committer in front
+of its writes, the clock every decision uses, migrations, and after-commit hooks.
 
-SQLite runs in WAL mode with a busy timeout; write transactions begin with
-``BEGIN IMMEDIATE`` so two writers never both read and then both write, and one process
-serialises its own writers on an asyncio lock instead of spinning on the busy timeout.
-PostgreSQL runs READ COMMITTED with row locks (``FOR UPDATE``) and conditional updates;
-its clock supplies ``now`` unless a test injected a clock.
+- ``await db.write(unit)`` runs a unit of work in the next batch (see committer.py).
+- ``await db.read(unit)`` runs a read-only unit on its own snapshot.
+- ``db.after_commit(hook)`` is called with every committed batch (its events and the
+  deadlines it created), on the event loop, before any caller of that batch resumes.
+
+Time: with SQLite the process clock; with PostgreSQL the database's clock, read once and
+then followed on this process's monotonic clock (``DbClock``), so replicas whose clocks
+drift still agree on deadlines and no statement pays a round trip to read the time. A test
+may inject a clock instead (FakeClock, FileClock).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, select, text, update
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from tether_server.clock import Clock
 from tether_server.domain.errors import StoreUnavailable
-from tether_server.store.schema import revisions
+from tether_server.store import events
+from tether_server.store.batch import BatchResult, Unit
+from tether_server.store.committer import Committer, CommitterConfig
+from tether_server.store.pg_backend import PgBackend
+from tether_server.store.sqlite_backend import SqliteBackend
+from tether_server.store.tx import Event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Transient conflicts that a whole transaction may simply be retried after.
-_PG_RETRY_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
-_MAX_ATTEMPTS = 5
 # Two replicas starting at once must not both run migrations.
 _MIGRATION_LOCK_ID = 0x7E7E_E12
+# NOTIFY payloads are limited to 8000 bytes; past this, a notification says "everything".
+_MAX_NOTIFY_BYTES = 7000
 
 
 def normalize_url(url: str) -> str:
@@ -55,202 +63,168 @@ def describe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-@dataclass
-class Tx:
-    """An open transaction and the one ``now`` every decision in it uses."""
+class DbClock:
+    """The database's clock, followed locally: one read of ``clock_timestamp()`` (taken at
+    the midpoint of its round trip) plus this process's monotonic time since. ``sync()``
+    refreshes the reference; the clock never goes backwards."""
 
-    conn: AsyncConnection
-    now_us: int
-    read_clock: Callable[[AsyncConnection], Awaitable[int]]
-    # Set when the transaction appended to an event log, so watchers can be woken.
-    wrote_events: bool = False
+    authoritative = False
 
-    async def refresh_now(self) -> int:
-        """Read the clock again once the rows a decision depends on are locked: a wait on a
-        lock must not leave the decision judging deadlines by a time already past."""
-        self.now_us = max(self.now_us, await self.read_clock(self.conn))
-        return self.now_us
+    def __init__(self) -> None:
+        self._reference: tuple[int, int] | None = None
+        self._last = 0
 
-    async def next_revisions(self, count: int) -> int:
-        """Reserve ``count`` revisions; returns the first. Holds the counter row lock until
-        commit, which orders commits by revision (see schema.lease_events)."""
-        result = await self.conn.execute(
-            update(revisions)
-            .where(revisions.c.id == 1)
-            .values(current=revisions.c.current + count)
-            .returning(revisions.c.current)
-        )
-        last = int(result.scalar_one())
-        return last - count + 1
+    def now_us(self) -> int:
+        if self._reference is None:
+            value = time.time_ns() // 1000
+        else:
+            db_us, mono_ns = self._reference
+            value = db_us + (time.monotonic_ns() - mono_ns) // 1000
+        self._last = max(self._last, value)
+        return self._last
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+    async def sync(self, read_db_us: Callable[[], Any]) -> None:
+        best: tuple[int, int, int] | None = None
+        for _ in range(3):
+            before = time.monotonic_ns()
+            db_us = int(await read_db_us())
+            after = time.monotonic_ns()
+            if best is None or after - before < best[0]:
+                best = (after - before, db_us, (before + after) // 2)
+        assert best is not None
+        self._reference = (best[1], best[2])
 
 
 class Database:
-    def __init__(self, url: str, clock: Clock) -> None:
+    def __init__(self, url: str, clock: Clock, committer: CommitterConfig | None = None) -> None:
         self.url = normalize_url(url)
-        self.clock = clock
         self.is_sqlite = self.url.startswith("sqlite")
-        self.engine: AsyncEngine = _create_engine(self.url, self.is_sqlite)
-        self._write_lock = asyncio.Lock() if self.is_sqlite else None
-        # PostgreSQL supplies now() unless a test injected an authoritative clock.
-        self._db_clock = not self.is_sqlite and not clock.authoritative
-        self._after_commit: list[Callable[[Tx], None]] = []
+        self.instance_id = ""
+        self._hooks: list[Callable[[BatchResult], None]] = []
+        self.backend_impl: SqliteBackend | PgBackend
+        self.db_clock: DbClock | None = None
+        if self.is_sqlite:
+            self.clock = clock
+            self.backend_impl = SqliteBackend(make_url(self.url).database or "", clock)
+        else:
+            if not clock.authoritative:
+                self.db_clock = DbClock()
+                clock = self.db_clock
+            self.clock = clock
+            dsn = make_url(self.url).set(drivername="postgresql")
+            self.backend_impl = PgBackend(
+                dsn.render_as_string(hide_password=False), clock, notify_payload=self._payload
+            )
+        self.committer = Committer(
+            self.backend_impl, committer, on_commit=self._on_commit, on_batch=self._on_batch
+        )
+        self.on_batch: Callable[[int, float], None] | None = None
 
     @property
     def backend(self) -> str:
         return "sqlite" if self.is_sqlite else "postgresql"
 
-    def after_commit(self, callback: Callable[[Tx], None]) -> None:
-        """Call ``callback(tx)`` after every committed ``run_write`` transaction."""
-        self._after_commit.append(callback)
+    def after_commit(self, hook: Callable[[BatchResult], None]) -> None:
+        self._hooks.append(hook)
 
-    async def migrate(self) -> None:
-        """Apply every Alembic migration not yet applied (idempotent)."""
-        async with self._guard(), self._begin(readonly=False) as conn:
-            if not self.is_sqlite:
-                await conn.execute(
-                    text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID}
-                )
-            await conn.run_sync(_upgrade_to_head)
+    async def write(self, unit: Unit[T], *, emits: bool = True) -> T:
+        """Run ``unit`` in the next group-committed batch; ``emits=False`` promises it
+        appends no event (its batch need not lock the revision counter)."""
+        return await self.committer.submit(unit, emits=emits)
 
-    async def ping(self) -> None:
-        async with self._guard(), self.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-
-    async def dispose(self) -> None:
-        await self.engine.dispose()
-
-    @contextlib.asynccontextmanager
-    async def read(self) -> AsyncIterator[Tx]:
-        async with self._guard(), self._begin(readonly=True) as conn:
-            yield Tx(conn, await self._now(conn), self._now)
-
-    @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[Tx]:
-        """One write transaction. Callers that can be retried use ``run_write`` instead."""
-        lock = self._write_lock or contextlib.nullcontext()
-        async with lock, self._guard(), self._begin(readonly=False) as conn:
-            yield Tx(conn, await self._now(conn), self._now)
-
-    async def run_write(self, work: Callable[[Tx], Awaitable[T]]) -> T:
-        """Run ``work(tx)`` in a write transaction, retrying transient conflicts."""
-        for attempt in range(1, _MAX_ATTEMPTS + 1):
-            try:
-                async with self.write() as tx:
-                    result = await work(tx)
-                for callback in self._after_commit:
-                    callback(tx)
-                return result
-            except _Retry:
-                if attempt == _MAX_ATTEMPTS:
-                    raise StoreUnavailable("the store kept reporting conflicts; retry") from None
-                await asyncio.sleep(0.005 * attempt)
-        raise AssertionError("unreachable")
+    async def read(self, unit: Unit[T], *, snapshot: bool = True) -> T:
+        return await self.backend_impl.read(unit, snapshot=snapshot)
 
     async def current_revision(self) -> tuple[int, int]:
         """(latest revision, highest purged revision)."""
-        async with self.read() as tx:
-            row = (await tx.conn.execute(select(revisions.c.current, revisions.c.compacted))).one()
-            return int(row.current), int(row.compacted)
+        head = await self.read(events.header, snapshot=False)
+        return head.current, head.compacted
 
-    async def _now(self, conn: AsyncConnection) -> int:
-        if self._db_clock:
-            result = await conn.execute(
-                text("SELECT (extract(epoch from clock_timestamp()) * 1000000)::bigint")
-            )
-            return int(result.scalar_one())
-        return self.clock.now_us()
+    async def ping(self) -> None:
+        await self.current_revision()
 
-    @contextlib.asynccontextmanager
-    async def _begin(self, *, readonly: bool) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.connect() as conn:
-            if readonly:
-                await conn.execution_options(tether_readonly=True)
+    async def sync_clock(self) -> None:
+        """PostgreSQL without an injected clock: re-read the database's clock."""
+        if self.db_clock is not None and isinstance(self.backend_impl, PgBackend):
+            backend = self.backend_impl
+
+            async def read_db_us() -> int:
+                from tether_server.store.sql import sql
+
+                stmt = sql("SELECT (extract(epoch from clock_timestamp()) * 1000000)::bigint")
+                return int(await backend.read(lambda tx: tx.fetchval(stmt), snapshot=False))
+
+            await self.db_clock.sync(read_db_us)
+
+    async def migrate(self) -> None:
+        """Apply every Alembic migration not yet applied (idempotent)."""
+        engine = create_async_engine(self.url, poolclass=_null_pool())
+        if self.is_sqlite:
+            _begin_immediate(engine.sync_engine)
+        try:
+            async with engine.begin() as conn:
                 if not self.is_sqlite:
-                    # One snapshot for every statement of a read: a header revision and the
-                    # events read after it agree (SQLite's read transactions already do).
-                    await conn.execution_options(isolation_level="REPEATABLE READ")
-            try:
-                async with conn.begin():
-                    yield conn
-            except BaseException:
-                # A cancelled task must not leave a half-used connection in the pool.
-                if conn.in_transaction():
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(conn.rollback())
+                    await conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID}
+                    )
+                await conn.run_sync(_upgrade_to_head)
+        except (OperationalError, DBAPIError, OSError) as exc:
+            # A refused statement is a bug to report; a lost connection is an outage.
+            lost = isinstance(exc, OperationalError | OSError) or getattr(
+                exc, "connection_invalidated", False
+            )
+            if not lost:
                 raise
+            raise StoreUnavailable("the store is unavailable; retry with backoff") from exc
+        finally:
+            await engine.dispose()
+        await self.sync_clock()
 
-    @contextlib.asynccontextmanager
-    async def _guard(self) -> AsyncIterator[None]:
-        """The one place driver errors are interpreted."""
-        try:
-            yield
-        except IntegrityError:
-            # Two transactions inserted the same unique row at once: the loser retries and
-            # then sees the winner's row.
-            raise _Retry() from None
-        except (DBAPIError, OSError) as exc:
-            sqlstate = _sqlstate(exc)
-            if sqlstate in _PG_RETRY_SQLSTATES:
-                raise _Retry() from exc
-            if isinstance(exc, OperationalError | OSError) or _is_disconnect(exc):
-                log.warning("store unavailable: %s", exc)
-                raise StoreUnavailable("the store is unavailable; retry with backoff") from exc
-            raise
+    async def dispose(self) -> None:
+        await self.committer.close()
+        await self.backend_impl.close()
 
+    # ---- after commit ---------------------------------------------------------------
 
-class _Retry(Exception):
-    """A transient conflict: rerun the whole transaction."""
+    def _on_commit(self, result: BatchResult) -> None:
+        for hook in self._hooks:
+            hook(result)
 
+    def _on_batch(self, size: int, seconds: float) -> None:
+        if self.on_batch is not None:
+            self.on_batch(size, seconds)
 
-def _sqlstate(exc: BaseException) -> str | None:
-    orig = getattr(exc, "orig", None)
-    for candidate in (orig, getattr(orig, "__cause__", None)):
-        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
-        if isinstance(code, str):
-            return code
-    return None
+    def _payload(self, batch_events: Sequence[Event]) -> str | None:
+        """What other replicas need to wake their waiters: the changed keys per area."""
+        if not batch_events:
+            return None
+        keys = sorted({(e.area, e.namespace, e.key) for e in batch_events})
+        payload = json.dumps({"from": self.instance_id, "keys": keys}, separators=(",", ":"))
+        if len(payload.encode()) > _MAX_NOTIFY_BYTES:
+            payload = json.dumps({"from": self.instance_id, "all": True})
+        return payload
 
 
-def _is_disconnect(exc: BaseException) -> bool:
-    return bool(getattr(exc, "connection_invalidated", False))
+def _begin_immediate(engine: Any) -> None:
+    """Migrations from two processes on one new file: the second waits for the first."""
 
-
-def _create_engine(url: str, is_sqlite: bool) -> AsyncEngine:
-    if not is_sqlite:
-        return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
-    engine = create_async_engine(url, connect_args={"timeout": 30})
-
-    @event.listens_for(engine.sync_engine, "connect")
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Take transaction control away from the driver so we can issue BEGIN IMMEDIATE.
         dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA busy_timeout=30000")
-        _enable_wal(cursor)
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
+        dbapi_connection.execute("PRAGMA busy_timeout=30000")
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        readonly = conn.get_execution_options().get("tether_readonly", False)
-        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
-
-    return engine
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _enable_wal(cursor: Any) -> None:
-    """Switching a new database file to WAL needs an exclusive lock, and SQLite answers
-    "database is locked" at once instead of waiting when two processes open the same new
-    file together. It happens only at the first open of a file, so a brief retry is enough."""
-    for attempt in range(100):
-        try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            return
-        except Exception as exc:
-            if "locked" not in str(exc) or attempt == 99:
-                raise
-            time.sleep(0.02)  # only on the first open of a new file, and briefly
+def _null_pool() -> Any:
+    from sqlalchemy.pool import NullPool
+
+    return NullPool
 
 
 def _upgrade_to_head(sync_conn: Connection) -> None:

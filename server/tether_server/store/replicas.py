@@ -5,12 +5,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, or_, select, update
-
-from tether_server.store.database import Database, Tx
-from tether_server.store.schema import leases, replicas
+from tether_server.store.database import Database
+from tether_server.store.sql import Sql, sql
+from tether_server.store.tx import Tx
 
 STREAM_SEPARATOR = ":"
+
+_INSERT = sql(
+    "INSERT INTO replicas (instance_id, name, started_at_us, heartbeat_at_us)"
+    " VALUES ($1, $2, $3, $3)"
+)
+_BEAT = sql("UPDATE replicas SET heartbeat_at_us = $2 WHERE instance_id = $1")
+_DEAD_BY_NAME_OR_AGE = sql(
+    "SELECT instance_id FROM replicas WHERE name = $1 OR heartbeat_at_us < $2"
+)
+_DEAD_BY_AGE = sql(
+    "SELECT instance_id FROM replicas WHERE heartbeat_at_us < $1 AND instance_id <> $2"
+)
+_BY_ID = sql("SELECT instance_id FROM replicas WHERE instance_id = $1")
+_DETACH = sql("UPDATE leases SET stream_id = NULL WHERE substr(stream_id, 1, $2::int) = $1")
+_DELETE = sql("DELETE FROM replicas WHERE instance_id = $1")
 
 
 def stream_id_for(instance_id: str, serial: str) -> str:
@@ -34,24 +48,11 @@ class ReplicaStore:
         replaced it), and so is any whose heartbeat is older than ``stale_after_us``."""
 
         async def work(tx: Tx) -> ReapResult:
-            result = await self._reap(
-                tx,
-                or_(
-                    replicas.c.name == name,
-                    replicas.c.heartbeat_at_us < tx.now_us - stale_after_us,
-                ),
-            )
-            await tx.conn.execute(
-                replicas.insert().values(
-                    instance_id=instance_id,
-                    name=name,
-                    started_at_us=tx.now_us,
-                    heartbeat_at_us=tx.now_us,
-                )
-            )
+            result = await _reap(tx, _DEAD_BY_NAME_OR_AGE, name, tx.now_us - stale_after_us)
+            await tx.execute(_INSERT, instance_id, name, tx.now_us)
             return result
 
-        return await self.db.run_write(work)
+        return await self.db.write(work, emits=False)
 
     async def replica_heartbeat(
         self, instance_id: str, name: str, stale_after_us: int
@@ -59,54 +60,24 @@ class ReplicaStore:
         """Prove this process alive, and reap the ones that stopped proving it."""
 
         async def work(tx: Tx) -> ReapResult:
-            beat = await tx.conn.execute(
-                update(replicas)
-                .where(replicas.c.instance_id == instance_id)
-                .values(heartbeat_at_us=tx.now_us)
-            )
-            if beat.rowcount == 0:
+            if await tx.execute(_BEAT, instance_id, tx.now_us) == 0:
                 # Reaped while it could not reach the store (its streams were detached;
                 # they attach again with their next renewal): register again.
-                await tx.conn.execute(
-                    replicas.insert().values(
-                        instance_id=instance_id,
-                        name=name,
-                        started_at_us=tx.now_us,
-                        heartbeat_at_us=tx.now_us,
-                    )
-                )
-            return await self._reap(
-                tx,
-                replicas.c.heartbeat_at_us < tx.now_us - stale_after_us,
-                replicas.c.instance_id != instance_id,
-            )
+                await tx.execute(_INSERT, instance_id, name, tx.now_us)
+            return await _reap(tx, _DEAD_BY_AGE, tx.now_us - stale_after_us, instance_id)
 
-        return await self.db.run_write(work)
+        return await self.db.write(work, emits=False)
 
     async def replica_deregister(self, instance_id: str) -> ReapResult:
         """A clean stop: this process's streams are closed."""
+        return await self.db.write(lambda tx: _reap(tx, _BY_ID, instance_id), emits=False)
 
-        async def work(tx: Tx) -> ReapResult:
-            return await self._reap(tx, replicas.c.instance_id == instance_id)
 
-        return await self.db.run_write(work)
-
-    async def _reap(self, tx: Tx, *conditions: object) -> ReapResult:
-        dead = [
-            row.instance_id
-            for row in await tx.conn.execute(
-                select(replicas.c.instance_id).where(*conditions)  # type: ignore[arg-type]
-            )
-        ]
-        detached = 0
-        for instance_id in dead:
-            prefix = instance_id + STREAM_SEPARATOR
-            result = await tx.conn.execute(
-                update(leases)
-                .where(func.substr(leases.c.stream_id, 1, len(prefix)) == prefix)
-                .values(stream_id=None)
-            )
-            detached += int(result.rowcount)
-        if dead:
-            await tx.conn.execute(delete(replicas).where(replicas.c.instance_id.in_(dead)))
-        return ReapResult(dead, detached)
+async def _reap(tx: Tx, dead_query: Sql, *args: object) -> ReapResult:
+    dead = [row["instance_id"] for row in await tx.fetch(dead_query, *args)]
+    detached = 0
+    for instance_id in dead:
+        prefix = instance_id + STREAM_SEPARATOR
+        detached += await tx.execute(_DETACH, prefix, len(prefix))
+        await tx.execute(_DELETE, instance_id)
+    return ReapResult(dead, detached)

@@ -74,19 +74,21 @@ lease_requests = Table(
     Column("created_at_us", BigInteger, nullable=False),
 )
 
-# The watch log. Revisions are allocated from `revisions` under its row lock, so they commit
-# in order: a watcher that has seen revision N never later finds a smaller one appear.
-lease_events = Table(
-    "lease_events",
+# The one event log of every area (see store/events.py). Revisions are allocated under the
+# `revisions` row lock, so they commit in order: a watcher that has seen revision N never
+# later finds a smaller one appear.
+events = Table(
+    "events",
     metadata,
     Column("revision", BigInteger, primary_key=True, autoincrement=False),
+    Column("area", String(16), nullable=False),
     Column("namespace", String(63), nullable=False),
     Column("key", String(512), nullable=False),
-    Column("lease_id", String(64), nullable=False),
+    Column("object_id", String(64), nullable=False),
     Column("type", String(16), nullable=False),
     Column("occurred_at_us", BigInteger, nullable=False),
     Column("snapshot", Text, nullable=False),
-    Index("ix_lease_events_ns_rev", "namespace", "revision"),
+    Index("ix_events_area_ns_rev", "area", "namespace", "revision"),
 )
 
 # Single row (id = 1): the latest revision handed out and the highest one purged.

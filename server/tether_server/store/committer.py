@@ -1,0 +1,137 @@
+"""Group commit: writes that arrive while a transaction is in flight share the next one.
+
+There is no timer: an idle server commits a lone write at once, and under load batches
+grow by themselves to whatever arrived during the previous commit (etcd's batched backend,
+River's batch completer). Each unit runs in its own savepoint, so one refusal never undoes
+the others, and the batch pays one BEGIN, one COMMIT and one fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from tether_server.domain.errors import StoreUnavailable
+from tether_server.store.batch import BatchResult, Pending, Retry, Unit
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_MAX_ATTEMPTS = 5
+
+
+class Backend(Protocol):
+    async def run_batch(self, batch: Sequence[Pending]) -> BatchResult: ...
+
+
+@dataclass(frozen=True)
+class CommitterConfig:
+    # PostgreSQL keeps at most 64 subtransactions per transaction in shared memory; larger
+    # batches of savepoints slow every other session down.
+    max_batch: int = 64
+
+
+@dataclass
+class _Waiting:
+    pending: Pending
+    future: asyncio.Future[Any]
+
+
+class Committer:
+    def __init__(
+        self,
+        backend: Backend,
+        config: CommitterConfig | None = None,
+        on_commit: Callable[[BatchResult], None] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self._backend = backend
+        self._config = config or CommitterConfig()
+        self._on_commit = on_commit
+        self._on_batch = on_batch
+        self._queue: list[_Waiting] = []
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def submit(self, unit: Unit[T], *, emits: bool = True) -> T:
+        """Run ``unit`` in the next batch; its result, or the exception it raised."""
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # Retrieved even when the caller was cancelled, so asyncio never logs it as lost.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._queue.append(_Waiting(Pending(unit, emits), future))
+        self._kick.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="tether-committer")
+        # A cancelled caller does not cancel the batch: the unit may still commit.
+        result: T = await asyncio.shield(future)
+        return result
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop."""
+        self._closed = True
+        task = self._task
+        if task is not None:
+            self._kick.set()
+            await task
+
+    async def _run(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            while self._queue:
+                size = self._config.max_batch
+                batch, self._queue = self._queue[:size], self._queue[size:]
+                # Not cancellable half-way: a batch in flight always finishes.
+                await asyncio.shield(self._commit(batch))
+            if self._closed:
+                return
+
+    async def _commit(self, batch: list[_Waiting]) -> None:
+        started = time.perf_counter()
+        try:
+            result = await self._backend.run_batch([w.pending for w in batch])
+        except Exception as exc:
+            failure = exc if isinstance(exc, StoreUnavailable) else _unexpected(exc)
+            for waiting in batch:
+                _settle(waiting.future, failure)
+            return
+        if self._on_batch is not None:
+            self._on_batch(len(batch), time.perf_counter() - started)
+        if self._on_commit is not None:
+            try:
+                self._on_commit(result)
+            except Exception:
+                log.exception("after-commit hook failed")
+        again: list[_Waiting] = []
+        for waiting, outcome in zip(batch, result.outcomes, strict=True):
+            if isinstance(outcome, Retry):
+                waiting.pending.attempts += 1
+                if waiting.pending.attempts < _MAX_ATTEMPTS:
+                    again.append(waiting)
+                    continue
+                outcome = StoreUnavailable("the store kept reporting conflicts; retry")
+            _settle(waiting.future, outcome)
+        if again:
+            self._queue[:0] = again
+            self._kick.set()
+
+
+def _unexpected(exc: Exception) -> Exception:
+    log.error("store batch failed", exc_info=exc)
+    return exc
+
+
+def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

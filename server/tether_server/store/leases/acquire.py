@@ -1,0 +1,173 @@
+"""Acquire: lock the key, decide with the pure core, grant in one statement."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from tether_server.domain import errors
+from tether_server.domain.lease import (
+    AcquireIntent,
+    Grant,
+    Lease,
+    LeaseKey,
+    LeaseState,
+    Refuse,
+    ReturnExisting,
+    decide_acquire,
+)
+from tether_server.store.leases import keys, rows
+from tether_server.store.leases.end import end_leases
+from tether_server.store.sql import sql
+from tether_server.store.tx import Tx
+
+
+@dataclass(frozen=True)
+class AcquireParams:
+    namespace: str
+    key: str
+    holder: str
+    principal: str
+    ttl_us: int
+    lock_delay_us: int = 0
+    labels: Mapping[str, str] | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class AcquireResult:
+    lease: Lease
+    created: bool
+
+
+_PLACEHOLDERS = ", ".join(f"${i}" for i in range(1, 20))
+_INSERT_LEASE = sql(f"INSERT INTO leases ({rows.COLUMNS}) VALUES ({_PLACEHOLDERS})")
+_POINT_KEY = sql(
+    "UPDATE lease_keys SET last_fencing_token = $3, current_lease_id = $4"
+    " WHERE namespace = $1 AND key = $2"
+)
+_REMEMBER = sql(
+    "INSERT INTO lease_requests (namespace, request_id, lease_id, fingerprint, created_at_us)"
+    " VALUES ($1, $2, $3, $4, $5)"
+)
+# PostgreSQL: the lease, the key's token and the request record in one round trip.
+_GRANT_PG = sql(
+    f"""
+    WITH l AS (INSERT INTO leases ({rows.COLUMNS}) VALUES ({_PLACEHOLDERS})),
+    k AS (
+        UPDATE lease_keys SET last_fencing_token = $7, current_lease_id = $1
+        WHERE namespace = $2 AND key = $3
+    ),
+    r AS (
+        INSERT INTO lease_requests (namespace, request_id, lease_id, fingerprint,
+                                    created_at_us)
+        SELECT $2, $17, $1, $20::text, $9 WHERE $17 IS NOT NULL
+    )
+    SELECT 1
+    """,
+    sqlite="SELECT 1",
+)
+_FIRST_RESULT = sql(
+    "SELECT lease_id, fingerprint FROM lease_requests WHERE namespace = $1 AND request_id = $2"
+)
+
+
+def new_lease_id() -> str:
+    return secrets.token_hex(16)
+
+
+async def acquire(tx: Tx, p: AcquireParams) -> AcquireResult | Refuse:
+    if p.request_id is not None:
+        first = await _first_result(tx, p)
+        if first is not None:
+            return AcquireResult(rows.effective(first, tx.now_us), created=False)
+    key = await keys.lock(tx, p.namespace, p.key)
+    # Lock the current lease row too: renewals take only that lock, and the decision must
+    # see a renewal that committed after the key lock was granted.
+    current = await rows.get(tx, key.current_lease_id, lock=True) if key.current_lease_id else None
+    tx.refresh_now()
+    decision = decide_acquire(key, current, AcquireIntent(p.holder, p.principal), tx.now_us)
+    if isinstance(decision, ReturnExisting):
+        if p.request_id is not None:
+            await tx.execute(
+                _REMEMBER,
+                p.namespace,
+                p.request_id,
+                decision.lease.lease_id,
+                _fingerprint(p),
+                tx.now_us,
+            )
+        return AcquireResult(decision.lease, created=False)
+    if decision.expire_current is not None:
+        await end_leases(tx, [decision.expire_current], LeaseState.EXPIRED)
+    if isinstance(decision, Refuse):
+        # Nothing was granted: a retry with the same request id may still succeed.
+        return decision
+    return AcquireResult(await _grant(tx, key, p, decision), created=True)
+
+
+async def _grant(tx: Tx, key: LeaseKey, p: AcquireParams, grant: Grant) -> Lease:
+    now = tx.now_us
+    revision = await tx.next_revision()
+    lease = Lease(
+        lease_id=new_lease_id(),
+        namespace=p.namespace,
+        key=p.key,
+        holder=p.holder,
+        principal=p.principal,
+        ttl_us=p.ttl_us,
+        fencing_token=grant.fencing_token,
+        state=LeaseState.ACTIVE,
+        acquired_at_us=now,
+        renewed_at_us=now,
+        expires_at_us=now + p.ttl_us,
+        lock_delay_us=p.lock_delay_us,
+        labels=dict(p.labels or {}),
+        request_id=p.request_id,
+        create_revision=revision,
+        mod_revision=revision,
+    )
+    values = rows.lease_values(lease)
+    if tx.is_pg:
+        fingerprint = _fingerprint(p) if p.request_id is not None else None
+        await tx.execute(_GRANT_PG, *values, fingerprint)
+    else:
+        await tx.execute(_INSERT_LEASE, *values)
+        await tx.execute(_POINT_KEY, key.namespace, key.key, grant.fencing_token, lease.lease_id)
+        if p.request_id is not None:
+            await tx.execute(
+                _REMEMBER, p.namespace, p.request_id, lease.lease_id, _fingerprint(p), now
+            )
+    await rows.record(tx, revision, "ACQUIRED", lease)
+    tx.note_deadline(lease.expires_at_us)
+    return lease
+
+
+async def _first_result(tx: Tx, p: AcquireParams) -> Lease | None:
+    """The lease a request id was first answered with, or None for a new request id."""
+    assert p.request_id is not None
+    row = await tx.fetchrow(_FIRST_RESULT, p.namespace, p.request_id)
+    if row is None:
+        return None
+    if row["fingerprint"] != _fingerprint(p):
+        raise errors.RequestIdConflict(
+            f"request_id {p.request_id!r} was first used for a different acquire",
+            {"request_id": p.request_id, "lease_id": row["lease_id"]},
+        )
+    return await rows.get(tx, row["lease_id"])
+
+
+def _fingerprint(p: AcquireParams) -> str:
+    """What makes two acquires with one request id the same request."""
+    content = [
+        p.key,
+        p.holder,
+        p.principal,
+        p.ttl_us,
+        p.lock_delay_us,
+        sorted((p.labels or {}).items()),
+    ]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
