@@ -19,13 +19,17 @@ from tether_server.clock import Clock, clock_from_spec
 from tether_server.config import ServerConfig
 from tether_server.domain.errors import StoreUnavailable
 from tether_server.expiry import ExpiryLoop
-from tether_server.metrics import Metrics
-from tether_server.notify import ChangeFeed
+from tether_server.metrics import Metrics, MetricsHttpServer, start_http
+from tether_server.notify import ChangeHub, ChangeListener
 from tether_server.services.handlers import build_generic_handler
+from tether_server.services.interceptor import RpcMetricsInterceptor
 from tether_server.services.lease import LeaseService
 from tether_server.services.unimplemented import Unimplemented
-from tether_server.store.database import Database, Tx, describe_url
+from tether_server.store.batch import BatchResult
+from tether_server.store.database import Database, describe_url
 from tether_server.store.leases import LeaseStore
+from tether_server.store.pg_backend import CHANNEL as CHANGES_CHANNEL
+from tether_server.store.pg_backend import PgBackend
 from tether_server.store.replicas import ReplicaStore
 
 log = logging.getLogger(__name__)
@@ -54,14 +58,20 @@ class TetherServer:
     def __init__(self, config: ServerConfig, clock: Clock | None = None) -> None:
         self.config = config
         self.clock = clock or clock_from_spec(config.clock)
+        # Its own CollectorRegistry: servers in one process never share metrics.
         self.metrics = Metrics()
-        self.changes = ChangeFeed()
+        # Bound port of the metrics endpoint (config.metrics_listen); 0 while none.
+        self.metrics_port = 0
+        self._metrics_http: MetricsHttpServer | None = None
+        self.changes = ChangeHub()
+        self._listener: ChangeListener | None = None
         self.db = Database(config.db_url, self.clock)
         self.db.after_commit(self._on_commit)
         self.leases = LeaseStore(self.db)
         self.replicas = ReplicaStore(self.db)
         # Unique per process start; names this process's heartbeat streams in the store.
         self.instance_id = secrets.token_hex(8)
+        self.db.instance_id = self.instance_id
         self.replica_name = config.replica
         self._lease_service: LeaseService | None = None
         self.expiry = ExpiryLoop(self.leases, self.clock, config.expiry)
@@ -75,13 +85,21 @@ class TetherServer:
     async def start(self) -> int:
         """Migrate, bind, recover, then serve. Returns the bound port."""
         await self.db.migrate()
-        server = grpc.aio.server(options=_GRPC_OPTIONS)
+        server = grpc.aio.server(
+            options=_GRPC_OPTIONS, interceptors=[RpcMetricsInterceptor(self.metrics)]
+        )
         self.port = server.add_insecure_port(self.config.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         # Stable across restarts of one replica, so a restart reaps its predecessor.
         self.replica_name = self.config.replica or f"{socket.gethostname()}:{self.port}"
         await self._recover()
+        if isinstance(self.db.backend_impl, PgBackend):
+            # Other replicas' commits wake this one's waiters and watchers.
+            self._listener = ChangeListener(
+                self.changes, self.db.backend_impl.connect, CHANGES_CHANNEL, self.instance_id
+            )
+            await self._listener.start()
         lease_service = LeaseService(
             self.leases,
             self.clock,
@@ -109,6 +127,9 @@ class TetherServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._server = server
+        if self.config.metrics_listen:
+            self._metrics_http = start_http(self.config.metrics_listen, self.metrics.registry)
+            self.metrics_port = self._metrics_http.port
         self.expiry.start()
         self._watchdog = asyncio.create_task(self._watch_store(), name="tether-store-watchdog")
         log.info(
@@ -117,6 +138,7 @@ class TetherServer:
                 "version": __version__,
                 "listen": self.config.listen,
                 "port": self.port,
+                "metrics_port": self.metrics_port,
                 "store": describe_url(self.config.db_url),
                 "backend": self.db.backend,
                 "replica": self.replica_name,
@@ -138,6 +160,8 @@ class TetherServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watchdog
         await self.expiry.stop()
+        if self._listener is not None:
+            await self._listener.stop()
         if self._lease_service is not None:
             self._lease_service.drain()
         if self._server is not None:
@@ -150,6 +174,9 @@ class TetherServer:
         except StoreUnavailable:
             log.warning("could not deregister; other replicas will reap this one")
         await self.db.dispose()
+        if self._metrics_http is not None:
+            await self._metrics_http.close()
+            self._metrics_http = None
         log.info("tether stopped")
 
     async def wait_for_termination(self) -> None:
@@ -181,9 +208,11 @@ class TetherServer:
                 break
         log.info("recovery sweep done", extra={"leases_expired": expired})
 
-    def _on_commit(self, tx: Tx) -> None:
-        if tx.wrote_events:
-            self.changes.publish()
+    def _on_commit(self, result: BatchResult) -> None:
+        if result.events:
+            self.changes.publish({(e.area, e.namespace, e.key) for e in result.events})
+        if result.deadlines:
+            self.expiry.deadline_created(min(result.deadlines))
 
     async def _set_health(self, status: Any) -> None:
         for service in SERVING_SERVICES:

@@ -99,6 +99,13 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         default=_env("TETHER_REPLICA", ""),
         help="stable replica name (default <hostname>:<port>); a restart reaps its predecessor",
     )
+    serve.add_argument(
+        "--metrics-listen",
+        default=_env("TETHER_METRICS_LISTEN", ""),
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (env TETHER_METRICS_LISTEN;"
+        " default: off)",
+    )
     _add_log_options(serve)
     serve.set_defaults(handler=_run_serve)
 
@@ -130,6 +137,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         clock=args.clock,
         grace_s=args.grace,
         replica=args.replica,
+        metrics_listen=args.metrics_listen,
         lease=dataclasses.replace(
             LeaseServiceConfig(),
             limits=limits,

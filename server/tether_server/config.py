@@ -24,6 +24,8 @@ class ServerConfig:
     store_check_interval_s: float = 5.0
     # Stable name of this replica; empty means "<hostname>:<port>".
     replica: str = ""
+    # HOST:PORT serving Prometheus metrics at /metrics; empty (the default) serves none.
+    metrics_listen: str = ""
     lease: LeaseServiceConfig = field(default_factory=LeaseServiceConfig)
     expiry: ExpiryConfig = field(default_factory=ExpiryConfig)
 

@@ -2,7 +2,9 @@
 
 Like etcd's lessor it works in bounded batches per tick and retries after a failed pass;
 unlike a heap in memory it asks the store for the next deadline, so leases granted by other
-replicas are expired too. Replicas running it at once split rows with SKIP LOCKED.
+replicas are expired too. It sleeps until that deadline, and a commit of this process that
+creates an earlier one wakes it at once (``deadline_created``): no fixed tick. Replicas
+running it at once split rows with SKIP LOCKED.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from tether_server.clock import MICROS, Clock
 from tether_server.domain.lease import Lease
@@ -51,6 +54,15 @@ class ExpiryLoop:
         self._clock = clock
         self._config = config or ExpiryConfig()
         self._task: asyncio.Task[None] | None = None
+        # When the sleeping loop plans to look next, and how to wake it sooner.
+        self._next_look_us: int | None = None
+        self._poke = asyncio.Event()
+
+    def deadline_created(self, deadline_us: int) -> None:
+        """A commit of this process created a deadline: if it falls before the loop's next
+        look, wake the loop now so it sleeps until that deadline instead (no polling)."""
+        if self._next_look_us is None or deadline_us < self._next_look_us:
+            self._poke.set()
 
     async def run_once(self) -> ExpiryPass:
         cfg = self._config
@@ -102,4 +114,16 @@ class ExpiryLoop:
                 # Let live traffic in before the next batch.
                 await asyncio.sleep(0)
                 continue
-            await self._clock.sleep(result.sleep_s)
+            self._poke.clear()
+            self._next_look_us = self._clock.now_us() + round(result.sleep_s * MICROS)
+            await _first_of(self._clock.sleep(result.sleep_s), self._poke.wait())
+            self._next_look_us = None
+
+
+async def _first_of(*waits: Any) -> None:
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()

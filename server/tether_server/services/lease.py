@@ -16,10 +16,10 @@ from tether_client.pb import lease_pb2
 from tether_server.auth import AuthPolicy
 from tether_server.clock import MICROS, Clock
 from tether_server.domain import errors, paging, validation
-from tether_server.domain.lease import Refuse
+from tether_server.domain.lease import LeaseState, Refuse
 from tether_server.domain.validation import Limits
 from tether_server.metrics import Metrics
-from tether_server.notify import ChangeFeed
+from tether_server.notify import ChangeHub
 from tether_server.services.convert import (
     EVENT_TYPE_TO_PB,
     duration_us,
@@ -38,6 +38,7 @@ from tether_server.store.leases import (
     Renewal,
     RevokeParams,
 )
+from tether_server.store.leases.rows import AREA
 from tether_server.store.replicas import stream_id_for
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class LeaseService:
         self,
         store: LeaseStore,
         clock: Clock,
-        changes: ChangeFeed,
+        changes: ChangeHub,
         metrics: Metrics,
         config: LeaseServiceConfig | None = None,
         auth: AuthPolicy | None = None,
@@ -114,24 +115,49 @@ class LeaseService:
         )
         wait_us = validation.wait(duration_us(request.wait, "wait"), limits)
         wait_until = self._clock.now_us() + wait_us
+        with self._changes.watch_key(AREA, params.namespace, params.key) as changed:
+            while True:
+                changed.clear()
+                outcome = await self._store.lease_acquire(params)
+                if isinstance(outcome, AcquireResult):
+                    return lease_pb2.AcquireResponse(
+                        lease=lease_to_pb(outcome.lease), created=outcome.created
+                    )
+                # Wake when the key changes (here or, through NOTIFY, on another replica),
+                # when the holder's deadline (or the lock-delay) passes, or at the poll
+                # interval as a fallback; never try the write again before one of those.
+                if not await self._wait_for_key(outcome, wait_until, changed, params):
+                    raise _give_up(outcome, waited=wait_us > 0)
+
+    async def _wait_for_key(
+        self, refusal: Refuse, wait_until: int, changed: asyncio.Event, params: AcquireParams
+    ) -> bool:
+        """Wait until the key may be free; False once the caller's wait is over."""
+        retry_at = min(wait_until, refusal.retry_at_us or wait_until)
         while True:
-            changed = self._changes.current()
-            outcome = await self._store.lease_acquire(params)
-            if isinstance(outcome, AcquireResult):
-                return lease_pb2.AcquireResponse(
-                    lease=lease_to_pb(outcome.lease), created=outcome.created
-                )
             now = self._clock.now_us()
             if now >= wait_until:
-                raise _give_up(outcome, waited=wait_us > 0)
-            # Wake when this process ends a lease, when the holder's deadline (or the
-            # lock-delay) passes, or at the poll interval for other replicas' releases.
-            retry_at = min(wait_until, outcome.retry_at_us or wait_until)
+                return False
             # The floor keeps a refusal that outlives its retry time (the database clock
             # behind ours) from spinning.
             sleep_s = min(self._config.poll_interval_s, max(0.01, (retry_at - now) / MICROS))
             await _first_of(changed.wait(), self._clock.sleep(sleep_s), self._draining.wait())
             self._check_draining()
+            if changed.is_set() or self._clock.now_us() >= retry_at:
+                return True
+            # The poll fallback: a read, not a write, to see whether the key moved.
+            if await self._key_moved(params, refusal):
+                return True
+
+    async def _key_moved(self, params: AcquireParams, refusal: Refuse) -> bool:
+        holder_lease = refusal.error.metadata.get("lease_id")
+        if holder_lease is None:
+            return False  # a lock-delay: its end is the retry time
+        try:
+            current = await self._store.lease_get_by_key(params.namespace, params.key)
+        except errors.LeaseNotFound:
+            return True
+        return current.lease_id != holder_lease or current.state is not LeaseState.ACTIVE
 
     async def Renew(
         self, request: lease_pb2.RenewRequest, context: Context
@@ -381,43 +407,44 @@ class LeaseService:
         try:
             next_revision = start
             batch = self._config.watch_batch_size
-            while True:
-                changed = self._changes.current()
-                page = await self._store.lease_events_since(
-                    namespace, prefix, next_revision, limit=batch
-                )
-                if page.events:
-                    next_revision = page.events[-1].revision + 1
-                    events = [
-                        lease_pb2.LeaseEvent(
-                            revision=event.revision,
-                            type=EVENT_TYPE_TO_PB[event.type],
-                            lease=lease_to_pb(event.lease),
-                            occurred_at=to_timestamp(event.occurred_at_us),
-                        )
-                        for event in page.events
-                    ]
-                    # Split so no message outgrows what clients accept (events carry the
-                    # lease's progress details, up to 64 KiB each).
-                    while events:
-                        fits = _count_fitting(events, self._config.max_response_bytes)
-                        yield lease_pb2.WatchResponse(
-                            header_revision=page.header_revision,
-                            compact_revision=page.compact_revision,
-                            events=events[:fits],
-                        )
-                        events = events[fits:]
-                if len(page.events) == batch:
-                    continue
-                # Every event up to the header revision was visible to this read (revisions
-                # commit in order), so nothing below it can still appear.
-                next_revision = max(next_revision, page.header_revision + 1)
-                await _first_of(
-                    changed.wait(),
-                    self._draining.wait(),
-                    asyncio.sleep(self._config.poll_interval_s),
-                )
-                self._check_draining()
+            with self._changes.watch_prefix(AREA, namespace, prefix) as changed:
+                while True:
+                    changed.clear()
+                    page = await self._store.lease_events_since(
+                        namespace, prefix, next_revision, limit=batch
+                    )
+                    if page.events:
+                        next_revision = page.events[-1].revision + 1
+                        events = [
+                            lease_pb2.LeaseEvent(
+                                revision=event.revision,
+                                type=EVENT_TYPE_TO_PB[event.type],
+                                lease=lease_to_pb(event.lease),
+                                occurred_at=to_timestamp(event.occurred_at_us),
+                            )
+                            for event in page.events
+                        ]
+                        # Split so no message outgrows what clients accept (events carry
+                        # the lease's progress details, up to 64 KiB each).
+                        while events:
+                            fits = _count_fitting(events, self._config.max_response_bytes)
+                            yield lease_pb2.WatchResponse(
+                                header_revision=page.header_revision,
+                                compact_revision=page.compact_revision,
+                                events=events[:fits],
+                            )
+                            events = events[fits:]
+                    if len(page.events) == batch:
+                        continue
+                    # Every event up to the header revision was visible to this read
+                    # (revisions commit in order), so nothing below it can still appear.
+                    next_revision = max(next_revision, page.header_revision + 1)
+                    await _first_of(
+                        changed.wait(),
+                        self._draining.wait(),
+                        asyncio.sleep(self._config.poll_interval_s),
+                    )
+                    self._check_draining()
         finally:
             self._metrics.watch_streams_open -= 1
             self._open_streams.discard(asyncio.current_task())
