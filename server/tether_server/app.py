@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import json
 import logging
 import secrets
 import socket
@@ -21,6 +20,7 @@ from tether_server.domain.errors import StoreUnavailable
 from tether_server.expiry import ExpiryLoop
 from tether_server.metrics import Metrics, MetricsHttpServer, start_http
 from tether_server.notify import ChangeHub, ChangeListener
+from tether_server.runtime import AlwaysLeader, Leadership, PgAdvisoryLeader, Runner, TaskSpec
 from tether_server.services.handlers import build_generic_handler
 from tether_server.services.interceptor import RpcMetricsInterceptor
 from tether_server.services.lease import LeaseService
@@ -40,6 +40,8 @@ OWNER_REF_SERVICE = owner_ref_pb2.DESCRIPTOR.services_by_name["OwnerRefService"]
 SWEEP_SERVICE = sweep_pb2.DESCRIPTOR.services_by_name["SweepService"]
 # Health reports the whole server ("") and each implemented service.
 SERVING_SERVICES = ("", LEASE_SERVICE.full_name)
+# The advisory lock whose holder runs the leader-only tasks (PostgreSQL).
+LEADER_LOCK_KEY = 0x7E7E_1EAD
 
 _GRPC_OPTIONS = [
     # Never share a port silently with another process.
@@ -52,6 +54,11 @@ _GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
+
+
+def _ended_at_us(snapshot: str) -> int:
+    value = json.loads(snapshot).get("ended_at_us")
+    return int(value) if value is not None else 0
 
 
 class TetherServer:
@@ -72,14 +79,32 @@ class TetherServer:
         # Unique per process start; names this process's heartbeat streams in the store.
         self.instance_id = secrets.token_hex(8)
         self.db.instance_id = self.instance_id
+        self.db.on_batch = self.metrics.store_batch
         self.replica_name = config.replica
         self._lease_service: LeaseService | None = None
+        self.leadership: Leadership
+        if isinstance(self.db.backend_impl, PgBackend):
+            # Leader-only tasks run on one replica at a time: the one holding this lock.
+            self.leadership = PgAdvisoryLeader(
+                self.db.backend_impl.dsn,
+                self.clock,
+                LEADER_LOCK_KEY,
+                interval_s=config.leader_check_interval_s,
+                on_change=self._on_leadership,
+                application_name=f"tether-leader:{config.replica or 'replica'}",
+            )
+        else:
+            # One server process per SQLite file.
+            self.leadership = AlwaysLeader(on_change=self._on_leadership)
+        self.runner = Runner(self.clock, self.leadership, on_run=self.metrics.task_run)
         self.expiry = ExpiryLoop(self.leases, self.clock, config.expiry)
+        self.expiry.attach(self.runner)
+        self._add_tasks()
         # health.aio is the public asyncio servicer; the stubs do not declare it.
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self._server: grpc.aio.Server | None = None
-        self._watchdog: asyncio.Task[None] | None = None
+        self._serving = True
         self._draining = False
 
     async def start(self) -> int:
@@ -130,8 +155,8 @@ class TetherServer:
         if self.config.metrics_listen:
             self._metrics_http = start_http(self.config.metrics_listen, self.metrics.registry)
             self.metrics_port = self._metrics_http.port
-        self.expiry.start()
-        self._watchdog = asyncio.create_task(self._watch_store(), name="tether-store-watchdog")
+        self.leadership.start()
+        self.runner.start()
         log.info(
             "tether started",
             extra={
@@ -155,11 +180,8 @@ class TetherServer:
         grace = self.config.grace_s if grace_s is None else grace_s
         log.info("tether draining", extra={"grace_s": grace})
         await self.health.enter_graceful_shutdown()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
-        await self.expiry.stop()
+        await self.runner.stop()
+        await self.leadership.stop()
         if self._listener is not None:
             await self._listener.stop()
         if self._lease_service is not None:
@@ -213,6 +235,12 @@ class TetherServer:
             self.changes.publish({(e.area, e.namespace, e.key) for e in result.events})
         if result.deadlines:
             self.expiry.deadline_created(min(result.deadlines))
+        now_us = self.clock.now_us()
+        for event in result.events:
+            if event.type == "EXPIRED":
+                # How late after its deadline the expiry was recorded (the event's snapshot
+                # carries the deadline as ended_at_us).
+                self.metrics.expiry_lag(max(0, now_us - _ended_at_us(event.snapshot)) / 1e6)
 
     async def _set_health(self, status: Any) -> None:
         for service in SERVING_SERVICES:
@@ -223,26 +251,68 @@ class TetherServer:
         # A replica that missed three heartbeats in a row is considered gone.
         return round(3 * self.config.store_check_interval_s * 1_000_000)
 
-    async def _watch_store(self) -> None:
-        """Heartbeat this replica (which also proves the store reachable) and reap others."""
-        serving = True
-        while True:
-            await asyncio.sleep(self.config.store_check_interval_s)
-            try:
-                await self.replicas.replica_heartbeat(
-                    self.instance_id, self.replica_name, self._stale_after_us
-                )
-                healthy = True
-            except StoreUnavailable:
-                healthy = False
-            except Exception:
-                log.exception("store heartbeat failed")
-                healthy = False
-            if healthy != serving and not self._draining:
-                serving = healthy
-                log.warning("store %s", "reachable again" if healthy else "unreachable")
-                await self._set_health(
-                    health_pb2.HealthCheckResponse.SERVING
-                    if healthy
-                    else health_pb2.HealthCheckResponse.NOT_SERVING
-                )
+    def _add_tasks(self) -> None:
+        interval = self.config.store_check_interval_s
+        self.runner.add(
+            TaskSpec(
+                "store-heartbeat",
+                self._heartbeat,
+                interval_s=interval,
+                backoff_initial_s=interval,
+                backoff_max_s=2 * interval,
+            )
+        )
+        self.runner.add(
+            TaskSpec(
+                "replica-reaper",
+                self._reap,
+                interval_s=interval,
+                leader_only=True,
+                backoff_initial_s=interval,
+                backoff_max_s=10 * interval,
+            )
+        )
+        self.runner.add(TaskSpec("active-leases", self._count_active, interval_s=15.0))
+        if self.db.db_clock is not None:
+            self.runner.add(TaskSpec("clock-sync", self._sync_clock, interval_s=10.0))
+
+    async def _heartbeat(self) -> None:
+        """Prove this replica alive, which also proves the store reachable (health)."""
+        try:
+            await self.replicas.replica_heartbeat(self.instance_id, self.replica_name)
+        except Exception:
+            await self._set_serving(False)
+            raise
+        await self._set_serving(True)
+
+    async def _reap(self) -> None:
+        reaped = await self.replicas.replica_reap(self.instance_id, self._stale_after_us)
+        if reaped.dead_instances:
+            log.info(
+                "reaped replicas",
+                extra={
+                    "instances": reaped.dead_instances,
+                    "streams_detached": reaped.streams_detached,
+                },
+            )
+
+    async def _count_active(self) -> None:
+        self.metrics.active_leases = await self.leases.lease_count_active()
+
+    async def _sync_clock(self) -> None:
+        await self.db.sync_clock()
+
+    def _on_leadership(self, leader: bool) -> None:
+        self.metrics.leader = leader
+        log.info("leadership %s", "acquired" if leader else "lost")
+
+    async def _set_serving(self, healthy: bool) -> None:
+        if healthy == self._serving or self._draining:
+            return
+        self._serving = healthy
+        log.warning("store %s", "reachable again" if healthy else "unreachable")
+        await self._set_health(
+            health_pb2.HealthCheckResponse.SERVING
+            if healthy
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )

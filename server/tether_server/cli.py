@@ -95,6 +95,14 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         help="DURATION (env TETHER_KEEPALIVE_IDLE_TIMEOUT; default %(default)s)",
     )
     serve.add_argument(
+        "--leader-check-interval",
+        type=_seconds,
+        default=_env("TETHER_LEADER_CHECK_INTERVAL", "1s"),
+        help="DURATION: how often a PostgreSQL replica checks or takes the leader lock, "
+        "which bounds how long leader-only work pauses when the leader dies "
+        "(env TETHER_LEADER_CHECK_INTERVAL; default %(default)s)",
+    )
+    serve.add_argument(
         "--replica",
         default=_env("TETHER_REPLICA", ""),
         help="stable replica name (default <hostname>:<port>); a restart reaps its predecessor",
@@ -137,6 +145,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         clock=args.clock,
         grace_s=args.grace,
         replica=args.replica,
+        leader_check_interval_s=args.leader_check_interval,
         metrics_listen=args.metrics_listen,
         lease=dataclasses.replace(
             LeaseServiceConfig(),

@@ -22,6 +22,9 @@ class ServerConfig:
     grace_s: float = 10.0
     # How often the store is pinged for the health service.
     store_check_interval_s: float = 5.0
+    # How often a PostgreSQL replica checks (or tries to take) the leader lock: bounds how
+    # long leader-only tasks pause when the leader dies.
+    leader_check_interval_s: float = 1.0
     # Stable name of this replica; empty means "<hostname>:<port>".
     replica: str = ""
     # HOST:PORT serving Prometheus metrics at /metrics; empty (the default) serves none.

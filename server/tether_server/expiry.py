@@ -1,31 +1,32 @@
-"""The expiry loop: turns passed deadlines into EXPIRED events within a bounded delay.
+"""Expiry: turns passed deadlines into EXPIRED events within a bounded delay.
 
-Like etcd's lessor it works in bounded batches per tick and retries after a failed pass;
-unlike a heap in memory it asks the store for the next deadline, so leases granted by other
-replicas are expired too. It sleeps until that deadline, and a commit of this process that
-creates an earlier one wakes it at once (``deadline_created``): no fixed tick. Replicas
-running it at once split rows with SKIP LOCKED.
+Like etcd's lessor it works in bounded batches per pass and retries after a failed pass
+(the runner's backoff); unlike a heap in memory it asks the store for the next deadline,
+so leases granted by other replicas are expired too. It sleeps until that deadline, and a
+commit of this process that creates an earlier one wakes it at once
+(``deadline_created``): no fixed tick. Replicas running it at once split rows with
+SKIP LOCKED, so it runs on every replica, not only on the leader.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 from tether_server.clock import MICROS, Clock
 from tether_server.domain.lease import Lease
+from tether_server.runtime.runner import Runner, TaskSpec
 from tether_server.store.leases import LeaseStore
 
 log = logging.getLogger(__name__)
 
+TASK = "expiry"
+
 
 @dataclass(frozen=True)
 class ExpiryConfig:
-    batch_size: int = 500
-    # Batches per tick before yielding to live traffic; the rest waits for the next tick.
+    batch_size: int = 1000
+    # Batches per pass before yielding to live traffic; the rest waits for the next pass.
     max_batches_per_tick: int = 10
     # Longest sleep between passes: bounds the delay for leases other replicas granted.
     max_interval_s: float = 1.0
@@ -49,20 +50,52 @@ class ExpiryPass:
 
 
 class ExpiryLoop:
+    """The expiry pass, and its task in a Runner (``attach``)."""
+
     def __init__(self, store: LeaseStore, clock: Clock, config: ExpiryConfig | None = None):
         self._store = store
         self._clock = clock
         self._config = config or ExpiryConfig()
-        self._task: asyncio.Task[None] | None = None
-        # When the sleeping loop plans to look next, and how to wake it sooner.
+        self._runner: Runner | None = None
+        # When the sleeping task plans to look next (None while a pass runs), and the
+        # earliest deadline created while a pass ran (it may have read the store before).
         self._next_look_us: int | None = None
-        self._poke = asyncio.Event()
+        self._created_during_pass: int | None = None
+
+    def attach(self, runner: Runner) -> None:
+        cfg = self._config
+        runner.add(
+            TaskSpec(
+                TASK,
+                self._task_pass,
+                interval_s=cfg.max_interval_s,
+                backoff_initial_s=cfg.retry_after_error_s,
+                backoff_max_s=max(cfg.retry_after_error_s, 10.0),
+            )
+        )
+        self._runner = runner
+
+    def start(self) -> None:
+        if self._runner is not None:
+            self._runner.start_task(TASK)
+
+    async def stop(self) -> None:
+        """Stop the background task (after the pass in progress); run_once still works."""
+        if self._runner is not None:
+            await self._runner.stop_task(TASK)
 
     def deadline_created(self, deadline_us: int) -> None:
-        """A commit of this process created a deadline: if it falls before the loop's next
-        look, wake the loop now so it sleeps until that deadline instead (no polling)."""
-        if self._next_look_us is None or deadline_us < self._next_look_us:
-            self._poke.set()
+        """A commit of this process created a deadline: if it falls before the task's next
+        look, wake it now so it sleeps until that deadline instead (no polling)."""
+        if self._runner is None:
+            return
+        if self._next_look_us is None:
+            previous = self._created_during_pass
+            self._created_during_pass = (
+                deadline_us if previous is None else min(previous, deadline_us)
+            )
+        elif deadline_us < self._next_look_us:
+            self._runner.wake(TASK)
 
     async def run_once(self) -> ExpiryPass:
         cfg = self._config
@@ -82,48 +115,18 @@ class ExpiryLoop:
         result.sleep_s = 0.0
         return result
 
-    def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="tether-expiry")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self) -> None:
-        while True:
-            # A pass is never cut off mid-transaction: on SQLite a BEGIN IMMEDIATE cancelled
-            # on its way can leave the write lock held, and the next writer (deregistering
-            # at shutdown) would wait out the whole busy timeout. stop() waits for the pass.
-            current = asyncio.ensure_future(self.run_once())
-            try:
-                result = await asyncio.shield(current)
-            except asyncio.CancelledError:
-                await asyncio.wait([current])
-                raise
-            except Exception:
-                log.exception("expiry pass failed; retrying")
-                await asyncio.sleep(self._config.retry_after_error_s)
-                continue
-            if result.expired:
-                log.info("expired leases", extra={"count": len(result.expired)})
-            if result.backlog:
-                # Let live traffic in before the next batch.
-                await asyncio.sleep(0)
-                continue
-            self._poke.clear()
-            self._next_look_us = self._clock.now_us() + round(result.sleep_s * MICROS)
-            await _first_of(self._clock.sleep(result.sleep_s), self._poke.wait())
-            self._next_look_us = None
-
-
-async def _first_of(*waits: Any) -> None:
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
+    async def _task_pass(self) -> float:
+        self._next_look_us = None
+        self._created_during_pass = None
+        result = await self.run_once()
+        if result.expired:
+            log.info("expired leases", extra={"count": len(result.expired)})
+        if result.backlog:
+            return 0.0  # the runner yields to live traffic, then goes on
+        now = self._clock.now_us()
+        sleep_s = result.sleep_s
+        if self._created_during_pass is not None:
+            # A grant committed during the pass may not have been seen by its read.
+            sleep_s = min(sleep_s, max(1e-6, (self._created_during_pass - now) / MICROS))
+        self._next_look_us = now + round(sleep_s * MICROS)
+        return sleep_s

@@ -184,7 +184,8 @@ async def test_metrics_endpoint_counts_rpcs_by_code_and_exports_stream_counters(
     assert metrics.keepalive_streams_broken == 1
     assert samples(families["tether_renewals"], "_total") == {("ok",): 2.0, ("refused",): 1.0}
     assert samples(families["tether_watch_streams_open"]) == {(): 0.0}
-    assert samples(families["tether_leader"]) == {(): 0.0}
+    # The gauge follows the server's leadership (the only replica, it may lead).
+    assert samples(families["tether_leader"]) == {(): float(metrics.leader)}
     # prometheus_client's process collector, on this server's own registry.
     assert samples(families["process_start_time_seconds"])[()] > 0
 
@@ -196,9 +197,12 @@ async def test_open_streams_show_in_the_gauges(served: Harness) -> None:
     families = await scrape(served.server.metrics_port)
     assert samples(families["tether_keepalive_streams_open"]) == {(): 1.0}
     served.server.metrics.active_leases = 42
-    served.server.metrics.leader = True
+    served.server.metrics.leader = False
     families = await scrape(served.server.metrics_port)
     assert samples(families["tether_active_leases"]) == {(): 42.0}
+    assert samples(families["tether_leader"]) == {(): 0.0}
+    served.server.metrics.leader = True
+    families = await scrape(served.server.metrics_port)
     assert samples(families["tether_leader"]) == {(): 1.0}
     # Still open: not counted as a finished call yet.
     assert ("OK", "KeepAlive", LEASE_SERVICE) not in rpc_counts(families)

@@ -126,6 +126,7 @@ class PgAdvisoryLeader:
         lock_key: int,
         interval_s: float = 1.0,
         on_change: OnChange | None = None,
+        application_name: str = "tether-leader",
     ) -> None:
         if not _BIGINT_MIN <= lock_key <= _BIGINT_MAX:
             raise ValueError("lock_key must fit in a PostgreSQL bigint")
@@ -136,6 +137,8 @@ class PgAdvisoryLeader:
         self._lock_key = lock_key
         self._interval_s = interval_s
         self._on_change = on_change
+        # Shown in pg_stat_activity: operators (and tests) see which replica leads.
+        self._application_name = application_name
         self._conn: _Connection | None = None
         self._leader = False
         self._leader_event = asyncio.Event()
@@ -240,12 +243,12 @@ class PgAdvisoryLeader:
         keepalive_idle = max(1, math.ceil(2 * self._interval_s))
         silence_s = keepalive_idle + keepalive_interval * _KEEPALIVE_COUNT
         settings = {
-            "application_name": "tether-leader",
             "tcp_keepalives_idle": str(keepalive_idle),
             "tcp_keepalives_interval": str(keepalive_interval),
             "tcp_keepalives_count": str(_KEEPALIVE_COUNT),
             # Bounds the same wait when the server has unacknowledged data in flight.
             "tcp_user_timeout": str(silence_s * 1000),
+            "application_name": self._application_name,
         }
         try:
             conn: _Connection = await asyncpg.connect(

@@ -147,6 +147,20 @@ class Runner:
             if isinstance(result, Exception):
                 log.error("background task ended with an error", exc_info=result)
 
+    def start_task(self, name: str) -> None:
+        """Start one task (again) once the runner is started; a no-op if it runs."""
+        if self._started:
+            self._spawn(self._states[name])
+
+    async def stop_task(self, name: str) -> None:
+        """End one task, letting the pass it is in finish (tests that drive a task's
+        passes themselves, and components that stop before the rest)."""
+        state = self._states[name]
+        task, state.task = state.task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     def wake(self, name: str) -> None:
         """Run ``name`` now instead of sleeping out its timer.
 

@@ -114,7 +114,7 @@ class PgBackend:
         pool_size: int = 10,
         notify_payload: Any = None,
     ) -> None:
-        self._dsn = dsn
+        self.dsn = dsn
         self._clock = clock
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
@@ -157,7 +157,7 @@ class PgBackend:
     async def connect(self) -> asyncpg.Connection:
         """A connection of its own (LISTEN, leader election, clock sync)."""
         return await asyncpg.connect(
-            self._dsn, timeout=_CONNECT_TIMEOUT_S, command_timeout=_COMMAND_TIMEOUT_S
+            self.dsn, timeout=_CONNECT_TIMEOUT_S, command_timeout=_COMMAND_TIMEOUT_S
         )
 
     async def close(self) -> None:
@@ -222,7 +222,7 @@ class PgBackend:
             async with self._pool_lock:
                 if self._pool is None:
                     self._pool = await asyncpg.create_pool(
-                        self._dsn,
+                        self.dsn,
                         min_size=1,
                         max_size=self._pool_size,
                         timeout=_CONNECT_TIMEOUT_S,

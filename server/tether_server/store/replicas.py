@@ -54,16 +54,21 @@ class ReplicaStore:
 
         return await self.db.write(work, emits=False)
 
-    async def replica_heartbeat(
-        self, instance_id: str, name: str, stale_after_us: int
-    ) -> ReapResult:
-        """Prove this process alive, and reap the ones that stopped proving it."""
+    async def replica_heartbeat(self, instance_id: str, name: str) -> None:
+        """Prove this process alive."""
 
-        async def work(tx: Tx) -> ReapResult:
+        async def work(tx: Tx) -> None:
             if await tx.execute(_BEAT, instance_id, tx.now_us) == 0:
                 # Reaped while it could not reach the store (its streams were detached;
                 # they attach again with their next renewal): register again.
                 await tx.execute(_INSERT, instance_id, name, tx.now_us)
+
+        await self.db.write(work, emits=False)
+
+    async def replica_reap(self, instance_id: str, stale_after_us: int) -> ReapResult:
+        """Reap the processes that stopped proving themselves alive (leader-only)."""
+
+        async def work(tx: Tx) -> ReapResult:
             return await _reap(tx, _DEAD_BY_AGE, tx.now_us - stale_after_us, instance_id)
 
         return await self.db.write(work, emits=False)

@@ -43,6 +43,7 @@ __all__ = [
 _DETACH = sql("UPDATE leases SET stream_id = NULL WHERE stream_id = $1")
 _DETACH_ALL = sql("UPDATE leases SET stream_id = NULL WHERE stream_id IS NOT NULL")
 _NEXT_DEADLINE = sql("SELECT min(expires_at_us) FROM leases WHERE state = 'ACTIVE'")
+_COUNT_ACTIVE = sql("SELECT count(*) FROM leases WHERE state = 'ACTIVE' AND expires_at_us > $1")
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,11 @@ class LeaseStore:
             )
 
         return await self.db.read(read)
+
+    async def lease_count_active(self) -> int:
+        return int(
+            await self.db.read(lambda tx: tx.fetchval(_COUNT_ACTIVE, tx.now_us), snapshot=False)
+        )
 
     async def lease_next_deadline(self) -> int | None:
         value = await self.db.read(lambda tx: tx.fetchval(_NEXT_DEADLINE), snapshot=False)
