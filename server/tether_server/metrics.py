@@ -4,10 +4,10 @@ Everything is recorded into plain Python attributes and small fixed-bucket histo
 custom collector turns them into Prometheus metric families only when the registry is
 scraped. So recording costs a few hundred nanoseconds and takes no lock.
 
-Threading rule: record only from the server's event-loop thread (every caller in tether
-does). The scrape runs on the HTTP server's thread and only reads; a scrape racing a
-recording may see a histogram's ``_sum`` one observation ahead of its buckets, never a
-torn value.
+Threading rule: record only from the server's event-loop thread (updates are not atomic,
+so two recording threads could lose a count). The scrape runs on the HTTP server's thread
+and only reads; a scrape racing a recording may see a histogram's ``_sum`` one observation
+ahead of its buckets, never a torn value.
 
 Enabled with ``tether serve --metrics-listen HOST:PORT`` (env ``TETHER_METRICS_LISTEN``);
 :func:`start_http` serves ``/metrics`` from a :class:`Metrics`'s own registry.
