@@ -95,8 +95,9 @@ class Committer:
 
     async def _commit(self, batch: list[_Waiting]) -> None:
         started = time.perf_counter()
+        pendings, slots = _merge(batch)
         try:
-            result = await self._backend.run_batch([w.pending for w in batch])
+            result = await self._backend.run_batch(pendings)
         except Exception as exc:
             failure = exc if isinstance(exc, StoreUnavailable) else _unexpected(exc)
             for waiting in batch:
@@ -110,7 +111,10 @@ class Committer:
             except Exception:
                 log.exception("after-commit hook failed")
         again: list[_Waiting] = []
-        for waiting, outcome in zip(batch, result.outcomes, strict=True):
+        for waiting, (index, position) in zip(batch, slots, strict=True):
+            outcome = result.outcomes[index]
+            if position is not None and not isinstance(outcome, BaseException):
+                outcome = outcome[position]
             if isinstance(outcome, Retry):
                 waiting.pending.attempts += 1
                 if waiting.pending.attempts < _MAX_ATTEMPTS:
@@ -121,6 +125,32 @@ class Committer:
         if again:
             self._queue[:0] = again
             self._kick.set()
+
+
+def _merge(batch: Sequence[_Waiting]) -> tuple[list[Pending], list[tuple[int, int | None]]]:
+    """Units that can merge (they have a ``merge`` staticmethod: ``merge(units)`` is one unit
+    returning a list with each one's result) run as one, in the place of the first of them.
+    Returns the pendings to run and, per waiting unit, (its pending, its position in a
+    merged result or None)."""
+    pendings: list[Pending] = []
+    slots: list[tuple[int, int | None]] = []
+    groups: dict[Any, tuple[int, list[Any]]] = {}
+    for waiting in batch:
+        unit = waiting.pending.unit
+        merge = getattr(unit, "merge", None)
+        if merge is None:
+            slots.append((len(pendings), None))
+            pendings.append(waiting.pending)
+            continue
+        if merge not in groups:
+            groups[merge] = (len(pendings), [])
+            pendings.append(waiting.pending)  # replaced by the merged unit below
+        index, members = groups[merge]
+        slots.append((index, len(members)))
+        members.append(unit)
+    for merge, (index, members) in groups.items():
+        pendings[index] = Pending(merge(members), pendings[index].emits)
+    return pendings, slots
 
 
 def _unexpected(exc: Exception) -> Exception:

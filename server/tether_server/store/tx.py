@@ -102,6 +102,12 @@ class Tx:
         self._note_write()
         return self._revision
 
+    def unreserve_revision(self, revision: int) -> None:
+        """Give back the revision just reserved, unused (a write that found nothing to do):
+        revisions stay contiguous."""
+        assert revision == self._revision, "only the last reserved revision can go back"
+        self._revision -= 1
+
     def record_event(
         self,
         revision: int,

@@ -22,7 +22,7 @@ from tether_server.store.leases.end import (
     revoke,
 )
 from tether_server.store.leases.read import ListLeasesParams, get, get_by_key, list_leases
-from tether_server.store.leases.renew import Renewal, Renewed, renew_many
+from tether_server.store.leases.renew import Renewal, Renewed, RenewUnit
 from tether_server.store.sql import sql
 from tether_server.store.tx import Tx
 
@@ -76,9 +76,7 @@ class LeaseStore:
         """Renew many leases in one unit; one outcome per renewal, in order."""
         if not renewals:
             return []
-        return await self.db.write(
-            lambda tx: renew_many(tx, namespace, renewals, stream_id), emits=False
-        )
+        return await self.db.write(RenewUnit(namespace, renewals, stream_id), emits=False)
 
     async def lease_renew(self, namespace: str, renewal: Renewal) -> Renewed:
         (outcome,) = await self.lease_renew_many(namespace, [renewal])

@@ -17,7 +17,7 @@ from tether_server.domain.lease import (
     decide_revoke,
     lock_delay_after_end,
 )
-from tether_server.store.leases import keys, rows
+from tether_server.store.leases import rows
 from tether_server.store.sql import sql
 from tether_server.store.tx import Tx
 
@@ -41,6 +41,14 @@ _DUE = sql(
     " ORDER BY expires_at_us LIMIT $2 FOR UPDATE SKIP LOCKED"
 )
 _NEXT_DEADLINE = sql("SELECT min(expires_at_us) FROM leases WHERE state = 'ACTIVE'")
+# FOR UPDATE locks the rows of both tables in the order they are named: the key first.
+_LOCK_KEY_AND_LEASE = sql(
+    "SELECT k.last_fencing_token AS k_last_fencing_token,"
+    " k.available_at_us AS k_available_at_us, k.current_lease_id AS k_current_lease_id, "
+    + ", ".join("l." + column.strip() for column in rows.COLUMNS.split(","))
+    + " FROM lease_keys k JOIN leases l ON l.namespace = k.namespace AND l.key = k.key"
+    " WHERE l.lease_id = $1 FOR UPDATE"
+)
 _SET_AVAILABLE_AT = sql(
     "UPDATE lease_keys SET available_at_us = $3 WHERE namespace = $1 AND key = $2"
     " AND available_at_us < $3"
@@ -151,14 +159,19 @@ async def expire_due(tx: Tx, limit: int) -> ExpiryResult:
 async def _lock_lease_and_key(
     tx: Tx, namespace: str, lease_id: str
 ) -> tuple[Lease | None, LeaseKey | None]:
-    """Lock the lease's key row, then the lease under that lock (lock order)."""
-    unlocked = await rows.get(tx, lease_id)
-    if unlocked is None or unlocked.namespace != namespace:
-        return unlocked, None
-    key = await keys.lock(tx, unlocked.namespace, unlocked.key)
-    lease = await rows.get(tx, lease_id, lock=True)
+    """Lock the lease's key row, then the lease (lock order), in one statement."""
+    row = await tx.fetchrow(_LOCK_KEY_AND_LEASE, lease_id)
+    if row is None or row["namespace"] != namespace:
+        return (rows.row_to_lease(row) if row is not None else None), None
     tx.refresh_now()
-    return lease, key
+    key = LeaseKey(
+        namespace=row["namespace"],
+        key=row["key"],
+        last_fencing_token=row["k_last_fencing_token"],
+        available_at_us=row["k_available_at_us"],
+        current_lease_id=row["k_current_lease_id"],
+    )
+    return rows.row_to_lease(row), key
 
 
 async def _apply_end(
