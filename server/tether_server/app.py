@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import socket
@@ -56,11 +55,6 @@ _GRPC_OPTIONS = [
 ]
 
 
-def _ended_at_us(snapshot: str) -> int:
-    value = json.loads(snapshot).get("ended_at_us")
-    return int(value) if value is not None else 0
-
-
 class TetherServer:
     def __init__(self, config: ServerConfig, clock: Clock | None = None) -> None:
         self.config = config
@@ -97,7 +91,9 @@ class TetherServer:
             # One server process per SQLite file.
             self.leadership = AlwaysLeader(on_change=self._on_leadership)
         self.runner = Runner(self.clock, self.leadership, on_run=self.metrics.task_run)
-        self.expiry = ExpiryLoop(self.leases, self.clock, config.expiry)
+        self.expiry = ExpiryLoop(
+            self.leases, self.clock, config.expiry, on_lag=self.metrics.expiry_lag
+        )
         self.expiry.attach(self.runner)
         self._add_tasks()
         # health.aio is the public asyncio servicer; the stubs do not declare it.
@@ -235,12 +231,6 @@ class TetherServer:
             self.changes.publish({(e.area, e.namespace, e.key) for e in result.events})
         if result.deadlines:
             self.expiry.deadline_created(min(result.deadlines))
-        now_us = self.clock.now_us()
-        for event in result.events:
-            if event.type == "EXPIRED":
-                # How late after its deadline the expiry was recorded (the event's snapshot
-                # carries the deadline as ended_at_us).
-                self.metrics.expiry_lag(max(0, now_us - _ended_at_us(event.snapshot)) / 1e6)
 
     async def _set_health(self, status: Any) -> None:
         for service in SERVING_SERVICES:

@@ -11,6 +11,7 @@ SKIP LOCKED, so it runs on every replica, not only on the leader.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tether_server.clock import MICROS, Clock
@@ -52,8 +53,16 @@ class ExpiryPass:
 class ExpiryLoop:
     """The expiry pass, and its task in a Runner (``attach``)."""
 
-    def __init__(self, store: LeaseStore, clock: Clock, config: ExpiryConfig | None = None):
+    def __init__(
+        self,
+        store: LeaseStore,
+        clock: Clock,
+        config: ExpiryConfig | None = None,
+        on_lag: Callable[[float], None] | None = None,
+    ):
         self._store = store
+        # Called with how late (seconds) after its deadline each expiry was recorded.
+        self._on_lag = on_lag
         self._clock = clock
         self._config = config or ExpiryConfig()
         self._runner: Runner | None = None
@@ -103,6 +112,9 @@ class ExpiryLoop:
         for _ in range(cfg.max_batches_per_tick):
             batch = await self._store.lease_expire_due(cfg.batch_size)
             result.expired.extend(batch.expired)
+            if self._on_lag is not None:
+                for lease in batch.expired:
+                    self._on_lag(max(0, batch.now_us - lease.expires_at_us) / MICROS)
             if len(batch.expired) < cfg.batch_size:
                 if batch.next_deadline_us is not None:
                     until = (batch.next_deadline_us - batch.now_us) / MICROS

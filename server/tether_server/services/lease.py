@@ -87,10 +87,7 @@ class LeaseService:
 
     def _check_draining(self) -> None:
         if self._draining.is_set():
-            raise errors.ServerDraining(
-                "the server is shutting down; reconnect (to another replica)",
-                {"instance_id": self._instance_id},
-            )
+            raise self._drain_error()
 
     @property
     def _limits(self) -> Limits:
@@ -199,20 +196,23 @@ class LeaseService:
                 metrics.keepalive_streams_broken += 1
 
         context.add_done_callback(count_end)
-        self._open_streams.add(asyncio.current_task())
+        handler = asyncio.current_task()
+        self._open_streams.add(handler)
+        guard = _StreamGuard(self._clock, self._config.keepalive_idle_timeout_s, self._draining)
         try:
             iterator = aiter(requests)
             while True:
-                request = await self._next_or_idle(iterator)
+                request = await guard.next(iterator, handler, self._drain_error)
                 if request is None:
                     half_closed = True
                     return
                 yield await self._keepalive_batch(request, stream_id, principal)
         finally:
+            guard.close()
             # The stream is gone whatever ended it; say so without waiting for the ttl.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._store.lease_detach_stream(stream_id))
-            self._open_streams.discard(asyncio.current_task())
+            self._open_streams.discard(handler)
 
     async def wait_streams_closed(self, timeout_s: float) -> None:
         """After the server stopped: let cancelled stream handlers finish their cleanup
@@ -221,36 +221,11 @@ class LeaseService:
         if pending:
             await asyncio.wait(pending, timeout=timeout_s)
 
-    async def _next_or_idle(
-        self, iterator: AsyncIterator[lease_pb2.KeepAliveRequest]
-    ) -> lease_pb2.KeepAliveRequest | None:
-        idle_s = self._config.keepalive_idle_timeout_s
-        next_message = asyncio.ensure_future(anext(iterator))
-        idle = asyncio.ensure_future(self._clock.sleep(idle_s))
-        drained = asyncio.ensure_future(self._draining.wait())
-        arrived = False
-        try:
-            await asyncio.wait({next_message, idle, drained}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            idle.cancel()
-            drained.cancel()
-            arrived = next_message.done()
-            if not arrived:
-                # Also when this handler is cancelled: no orphan task may outlive the stream.
-                next_message.cancel()
-            elif not next_message.cancelled():
-                next_message.exception()  # retrieved here, so asyncio never logs it as lost
-        if not arrived:
-            self._check_draining()
-            raise errors.KeepAliveIdle(
-                f"the keep-alive stream sent nothing for {idle_s:g}s; send renewals or "
-                "empty pings more often",
-                {"idle_timeout": f"{idle_s:g}s"},
-            )
-        try:
-            return next_message.result()
-        except StopAsyncIteration:
-            return None
+    def _drain_error(self) -> errors.TetherError:
+        return errors.ServerDraining(
+            "the server is shutting down; reconnect (to another replica)",
+            {"instance_id": self._instance_id},
+        )
 
     async def _keepalive_batch(
         self, request: lease_pb2.KeepAliveRequest, stream_id: str, principal: str
@@ -448,6 +423,76 @@ class LeaseService:
         finally:
             self._metrics.watch_streams_open -= 1
             self._open_streams.discard(asyncio.current_task())
+
+
+class _StreamGuard:
+    """Ends a KeepAlive stream that sends nothing (not even a ping) for ``idle_s``, or that
+    is open when the server drains. One watcher task per stream; a message costs a clock
+    read, not the three tasks a wait on "message, idle timer or drain" would. The watcher
+    cancels the handler only while it waits for a message, and the cancellation becomes
+    the reason's status (KEEPALIVE_IDLE, SERVER_DRAINING)."""
+
+    def __init__(self, clock: Clock, idle_s: float, draining: asyncio.Event) -> None:
+        self._clock = clock
+        self._idle_us = round(idle_s * MICROS)
+        self._idle_s = idle_s
+        self._draining = draining
+        self._last_us = clock.now_us()
+        self._waiting: asyncio.Task[Any] | None = None
+        self.reason: errors.TetherError | None = None
+        self._drain_error: Any = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def next(
+        self,
+        iterator: AsyncIterator[lease_pb2.KeepAliveRequest],
+        handler: asyncio.Task[Any] | None,
+        drain_error: Any,
+    ) -> lease_pb2.KeepAliveRequest | None:
+        if self._watcher is None:
+            self._drain_error = drain_error
+            self._watcher = asyncio.ensure_future(self._watch())
+        if self.reason is not None:
+            raise self.reason
+        self._waiting = handler
+        try:
+            request = await anext(iterator)
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            if self.reason is not None:
+                raise self.reason from None
+            raise
+        finally:
+            self._waiting = None
+        self._last_us = self._clock.now_us()
+        return request
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    async def _watch(self) -> None:
+        while True:
+            remaining_us = self._last_us + self._idle_us - self._clock.now_us()
+            if remaining_us <= 0:
+                self._end(
+                    errors.KeepAliveIdle(
+                        f"the keep-alive stream sent nothing for {self._idle_s:g}s; send "
+                        "renewals or empty pings more often",
+                        {"idle_timeout": f"{self._idle_s:g}s"},
+                    )
+                )
+                return
+            await _first_of(self._clock.sleep(remaining_us / MICROS), self._draining.wait())
+            if self._draining.is_set():
+                self._end(self._drain_error())
+                return
+
+    def _end(self, reason: errors.TetherError) -> None:
+        self.reason = reason
+        if self._waiting is not None:
+            self._waiting.cancel()
 
 
 def _count_fitting(messages: Sequence[Message], max_bytes: int) -> int:

@@ -30,9 +30,9 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class CommitterConfig:
-    # PostgreSQL keeps at most 64 subtransactions per transaction in shared memory; larger
-    # batches of savepoints slow every other session down.
-    max_batch: int = 64
+    # Units per transaction at most. Bigger batches share one commit (and fsync) among more
+    # writes; the cap bounds the latency of a batch and the memory of its results.
+    max_batch: int = 1024
 
 
 @dataclass

@@ -118,6 +118,11 @@ class Database:
             self.backend_impl = PgBackend(
                 dsn.render_as_string(hide_password=False), clock, notify_payload=self._payload
             )
+        if committer is None and not self.is_sqlite:
+            # A batch that needs one savepoint per unit (see pg_backend.py) has as many
+            # subtransactions; past 64 PostgreSQL overflows their cache for every session.
+            # Keep such batches moderate.
+            committer = CommitterConfig(max_batch=256)
         self.committer = Committer(
             self.backend_impl, committer, on_commit=self._on_commit, on_batch=self._on_batch
         )
