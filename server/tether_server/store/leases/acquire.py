@@ -70,8 +70,10 @@ _GRANT_PG = sql(
     """,
     sqlite="SELECT 1",
 )
-# A key never leased before: create its row and grant in one statement (one round trip on
-# PostgreSQL). Inserts nothing, and returns 0, when the key exists.
+# PostgreSQL, one round trip: a key never leased before gets its row and the grant (token
+# 1); an existing key is locked instead (the no-op update takes the row lock and waits for
+# a holder; RETURNING reads the row after the wait), and then its current lease (lock
+# order: key, then lease). ``xmax = 0`` tells an inserted row from an updated one.
 _CASTS = [
     "text",
     "text",
@@ -94,22 +96,29 @@ _CASTS = [
     "bigint",
 ]
 _TYPED = ", ".join(f"${i}::{t}" for i, t in enumerate(_CASTS, start=1))
-_GRANT_NEW_KEY_PG = sql(
+_CLAIM_KEY_PG = sql(
     f"""
     WITH k AS (
         INSERT INTO lease_keys (namespace, key, last_fencing_token, available_at_us,
                                 current_lease_id)
         VALUES ($2::text, $3::text, $7::bigint, 0, $1::text)
-        ON CONFLICT (namespace, key) DO NOTHING RETURNING 1
+        ON CONFLICT (namespace, key) DO UPDATE SET namespace = EXCLUDED.namespace
+        RETURNING (xmax = 0) AS inserted, last_fencing_token AS k_last_fencing_token,
+            available_at_us AS k_available_at_us, current_lease_id AS k_current_lease_id
     ),
-    l AS (INSERT INTO leases ({rows.COLUMNS}) SELECT {_TYPED} FROM k),
+    l AS (INSERT INTO leases ({rows.COLUMNS}) SELECT {_TYPED} FROM k WHERE k.inserted),
     r AS (
         INSERT INTO lease_requests (namespace, request_id, lease_id, fingerprint,
                                     created_at_us)
         SELECT $2::text, $17::text, $1::text, $20::text, $9::bigint FROM k
-        WHERE $17::text IS NOT NULL
+        WHERE k.inserted AND $17::text IS NOT NULL
+    ),
+    c AS (
+        SELECT {rows.COLUMNS} FROM leases
+        WHERE lease_id = (SELECT k_current_lease_id FROM k WHERE NOT k.inserted)
+        FOR UPDATE
     )
-    SELECT count(*) FROM k
+    SELECT k.*, c.* FROM k LEFT JOIN c ON true
     """,
     sqlite="SELECT 1",
 )
@@ -131,15 +140,22 @@ async def acquire(tx: Tx, p: AcquireParams) -> AcquireResult | Refuse:
         first = await _first_result(tx, p)
         if first is not None:
             return AcquireResult(rows.effective(first, tx.now_us), created=False)
-    granted = await _grant_new_key(tx, p)
-    if granted is not None:
-        return AcquireResult(granted, created=True)
-    key = await keys.lock(tx, p.namespace, p.key)
-    # Lock the current lease row too: renewals take only that lock, and the decision must
-    # see a renewal that committed after the key lock was granted.
-    current = await rows.get(tx, key.current_lease_id, lock=True) if key.current_lease_id else None
+    intent = AcquireIntent(p.holder, p.principal)
+    # The answer for a key never leased before, granted by the same statement that finds
+    # out whether the key is new.
+    fresh = decide_acquire(LeaseKey(p.namespace, p.key), None, intent, tx.now_us)
+    assert isinstance(fresh, Grant)
+    revision = await tx.next_revision()
+    lease = _new_lease(tx, p, fresh, revision)
+    claim = await _claim_key(tx, p, lease)
+    if claim is None:
+        await rows.record(tx, revision, "ACQUIRED", lease)
+        tx.note_deadline(lease.expires_at_us)
+        return AcquireResult(lease, created=True)
+    tx.unreserve_revision(revision)
+    key, current = claim
     tx.refresh_now()
-    decision = decide_acquire(key, current, AcquireIntent(p.holder, p.principal), tx.now_us)
+    decision = decide_acquire(key, current, intent, tx.now_us)
     if isinstance(decision, ReturnExisting):
         await _remember(tx, p, decision.lease.lease_id)
         return AcquireResult(decision.lease, created=False)
@@ -151,30 +167,34 @@ async def acquire(tx: Tx, p: AcquireParams) -> AcquireResult | Refuse:
     return AcquireResult(await _grant(tx, key, p, decision), created=True)
 
 
-async def _grant_new_key(tx: Tx, p: AcquireParams) -> Lease | None:
-    """The common case of a key never leased before, without a lock and a second look."""
-    fresh = LeaseKey(p.namespace, p.key)
-    decision = decide_acquire(fresh, None, AcquireIntent(p.holder, p.principal), tx.now_us)
-    assert isinstance(decision, Grant)
-    revision = await tx.next_revision()
-    lease = _new_lease(tx, p, decision, revision)
-    values = rows.lease_values(lease)
+async def _claim_key(
+    tx: Tx, p: AcquireParams, fresh: Lease
+) -> tuple[LeaseKey, Lease | None] | None:
+    """Grant ``fresh`` if the key was never leased (None), or lock the key and its current
+    lease: renewals take only the lease's lock, and the decision must see a renewal that
+    committed after the key lock was granted."""
+    values = rows.lease_values(fresh)
     if tx.is_pg:
         fingerprint = _fingerprint(p) if p.request_id is not None else None
-        created = int(await tx.fetchval(_GRANT_NEW_KEY_PG, *values, fingerprint)) == 1
-    else:
-        created = (
-            await tx.execute(_NEW_KEY, p.namespace, p.key, lease.fencing_token, lease.lease_id) == 1
+        row = await tx.fetchrow(_CLAIM_KEY_PG, *values, fingerprint)
+        assert row is not None
+        if row["inserted"]:
+            return None
+        key = LeaseKey(
+            namespace=p.namespace,
+            key=p.key,
+            last_fencing_token=row["k_last_fencing_token"],
+            available_at_us=row["k_available_at_us"],
+            current_lease_id=row["k_current_lease_id"],
         )
-        if created:
-            await tx.execute(_INSERT_LEASE, *values)
-            await _remember(tx, p, lease.lease_id)
-    if not created:
-        tx.unreserve_revision(revision)
+        return key, rows.row_to_lease(row) if row["lease_id"] is not None else None
+    if await tx.execute(_NEW_KEY, p.namespace, p.key, fresh.fencing_token, fresh.lease_id):
+        await tx.execute(_INSERT_LEASE, *values)
+        await _remember(tx, p, fresh.lease_id)
         return None
-    await rows.record(tx, revision, "ACQUIRED", lease)
-    tx.note_deadline(lease.expires_at_us)
-    return lease
+    key = await keys.lock(tx, p.namespace, p.key)
+    current = await rows.get(tx, key.current_lease_id, lock=True) if key.current_lease_id else None
+    return key, current
 
 
 def _new_lease(tx: Tx, p: AcquireParams, grant: Grant, revision: int) -> Lease:
