@@ -53,6 +53,8 @@ class LeaseServiceConfig:
     poll_interval_s: float = 1.0
     # A KeepAlive stream that sends nothing, not even a ping, for this long is closed.
     keepalive_idle_timeout_s: float = 120.0
+    # Messages of one KeepAlive stream in flight at once (read ahead of their answers).
+    keepalive_pipeline: int = 64
     watch_batch_size: int = 500
     # gRPC clients refuse messages over 4 MiB by default; stay well below.
     max_response_bytes: int = 1 << 20
@@ -199,20 +201,65 @@ class LeaseService:
         handler = asyncio.current_task()
         self._open_streams.add(handler)
         guard = _StreamGuard(self._clock, self._config.keepalive_idle_timeout_s, self._draining)
+        # Messages are pipelined: the next one is read and its renewals queued for the store
+        # while earlier ones commit, so one stream's messages share group-committed batches
+        # instead of waiting one commit each. Answers go out in request order.
+        answers: asyncio.Queue[asyncio.Future[lease_pb2.KeepAliveResponse] | None] = asyncio.Queue(
+            maxsize=self._config.keepalive_pipeline
+        )
+        reader = asyncio.ensure_future(
+            self._read_keepalives(aiter(requests), guard, answers, stream_id, principal)
+        )
         try:
-            iterator = aiter(requests)
             while True:
-                request = await guard.next(iterator, handler, self._drain_error)
-                if request is None:
+                answer = await answers.get()
+                if answer is None:
                     half_closed = True
                     return
-                yield await self._keepalive_batch(request, stream_id, principal)
+                yield await answer
         finally:
+            reader.cancel()
             guard.close()
+            while not answers.empty():
+                left = answers.get_nowait()
+                if left is not None:
+                    left.cancel()
+                    # Retrieved, so asyncio never logs an answer nobody will send as lost.
+                    left.add_done_callback(lambda f: f.cancelled() or f.exception())
             # The stream is gone whatever ended it; say so without waiting for the ttl.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._store.lease_detach_stream(stream_id))
             self._open_streams.discard(handler)
+
+    async def _read_keepalives(
+        self,
+        iterator: AsyncIterator[lease_pb2.KeepAliveRequest],
+        guard: _StreamGuard,
+        answers: asyncio.Queue[asyncio.Future[lease_pb2.KeepAliveResponse] | None],
+        stream_id: str,
+        principal: str,
+    ) -> None:
+        """Read messages and start each one's renewals; an error ends the stream after the
+        answers to the messages before it."""
+        reader = asyncio.current_task()
+        while True:
+            try:
+                request = await guard.next(iterator, reader, self._drain_error)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failed: asyncio.Future[lease_pb2.KeepAliveResponse] = (
+                    asyncio.get_running_loop().create_future()
+                )
+                failed.set_exception(exc)
+                await answers.put(failed)
+                return
+            if request is None:
+                await answers.put(None)
+                return
+            await answers.put(
+                asyncio.ensure_future(self._keepalive_batch(request, stream_id, principal))
+            )
 
     async def wait_streams_closed(self, timeout_s: float) -> None:
         """After the server stopped: let cancelled stream handlers finish their cleanup
