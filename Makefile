@@ -34,8 +34,19 @@ lint: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
 
+# Side by side with etcd and a store-less server; `make bench BENCH_ARGS=--quick` is a smoke run.
+# Without etcd (bench-setup failed) the bench still runs and says "etcd: unavailable".
 bench: $(STAMP)
+	-@$(MAKE) --no-print-directory bench-setup
 	$(BIN)/python -m tests.bench.load $(BENCH_ARGS)
+
+# Debian's etcd-server (/usr/bin/etcd) when missing, and etcd's Python stubs generated from
+# the etcd3 package's embedded descriptors into .bench/etcd_stubs (git-ignored).
+bench-setup: $(STAMP)
+	@command -v etcd >/dev/null || test -x /usr/bin/etcd || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server; }
+	$(BIN)/pip install --quiet --no-deps etcd3==0.12.0
+	$(BIN)/python -m tests.bench.etcd_stubs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,26 +1,49 @@
-"""Load benchmark for LeaseService against a real ``tether serve`` process.
+"""Lease hot paths of tether side by side with etcd and a store-less server, in one run.
 
-Run from the repository root::
+Run from the repository root (``make bench`` does, with ``BENCH_ARGS``)::
 
-    python -m tests.bench.load [--backend sqlite|postgres|both] [--duration SECONDS]
+    python -m tests.bench.load [--quick] [--scenarios grant,scale] [--targets etcd,tether-pg]
+                               [--duration S] [--scale-duration S] [--out results.jsonl]
 
-For each backend it starts its own server on a free loopback port (SQLite in a temporary
-file; PostgreSQL in a fresh database ``tether_bench_<hex>`` created on the admin URL from
-``TETHER_BENCH_POSTGRES_URL`` or ``TETHER_TEST_POSTGRES_URL`` and dropped afterwards), runs
-three scenarios and prints one JSON line per scenario on stdout:
+Every scenario runs against each target in turn, each target started fresh for it on
+127.0.0.1 and removed afterwards:
 
-- ``acquire``: Acquire calls per second from 64 concurrent callers over distinct keys.
-- ``keepalive``: renewals acknowledged per second, 1000 leases over 10 KeepAlive streams,
-  each stream sending all its 100 leases per request as fast as acknowledgements return.
-- ``expiry``: 500 leases with the minimum ttl (1 s) on the system clock; for every EXPIRED
-  event on a Watch, the delay between the lease's ``expires_at`` and the event's arrival.
-- ``client_keeper``: one ``TetherClient`` holds 1000 leases (ttl 3 s) through ``hold()``:
-  renewals acknowledged per second, streams and requests used, leases lost (should be 0),
-  and the smallest ``safe_until - now`` seen (how close any lease came to being declared lost).
-- ``client_loss``: a held lease (ttl 2 s), then the server is SIGKILLed: how long before the
-  server's deadline the client declared the loss (wall clock; should be at least the margin).
+- ``etcd``: single-node etcd 3.4 (Debian's etcd-server; ``make bench-setup``). Without the
+  binary or its generated stubs the run goes on and reports "etcd: unavailable".
+- ``noop``: ``tests.bench.noop_server``, tether's LeaseService answered from memory: the
+  ceiling for a Python gRPC server on this machine.
+- ``tether-sqlite``: ``tether serve`` on a SQLite file in a temporary directory.
+- ``tether-pg``: ``tether serve`` on a fresh PostgreSQL database ``tether_bench_<hex>`` (admin
+  URL from ``TETHER_BENCH_POSTGRES_URL`` / ``TETHER_TEST_POSTGRES_URL``, else the local
+  ``postgresql://postgres@127.0.0.1:5432/postgres`` when it answers), dropped afterwards.
 
-Everything is bounded in time and stays on 127.0.0.1; progress goes to stderr.
+Scenarios (one load generator for all targets; worker processes so the Python client is
+not the limit; the server's CPU per operation from /proc, since client and server share
+the machine's cores):
+
+- ``grant``: 64 callers (2 processes) granting back to back: etcd ``LeaseGrant``, tether
+  ``Acquire`` on fresh keys. grants/s, p50/p99 latency, server CPU µs per grant.
+- ``keepalive_single``: 1000 leases over 10 streams, one renewal per message, 32 messages
+  in flight per stream. Renewals acknowledged per second, round trip, CPU per renewal.
+- ``keepalive_batched``: the same leases, each message renewing all 100 leases of its stream
+  (the client's batching; etcd, which renews one lease per message, gets the 100 ids as a
+  burst of messages). Per-lease renewals acknowledged per second.
+- ``expiry_small`` / ``expiry_large``: 500 / 10 000 leases whose deadlines fall within one
+  second, never renewed: delay from each deadline to its expiry report (tether: ``Watch``
+  EXPIRED event; etcd: DELETE event of a key attached to the lease) p50/p99/max.
+- ``replicas``: two tether servers sharing one PostgreSQL database: grants/s with every
+  caller on one of them, then with the callers split over both.
+- ``scale``: 100 000 leases (ttl 20 s) held by 10 client processes through
+  ``TetherClient.hold()`` (etcd: the same renewal rule over its keep-alive stream) for
+  ``--scale-duration`` seconds: leases lost (must be 0), renewals/s, renewal
+  acknowledgement p99, server RSS, CPU per renewal.
+- ``client_loss`` (tether only): a held lease, then the server is SIGKILLed: how long before
+  the server's deadline the client declared the loss.
+
+Output: one JSON line per scenario and target on stdout (also appended to ``--out``), then
+a table with the ratios tether/etcd and tether/noop. Progress goes to stderr. Every run is
+bounded in time and count, and servers, temporary files and databases are removed even
+when a run fails or the benchmark is interrupted.
 """
 
 from __future__ import annotations
@@ -28,448 +51,439 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
-import os
-import secrets
-import shutil
+import platform
+import signal
+import socket
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import grpc
-from google.protobuf.duration_pb2 import Duration
+from tests.bench import etcd as etcd_mod
+from tests.bench.report import Record, shape, table
+from tests.bench.runner import run_workers
+from tests.bench.targets import Running, etcd_target, noop_target, pg_admin_url, tether_target
 
-from tests.support.server_process import ServerProcess
-from tether_client import HeldLease, TetherClient
-from tether_client.pb import lease_pb2, lease_pb2_grpc
-
-PG_ENV_VARS = ("TETHER_BENCH_POSTGRES_URL", "TETHER_TEST_POSTGRES_URL")
-BENCH_DB_PREFIX = "tether_bench_"
-
-ACQUIRE_CALLERS = 64
-KEEPALIVE_LEASES = 1000
-KEEPALIVE_STREAMS = 10
-EXPIRY_LEASES = 500
-EXPIRY_TTL_S = 1
-# Concurrency used to set up leases (not measured).
-SETUP_CONCURRENCY = 32
-# Channels the load is spread over (one HTTP/2 connection each).
-CHANNELS = 4
-# How long to wait, past the last deadline, for EXPIRED events before giving up.
-EXPIRY_WAIT_S = 30.0
-RPC_TIMEOUT_S = 30.0
+ALL_TARGETS = ("etcd", "noop", "tether-sqlite", "tether-pg")
+ALL_SCENARIOS = (
+    "grant",
+    "keepalive_single",
+    "keepalive_batched",
+    "expiry_small",
+    "expiry_large",
+    "replicas",
+    "scale",
+    "client_loss",
+)
+# Cores used by processes outside the benchmark above which a run is flagged as noisy.
+NOISE_CORES = 0.25
+BASE: dict[str, Any] = {
+    "channels": 1,
+    "rpc_timeout": 10.0,
+    "setup_timeout": 120.0,
+    "drain_timeout": 5.0,
+    "max_ops": 5_000_000,
+}
 
 
 def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+    stamp = datetime.datetime.now().strftime("%H:%M:%S")
+    print(f"[bench {stamp}] {message}", file=sys.stderr, flush=True)
 
 
-def emit(record: dict[str, Any]) -> None:
-    print(json.dumps(record, sort_keys=False), flush=True)
+@dataclass
+class Spec:
+    name: str
+    kind: str
+    title: str
+    cfg: dict[str, Any]
+    targets: tuple[str, ...] = ALL_TARGETS
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(fraction * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
-def ts_seconds(ts: Any) -> float:
-    return float(ts.seconds) + ts.nanos / 1e9
-
-
-# ---- databases ---------------------------------------------------------------------------
-
-
-def pg_admin_url() -> str | None:
-    for name in PG_ENV_VARS:
-        value = os.environ.get(name)
-        if value:
-            return value
-    return None
-
-
-def _with_database(admin_url: str, dbname: str) -> str:
-    parts = urlsplit(admin_url)
-    return urlunsplit(("postgresql", parts.netloc, f"/{dbname}", parts.query, ""))
-
-
-async def _pg_execute(admin_url: str, sql: str) -> None:
-    import asyncpg
-
-    parts = urlsplit(admin_url)
-    dsn = urlunsplit(("postgresql", parts.netloc, parts.path, parts.query, ""))
-    conn = await asyncpg.connect(dsn, timeout=10)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@contextlib.asynccontextmanager
-async def database(backend: str) -> AsyncIterator[str]:
-    """A fresh database URL for ``backend``, removed afterwards."""
-    if backend == "sqlite":
-        directory = tempfile.mkdtemp(prefix="tether-bench-")
-        try:
-            yield f"sqlite:///{Path(directory) / 'bench.db'}"
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-        return
-    admin = pg_admin_url()
-    if admin is None:
-        raise SystemExit(f"--backend postgres needs one of {', '.join(PG_ENV_VARS)}")
-    dbname = BENCH_DB_PREFIX + secrets.token_hex(6)
-    await _pg_execute(admin, f'CREATE DATABASE "{dbname}"')
-    try:
-        yield _with_database(admin, dbname)
-    finally:
-        await _pg_execute(admin, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-
-
-@contextlib.contextmanager
-def server(db_url: str, log_dir: Path) -> Iterator[ServerProcess]:
-    process = ServerProcess(db_url, extra_args=["--grace", "2s"], log_dir=log_dir, name="bench")
-    process.start()
-    try:
-        yield process
-    finally:
-        try:
-            process.terminate(timeout=15)
-        except RuntimeError as exc:
-            log(str(exc))
-
-
-# ---- clients -------------------------------------------------------------------------
-
-
-class Clients:
-    """A few channels to one server, handed out round-robin."""
-
-    def __init__(self, target: str, count: int = CHANNELS) -> None:
-        # A local subchannel pool per channel: one TCP connection each, not one shared.
-        self.channels = [
-            grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-            for _ in range(count)
-        ]
-        self.stubs = [lease_pb2_grpc.LeaseServiceStub(c) for c in self.channels]
-
-    def stub(self, index: int) -> lease_pb2_grpc.LeaseServiceStub:
-        return self.stubs[index % len(self.stubs)]
-
-    async def close(self) -> None:
-        for channel in self.channels:
-            await channel.close()
-
-
-async def acquire_many(
-    clients: Clients, keys: list[str], holder: str, ttl_s: int
-) -> list[lease_pb2.Lease]:
-    """Acquire every key (setup, not measured); returns the leases in key order."""
-    results: list[lease_pb2.Lease | None] = [None] * len(keys)
-    queue = iter(enumerate(keys))
-
-    async def worker(slot: int) -> None:
-        for index, key in queue:
-            response = await clients.stub(slot).Acquire(
-                lease_pb2.AcquireRequest(key=key, holder=holder, ttl=Duration(seconds=ttl_s)),
-                timeout=RPC_TIMEOUT_S,
-            )
-            results[index] = response.lease
-
-    await asyncio.gather(*(worker(slot) for slot in range(SETUP_CONCURRENCY)))
-    return [lease for lease in results if lease is not None]
-
-
-# ---- scenarios -----------------------------------------------------------------------
-
-
-async def scenario_acquire(clients: Clients, backend: str, duration: float) -> dict[str, Any]:
-    """64 callers, each acquiring fresh keys back to back for ``duration`` seconds."""
-    ok = 0
-    failed = 0
-    latencies: list[float] = []
-    deadline = time.monotonic() + duration
-
-    async def caller(index: int) -> None:
-        nonlocal ok, failed
-        stub = clients.stub(index)
-        sequence = 0
-        while time.monotonic() < deadline:
-            sequence += 1
-            request = lease_pb2.AcquireRequest(
-                key=f"bench/acquire/{index}/{sequence}",
-                holder=f"caller-{index}",
-                ttl=Duration(seconds=3600),
-            )
-            sent = time.monotonic()
-            try:
-                await stub.Acquire(request, timeout=RPC_TIMEOUT_S)
-            except grpc.aio.AioRpcError:
-                failed += 1
-                continue
-            latencies.append(time.monotonic() - sent)
-            ok += 1
-
-    started = time.monotonic()
-    await asyncio.gather(*(caller(i) for i in range(ACQUIRE_CALLERS)))
-    elapsed = time.monotonic() - started
-    return {
-        "scenario": "acquire",
-        "backend": backend,
-        "concurrency": ACQUIRE_CALLERS,
-        "duration_s": round(elapsed, 2),
-        "acquired": ok,
-        "errors": failed,
-        "acquires_per_s": round(ok / elapsed, 1),
-        "latency_p50_ms": round(percentile(latencies, 0.50) * 1000, 2) if latencies else None,
-        "latency_p99_ms": round(percentile(latencies, 0.99) * 1000, 2) if latencies else None,
+def build_specs(args: argparse.Namespace) -> list[Spec]:
+    quick = args.quick
+    duration = args.duration if args.duration is not None else (1.0 if quick else 10.0)
+    warmup = 0.3 if quick else 1.0
+    throughput = {"duration": duration, "warmup": warmup, "procs": 2}
+    grant = {**throughput, "concurrency": 64, "ttl": 600}
+    keepalive = {
+        **throughput,
+        "leases": 400 if quick else 1000,
+        "streams": 10,
+        "ttl": 600,
     }
-
-
-async def scenario_keepalive(clients: Clients, backend: str, duration: float) -> dict[str, Any]:
-    """1000 leases over 10 KeepAlive streams, 100 renewals per request, back to back."""
-    keys = [f"bench/keepalive/{i:04d}" for i in range(KEEPALIVE_LEASES)]
-    leases = await acquire_many(clients, keys, "keepalive-worker", 600)
-    per_stream = KEEPALIVE_LEASES // KEEPALIVE_STREAMS
-    acknowledged = 0
-    refused = 0
-    batches = 0
-    round_trips: list[float] = []
-
-    async def stream(index: int) -> None:
-        nonlocal acknowledged, refused, batches
-        mine = leases[index * per_stream : (index + 1) * per_stream]
-        renewals = [
-            lease_pb2.KeepAliveRenewal(lease_id=x.lease_id, fencing_token=x.fencing_token)
-            for x in mine
-        ]
-        call = clients.stub(index).KeepAlive()
-        sequence = 0
-        try:
-            while time.monotonic() < deadline:
-                sequence += 1
-                sent = time.monotonic()
-                await call.write(lease_pb2.KeepAliveRequest(sequence=sequence, renewals=renewals))
-                response = await asyncio.wait_for(call.read(), RPC_TIMEOUT_S)
-                if response is grpc.aio.EOF:
-                    raise RuntimeError(f"KeepAlive stream {index} ended: {await call.code()}")
-                round_trips.append(time.monotonic() - sent)
-                assert response.sequence == sequence
-                batches += 1
-                for result in response.results:
-                    if result.HasField("error"):
-                        refused += 1
-                    else:
-                        acknowledged += 1
-            await call.done_writing()
-        finally:
-            call.cancel()
-
-    started = time.monotonic()
-    deadline = started + duration
-    await asyncio.gather(*(stream(i) for i in range(KEEPALIVE_STREAMS)))
-    elapsed = time.monotonic() - started
-    return {
-        "scenario": "keepalive",
-        "backend": backend,
-        "leases": len(leases),
-        "streams": KEEPALIVE_STREAMS,
-        "renewals_per_request": per_stream,
-        "duration_s": round(elapsed, 2),
-        "requests": batches,
-        "renewals_acknowledged": acknowledged,
-        "renewals_refused": refused,
-        "renewals_per_s": round(acknowledged / elapsed, 1),
-        "request_p50_ms": round(percentile(round_trips, 0.50) * 1000, 2) if round_trips else None,
-        "request_p99_ms": round(percentile(round_trips, 0.99) * 1000, 2) if round_trips else None,
+    expiry = {
+        "procs": 1,
+        "min_ttl": 2,
+        "lead_s": 1.0 if quick else 1.5,
+        "setup_rate_factor": 0.6,
+        "expiry_timeout": 10.0 if quick else 30.0,
+        "setup_timeout": 300.0,
     }
-
-
-async def scenario_expiry(clients: Clients, backend: str) -> dict[str, Any]:
-    """500 leases with the minimum ttl; delay from expires_at to the EXPIRED event arriving."""
-    prefix = "bench/expiry/"
-    watch = clients.stub(0).Watch(lease_pb2.WatchRequest(key_prefix=prefix, start_revision=0))
-    first = await asyncio.wait_for(watch.read(), RPC_TIMEOUT_S)
-    if first is grpc.aio.EOF or first.events:
-        raise RuntimeError("the Watch did not confirm")
-
-    arrivals: dict[str, float] = {}
-    all_seen = asyncio.Event()
-
-    async def read_events() -> None:
-        while True:
-            response = await watch.read()
-            if response is grpc.aio.EOF:
-                return
-            now = time.time()
-            for event in response.events:
-                if event.type == lease_pb2.LEASE_EVENT_TYPE_EXPIRED:
-                    arrivals.setdefault(event.lease.lease_id, now)
-            if len(arrivals) >= EXPIRY_LEASES:
-                all_seen.set()
-
-    reader = asyncio.create_task(read_events())
-    try:
-        keys = [f"{prefix}{i:04d}" for i in range(EXPIRY_LEASES)]
-        setup_started = time.monotonic()
-        leases = await acquire_many(clients, keys, "expiry-worker", EXPIRY_TTL_S)
-        setup_s = time.monotonic() - setup_started
-        deadlines = {x.lease_id: ts_seconds(x.expires_at) for x in leases}
-        wait_until = max(deadlines.values()) + EXPIRY_WAIT_S
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(all_seen.wait(), max(0.0, wait_until - time.time()))
-    finally:
-        watch.cancel()
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-            await reader
-
-    delays_ms = [(arrivals[i] - deadlines[i]) * 1000 for i in deadlines if i in arrivals]
-    return {
-        "scenario": "expiry",
-        "backend": backend,
-        "leases": len(leases),
-        "ttl_s": EXPIRY_TTL_S,
-        "setup_s": round(setup_s, 2),
-        "expired_events": len(delays_ms),
-        "missing_events": len(deadlines) - len(delays_ms),
-        "delay_p50_ms": round(percentile(delays_ms, 0.50), 1) if delays_ms else None,
-        "delay_p99_ms": round(percentile(delays_ms, 0.99), 1) if delays_ms else None,
-        "delay_max_ms": round(max(delays_ms), 1) if delays_ms else None,
-        "delay_min_ms": round(min(delays_ms), 1) if delays_ms else None,
+    scale_leases = args.scale_leases or (400 if quick else 100_000)
+    scale = {
+        "procs": args.scale_procs or (2 if quick else 10),
+        "leases": scale_leases,
+        "ttl": args.scale_ttl or (3 if quick else 20),
+        "duration": args.scale_duration or (4.0 if quick else 120.0),
+        "setup_concurrency": 16,
+        "setup_timeout": 60.0 if quick else args.scale_setup_timeout,
+        "renew_fraction": 1 / 3,
+        "margin_fraction": 0.1,
+        "coalesce_fraction": 0.1,
+        # etcd's keeper: clientv3's loop (every 0.5 s, whatever is due, nothing early).
+        "etcd_tick": 0.5,
+        "etcd_coalesce_fraction": 0.0,
     }
+    small = 100 if quick else 500
+    large = 500 if quick else 10_000
+    k_ka = keepalive["leases"] // keepalive["streams"]
+    return [
+        Spec("grant", "grant", "grant (64 callers)", grant),
+        Spec(
+            "keepalive_single",
+            "keepalive",
+            f"keep-alive, 1 lease/msg ({keepalive['streams']}x{k_ka}, window 32)",
+            {**keepalive, "batch": 1, "window": 32},
+        ),
+        Spec(
+            "keepalive_batched",
+            "keepalive",
+            f"keep-alive, batched ({k_ka} leases/msg)",
+            {**keepalive, "batch": 0, "window": 1},
+        ),
+        Spec(
+            "expiry_small", "expiry", f"expiry, {small} leases in 1 s", {**expiry, "leases": small}
+        ),
+        Spec(
+            "expiry_large", "expiry", f"expiry, {large} leases in 1 s", {**expiry, "leases": large}
+        ),
+        Spec("replicas", "grant", "2 pg replicas, grants", grant, ("tether-pg",)),
+        Spec(
+            "scale",
+            "scale",
+            f"scale: {scale['leases']} held, ttl {scale['ttl']} s",
+            scale,
+        ),
+        Spec("client_loss", "client_loss", "client loss lead", {}, ("tether-sqlite", "tether-pg")),
+    ]
 
 
-async def scenario_client_keeper(target: str, backend: str, duration: float) -> dict[str, Any]:
-    """1000 leases held by one client's keeper for ``duration`` seconds."""
-    ttl = 3.0
-    async with TetherClient(target) as client, contextlib.AsyncExitStack() as stack:
-        gate = asyncio.Semaphore(SETUP_CONCURRENCY)
+def run_config(spec: Spec, running: Running, targets: list[str]) -> dict[str, Any]:
+    cfg = {**BASE, **spec.cfg}
+    cfg.update(scenario=spec.name, kind=spec.kind, api=running.api, targets=targets)
+    if spec.kind == "expiry":
+        cfg["measure_timeout"] = cfg["setup_timeout"] + cfg["lead_s"] + 1 + cfg["expiry_timeout"]
+    else:
+        cfg["measure_timeout"] = cfg["duration"] + 30
+    cfg["hard_limit_s"] = cfg["setup_timeout"] + cfg["measure_timeout"] + 120
+    return cfg
 
-        async def hold(i: int) -> HeldLease:
-            async with gate:
-                return await stack.enter_async_context(
-                    client.hold(f"bench/keeper/{i:05d}", ttl=ttl)
-                )
 
-        leases = await asyncio.gather(*(hold(i) for i in range(KEEPALIVE_LEASES)))
-        stats = client.keeper.stats
-        acked_before, requests_before = stats.renewals_acked, stats.requests_sent
-        min_slack = ttl
-        started = time.monotonic()
-        while time.monotonic() - started < duration:
-            now = client.clock.monotonic()
-            min_slack = min(min_slack, min(lease.safe_until - now for lease in leases))
-            await asyncio.sleep(0.05)
-        elapsed = time.monotonic() - started
-        return {
-            "scenario": "client_keeper",
-            "backend": backend,
-            "leases": len(leases),
-            "ttl_s": ttl,
-            "renewals_per_s": round((stats.renewals_acked - acked_before) / elapsed, 1),
-            "requests_per_s": round((stats.requests_sent - requests_before) / elapsed, 1),
-            "streams_opened": stats.streams_opened,
-            "leases_lost": stats.leases_lost,
-            "min_safe_slack_ms": round(min_slack * 1000, 1),
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    etcd_binary: str | None
+    pg_url: str | None
+    unavailable: dict[str, str] = field(default_factory=dict)
+    records: dict[tuple[str, str], Record] = field(default_factory=dict)
+    grant_rates: dict[str, float] = field(default_factory=dict)
+    host: dict[str, Any] = field(default_factory=dict)
+    failures: int = 0
+
+    @contextlib.contextmanager
+    def start(self, target: str, replicas: int = 1) -> Iterator[Running]:
+        if target == "etcd":
+            assert self.etcd_binary is not None
+            with etcd_target(self.etcd_binary) as running:
+                yield running
+        elif target == "noop":
+            with noop_target() as running:
+                yield running
+        else:
+            backend = "sqlite" if target == "tether-sqlite" else "postgres"
+            with tether_target(backend, self.pg_url, replicas) as running:
+                yield running
+
+    def emit(self, spec: Spec, target: str, running: Running | None, record: Record) -> None:
+        line: Record = {
+            "scenario": spec.name,
+            "target": target,
+            "ts": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            **record,
         }
+        params = {k: v for k, v in spec.cfg.items()}
+        line["params"] = params
+        if running is not None and running.info:
+            line["server"] = running.info
+        line["host"] = self.host
+        self.records[(spec.name, target)] = line
+        text = json.dumps(line, default=str)
+        print(text, flush=True)
+        if self.args.out:
+            with open(self.args.out, "a") as out:
+                out.write(text + "\n")
+        if "error" in record:
+            self.failures += 1
+            log(f"{spec.name} / {target}: FAILED: {record['error']}")
+            if record.get("trace"):
+                log(record["trace"])
+
+    def run(self, spec: Spec, target: str) -> None:
+        log(f"{spec.name} / {target}: starting")
+        running: Running | None = None
+        try:
+            if spec.name == "replicas":
+                with self.start(target, replicas=2) as running:
+                    record = self.run_replicas(spec, running)
+            elif spec.kind == "client_loss":
+                with self.start(target) as running:
+                    record = asyncio.run(client_loss(running))
+            else:
+                with self.start(target) as running:
+                    cfg = run_config(spec, running, running.targets)
+                    if spec.kind == "expiry":
+                        cfg["grant_rate"] = self.grant_rates.get(target)
+                    raw = run_workers(cfg, running.server_pids, running.store)
+                    record = shape(spec.kind, raw)
+        except Exception as exc:
+            record = {"error": f"{type(exc).__name__}: {exc}"}
+        if spec.name == "grant" and record.get("grants_per_s"):
+            self.grant_rates[target] = record["grants_per_s"]
+        self.emit(spec, target, running, record)
+        log(f"{spec.name} / {target}: done")
+
+    def run_replicas(self, spec: Spec, running: Running) -> Record:
+        record: Record = {}
+        for name, targets in (("one", running.targets[:1]), ("both", running.targets)):
+            cfg = run_config(spec, running, targets)
+            record[name] = shape("grant", run_workers(cfg, running.server_pids, running.store))
+            if "error" in record[name]:
+                return {"error": f"{name}: {record[name]['error']}", **record}
+        one, both = record["one"]["grants_per_s"], record["both"]["grants_per_s"]
+        record["both_over_one"] = round(both / one, 3) if one else None
+        return record
 
 
-async def scenario_client_loss(process: ServerProcess, backend: str) -> dict[str, Any]:
+async def client_loss(running: Running) -> Record:
     """SIGKILL the server under a held lease; the client must let go before the deadline."""
-    client = TetherClient(process.target)
-    async with client, client.hold("bench/loss", ttl=2.0) as lease:
-        await asyncio.sleep(1.0)  # a renewal or two go through first
-        process.kill()
-        killed = time.time()
-        await asyncio.wait_for(lease.wait_lost(), 10)
-        lost = time.time()
-        deadline = lease.expires_at.timestamp()
+    from tether_client import TetherClient
+
+    server = running.processes[0]
+    client = TetherClient(running.targets[0])
+    ttl = 2.0
+    async with asyncio.timeout(30):
+        async with client, client.hold("bench/loss", ttl=ttl) as lease:
+            await asyncio.sleep(1.0)  # a renewal or two go through first
+            server.kill()
+            killed = time.time()
+            await asyncio.wait_for(lease.wait_lost(), 10)
+            lost = time.time()
+            deadline = lease.expires_at.timestamp()
     return {
-        "scenario": "client_loss",
-        "backend": backend,
-        "ttl_s": 2.0,
+        "ttl_s": ttl,
         "lost_after_kill_ms": round((lost - killed) * 1000, 1),
         "lead_before_server_deadline_ms": round((deadline - lost) * 1000, 1),
     }
 
 
-# ---- driver --------------------------------------------------------------------------
+def host_info() -> dict[str, Any]:
+    model = None
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    import grpc
+
+    return {
+        "hostname": socket.gethostname(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+    }
 
 
-async def run_backend(backend: str, duration: float) -> None:
-    log_dir = Path(tempfile.mkdtemp(prefix="tether-bench-logs-"))
-    try:
-        async with database(backend) as url:
-            log(f"{backend}: starting tether serve")
-            with server(url, log_dir) as process:
-                clients = Clients(process.target)
-                try:
-                    log(f"{backend}: acquire ({duration:g} s, {ACQUIRE_CALLERS} callers)")
-                    emit(await scenario_acquire(clients, backend, duration))
-                    log(f"{backend}: keepalive ({duration:g} s, {KEEPALIVE_LEASES} leases)")
-                    emit(await scenario_keepalive(clients, backend, duration))
-                    log(f"{backend}: expiry ({EXPIRY_LEASES} leases, ttl {EXPIRY_TTL_S} s)")
-                    emit(await scenario_expiry(clients, backend))
-                    log(f"{backend}: client keeper ({duration:g} s, {KEEPALIVE_LEASES} leases)")
-                    emit(await scenario_client_keeper(process.target, backend, duration))
-                    log(f"{backend}: client loss (server SIGKILLed under a held lease)")
-                    emit(await scenario_client_loss(process, backend))
-                except BaseException:
-                    log(f"{backend}: server log tail:\n{process.log_tail(30)}")
-                    raise
-                finally:
-                    await clients.close()
-    finally:
-        shutil.rmtree(log_dir, ignore_errors=True)
+def checks(records: dict[tuple[str, str], Record]) -> list[str]:
+    """Outcomes that are wrong whatever the speed."""
+    out = []
+    for (scenario, target), record in records.items():
+        if "error" in record:
+            out.append(f"FAILED   {scenario} / {target}: {record['error']}")
+            continue
+        if scenario == "scale" and record.get("leases_lost"):
+            out.append(
+                f"LOST     {scenario} / {target}: {record['leases_lost']} leases lost "
+                f"(setup {record['lost_in_setup']}, window {record['lost_in_window']}); must be 0"
+            )
+        if scenario == "scale" and record.get("held") != record.get("params", {}).get("leases"):
+            out.append(f"PARTIAL  {scenario} / {target}: only {record.get('held')} leases held")
+        if scenario.startswith("expiry") and record.get("missing"):
+            out.append(f"MISSING  {scenario} / {target}: {record['missing']} expiries not reported")
+        if scenario.startswith("expiry") and record.get("outside_window"):
+            out.append(
+                f"SPREAD   {scenario} / {target}: {record['outside_window']} deadlines outside "
+                f"the 1 s window (setup slower than estimated)"
+            )
+        if record.get("errors"):
+            out.append(f"ERRORS   {scenario} / {target}: {record['errors']}")
+        other = max(
+            (
+                r.get("cpu", {}).get("other_cores", 0.0)
+                for r in (record, *record.values())
+                if isinstance(r, dict)
+            ),
+            default=0.0,
+        )
+        if other > NOISE_CORES:
+            out.append(
+                f"NOISY    {scenario} / {target}: other processes used {other:.2f} cores "
+                f"during the window"
+            )
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.bench.load", description="tether LeaseService load benchmark"
+        prog="python -m tests.bench.load",
+        description="tether lease hot paths side by side with etcd and a store-less server",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="shorten every scenario (smoke test, < 2 min)"
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(ALL_SCENARIOS),
+        help=f"comma-separated subset of {','.join(ALL_SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--targets",
+        default=",".join(ALL_TARGETS),
+        help=f"comma-separated subset of {','.join(ALL_TARGETS)}",
     )
     parser.add_argument(
         "--backend",
         choices=["sqlite", "postgres", "both"],
-        default="both" if pg_admin_url() else "sqlite",
-        help="default: both when a PostgreSQL URL is set, else sqlite",
+        help="tether targets only (older form of --targets; etcd and noop still run)",
     )
     parser.add_argument(
-        "--duration",
-        type=float,
-        default=5.0,
-        help="seconds per throughput scenario (default 5)",
+        "--duration", type=float, help="s per throughput window (default 10, quick 1)"
     )
+    parser.add_argument(
+        "--scale-duration", type=float, help="s of the scale run's window (default 120)"
+    )
+    parser.add_argument("--scale-leases", type=int, help="leases held in the scale run (100000)")
+    parser.add_argument("--scale-procs", type=int, help="client processes in the scale run (10)")
+    parser.add_argument("--scale-ttl", type=int, help="lease ttl in the scale run, s (20)")
+    parser.add_argument(
+        "--scale-setup-timeout",
+        type=float,
+        default=900.0,
+        help="bound on acquiring the scale run's leases, s (default 900); past it the run "
+        "goes on with the leases it holds and reports PARTIAL",
+    )
+    parser.add_argument("--etcd", help="etcd binary (default: etcd on PATH or /usr/bin/etcd)")
+    parser.add_argument("--out", help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
-    if not 0 < args.duration <= 300:
-        parser.error("--duration must be in (0, 300]")
+    args.scenario_list = [s for s in args.scenarios.split(",") if s]
+    args.target_list = [t for t in args.targets.split(",") if t]
+    if args.backend:
+        tether = {"sqlite": ["tether-sqlite"], "postgres": ["tether-pg"]}.get(
+            args.backend, ["tether-sqlite", "tether-pg"]
+        )
+        args.target_list = [t for t in args.target_list if not t.startswith("tether")] + tether
+    for name in args.scenario_list:
+        if name not in ALL_SCENARIOS:
+            parser.error(f"unknown scenario {name!r}")
+    for name in args.target_list:
+        if name not in ALL_TARGETS:
+            parser.error(f"unknown target {name!r}")
+    bounded: dict[str, tuple[float | None, float]] = {
+        "duration": (args.duration, 600),
+        "scale-duration": (args.scale_duration, 3600),
+        "scale-setup-timeout": (args.scale_setup_timeout, 3600),
+    }
+    for option, (value, limit) in bounded.items():
+        if value is not None and not 0 < value <= limit:
+            parser.error(f"--{option} must be in (0, {limit}]")
+    if args.scale_leases is not None and not 0 < args.scale_leases <= 1_000_000:
+        parser.error("--scale-leases must be in (0, 1000000]")
+    if args.scale_procs is not None and not 0 < args.scale_procs <= 32:
+        parser.error("--scale-procs must be in (0, 32]")
+    if args.scale_ttl is not None and not 2 <= args.scale_ttl <= 3600:
+        parser.error("--scale-ttl must be in [2, 3600]")
     return args
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
-    # A hard bound on the whole run, whatever happens.
-    budget = len(backends) * (3 * args.duration + EXPIRY_WAIT_S + 180)
-
-    async def run() -> None:
-        async with asyncio.timeout(budget):
-            for backend in backends:
-                await run_backend(backend, args.duration)
-
+    signal.signal(signal.SIGTERM, _interrupt)
+    etcd_binary = etcd_mod.find_etcd(args.etcd)
+    pg_url, pg_reason = pg_admin_url()
+    bench = Bench(args, etcd_binary, pg_url, host=host_info())
+    reason = etcd_mod.unavailable_reason(args.etcd)
+    if reason:
+        bench.unavailable["etcd"] = reason
+        log(f"etcd: unavailable ({reason})")
+    if pg_reason and "tether-pg" in args.target_list:
+        bench.unavailable["tether-pg"] = pg_reason
+        log(f"tether-pg: unavailable ({pg_reason})")
+    for target in ALL_TARGETS:
+        if target not in args.target_list:
+            bench.unavailable.setdefault(target, "not selected")
+    specs = [s for s in build_specs(args) if s.name in args.scenario_list]
+    started = time.monotonic()
     try:
-        asyncio.run(run())
-    except TimeoutError:
-        log(f"gave up after {budget:.0f} s")
-        return 1
-    return 0
+        for spec in specs:
+            for target in spec.targets:
+                if target in bench.unavailable:
+                    continue
+                bench.run(spec, target)
+    except KeyboardInterrupt:
+        log("interrupted; servers and databases were cleaned up")
+        return 130
+    finally:
+        log(f"finished in {time.monotonic() - started:.0f} s")
+    print_summary(bench, specs)
+    return 1 if bench.failures else 0
+
+
+def print_summary(bench: Bench, specs: list[Spec]) -> None:
+    titles = {s.name: s.title for s in specs}
+    today = datetime.date.today().isoformat()
+    print()
+    print(
+        f"tether lease benchmark, {today}, {bench.host.get('cpu_model')}, "
+        f"{bench.host.get('python')}, grpcio {bench.host.get('grpcio')}"
+    )
+    for target in ALL_TARGETS:
+        reason = bench.unavailable.get(target)
+        if reason and reason != "not selected":
+            print(f"{target.replace('tether-', 'tether ')}: unavailable ({reason})")
+    print(table(bench.records, titles, bench.unavailable, [s.name for s in specs]))
+    loss = [
+        f"{t}: lost {r.get('lost_after_kill_ms')} ms after the kill, "
+        f"{r.get('lead_before_server_deadline_ms')} ms before the server's deadline"
+        for (s, t), r in bench.records.items()
+        if s == "client_loss" and "error" not in r
+    ]
+    if loss:
+        print("client loss lead (ttl 2 s): " + "; ".join(loss))
+    problems = checks(bench.records)
+    if problems:
+        print("checks:")
+        for problem in problems:
+            print(f"  {problem}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

@@ -14,6 +14,7 @@ from tether_server.store.database import Database
 from tether_server.store.leases import rows
 from tether_server.store.leases.acquire import AcquireParams, AcquireResult, acquire
 from tether_server.store.leases.end import (
+    NEXT_DEADLINE,
     ExpiryResult,
     ReleaseParams,
     RevokeParams,
@@ -42,7 +43,6 @@ __all__ = [
 
 _DETACH = sql("UPDATE leases SET stream_id = NULL WHERE stream_id = $1")
 _DETACH_ALL = sql("UPDATE leases SET stream_id = NULL WHERE stream_id IS NOT NULL")
-_NEXT_DEADLINE = sql("SELECT min(expires_at_us) FROM leases WHERE state = 'ACTIVE'")
 _COUNT_ACTIVE = sql("SELECT count(*) FROM leases WHERE state = 'ACTIVE' AND expires_at_us > $1")
 
 
@@ -146,5 +146,5 @@ class LeaseStore:
         )
 
     async def lease_next_deadline(self) -> int | None:
-        value = await self.db.read(lambda tx: tx.fetchval(_NEXT_DEADLINE), snapshot=False)
+        value = await self.db.read(lambda tx: tx.fetchval(NEXT_DEADLINE), snapshot=False)
         return int(value) if value is not None else None

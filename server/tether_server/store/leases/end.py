@@ -40,7 +40,7 @@ _DUE = sql(
     f"SELECT {rows.COLUMNS} FROM leases WHERE state = 'ACTIVE' AND expires_at_us <= $1"
     " ORDER BY expires_at_us LIMIT $2 FOR UPDATE SKIP LOCKED"
 )
-_NEXT_DEADLINE = sql("SELECT min(expires_at_us) FROM leases WHERE state = 'ACTIVE'")
+NEXT_DEADLINE = sql("SELECT min(expires_at_us) FROM leases WHERE state = 'ACTIVE'")
 # FOR UPDATE locks the rows of both tables in the order they are named: the key first.
 _LOCK_KEY_AND_LEASE = sql(
     "SELECT k.last_fencing_token AS k_last_fencing_token,"
@@ -150,7 +150,7 @@ async def expire_due(tx: Tx, limit: int) -> ExpiryResult:
     expiring at once split the work (SKIP LOCKED) instead of queueing on rows."""
     due = [rows.row_to_lease(r) for r in await tx.fetch(_DUE, tx.now_us, limit)]
     expired = await end_leases(tx, due, LeaseState.EXPIRED)
-    next_deadline = await tx.fetchval(_NEXT_DEADLINE)
+    next_deadline = await tx.fetchval(NEXT_DEADLINE)
     return ExpiryResult(
         expired, int(next_deadline) if next_deadline is not None else None, tx.now_us
     )

@@ -77,39 +77,47 @@ class RenewUnit:
         return lambda tx: renew_merged(tx, units)
 
 
+# What a renewal decides on: the locked rows, without the parts only a refusal reports.
+_LOCK_FOR_RENEWAL = sql(
+    "SELECT lease_id, namespace, state, expires_at_us, fencing_token, principal FROM leases"
+    " WHERE lease_id = ANY($1::text[]) ORDER BY lease_id FOR UPDATE"
+)
+
+
 async def renew_merged(tx: Tx, units: Sequence[RenewUnit]) -> list[list[Outcome]]:
     """The outcomes of each unit's renewals, unit by unit, in order."""
     ids = sorted({r.lease_id for unit in units for r in unit.renewals})
     if not ids:
         return [[] for _ in units]
-    found = {
-        lease.lease_id: lease
-        for lease in (rows.row_to_lease(row) for row in await tx.fetch(rows.LOCK_MANY, ids))
-    }
+    locked = {row["lease_id"]: row for row in await tx.fetch(_LOCK_FOR_RENEWAL, ids)}
     now = tx.refresh_now()
+    active = LeaseState.ACTIVE.value
 
     def may_renew(namespace: str, r: Renewal) -> bool:
-        lease = found.get(r.lease_id)
+        row = locked.get(r.lease_id)
         return (
-            lease is not None
-            and lease.namespace == namespace
-            and lease.state is LeaseState.ACTIVE
-            and lease.expires_at_us > now
-            and lease.fencing_token == r.fencing_token
-            and lease.principal == r.principal
+            row is not None
+            and row["namespace"] == namespace
+            and row["state"] == active
+            and row["expires_at_us"] > now
+            and row["fencing_token"] == r.fencing_token
+            and row["principal"] == r.principal
         )
 
     # The stream each lease was last renewed on; progress, last value wins. Only a renewal
     # that itself succeeds may store either.
     streams: dict[str, str | None] = {}
     progress: dict[str, bytes] = {}
-    for unit in units:
-        for r in unit.renewals:
+    refused: list[tuple[int, int, RenewUnit, Renewal]] = []
+    for u, unit in enumerate(units):
+        for i, r in enumerate(unit.renewals):
             if may_renew(unit.namespace, r):
                 if r.lease_id not in streams or unit.stream_id is not None:
                     streams[r.lease_id] = unit.stream_id
                 if r.progress is not None:
                     progress[r.lease_id] = r.progress
+            else:
+                refused.append((u, i, unit, r))
     extended: dict[str, Row] = {}
     if streams:
         chosen = sorted(streams)
@@ -122,25 +130,33 @@ async def renew_merged(tx: Tx, units: Sequence[RenewUnit]) -> list[list[Outcome]
         extended = {row["lease_id"]: row for row in found_rows}
         if progress:
             await tx.executemany(_SET_PROGRESS, list(progress.items()))
+    # Refusals say why, from the whole lease (rare: read only for them).
+    reasons: dict[tuple[int, int], Outcome] = {}
+    if refused:
+        whole = {
+            lease.lease_id: lease
+            for lease in (
+                rows.row_to_lease(row)
+                for row in await tx.fetch(
+                    rows.SELECT_MANY, sorted({r.lease_id for _, _, _, r in refused})
+                )
+            )
+        }
+        for u, i, unit, r in refused:
+            reasons[u, i] = renewal_refusal(
+                whole.get(r.lease_id), r.lease_id, unit.namespace, r.fencing_token, r.principal, now
+            )
     results: list[list[Outcome]] = []
-    for unit in units:
+    for u, unit in enumerate(units):
         outcomes: list[Outcome] = []
-        for r in unit.renewals:
-            row = extended.get(r.lease_id) if may_renew(unit.namespace, r) else None
-            if row is not None:
-                outcomes.append(
-                    Renewed(r.lease_id, r.fencing_token, row["expires_at_us"], row["ttl_us"])
-                )
-            else:
-                outcomes.append(
-                    renewal_refusal(
-                        found.get(r.lease_id),
-                        r.lease_id,
-                        unit.namespace,
-                        r.fencing_token,
-                        r.principal,
-                        now,
-                    )
-                )
+        for i, r in enumerate(unit.renewals):
+            reason = reasons.get((u, i))
+            if reason is not None:
+                outcomes.append(reason)
+                continue
+            row = extended[r.lease_id]
+            outcomes.append(
+                Renewed(r.lease_id, r.fencing_token, row["expires_at_us"], row["ttl_us"])
+            )
         results.append(outcomes)
     return results

@@ -20,9 +20,6 @@ COLUMNS = (
 
 SELECT_BY_ID = sql(f"SELECT {COLUMNS} FROM leases WHERE lease_id = $1")
 LOCK_BY_ID = sql(f"SELECT {COLUMNS} FROM leases WHERE lease_id = $1 FOR UPDATE")
-LOCK_MANY = sql(
-    f"SELECT {COLUMNS} FROM leases WHERE lease_id = ANY($1::text[]) ORDER BY lease_id FOR UPDATE"
-)
 SELECT_MANY = sql(f"SELECT {COLUMNS} FROM leases WHERE lease_id = ANY($1::text[])")
 
 
