@@ -284,56 +284,41 @@ class LeaseService:
                 "renewals",
                 f"has {len(request.renewals)} entries; at most {limits.max_renewals_per_request}",
             )
-        results: list[lease_pb2.KeepAliveResult | None] = []
+        refusals: dict[int, errors.TetherError] = {}
         valid: list[Renewal] = []
         for index, item in enumerate(request.renewals):
-            prefix = f"renewals[{index}]"
             try:
-                renewal = Renewal(
-                    principal=principal,
-                    lease_id=validation.lease_id(item.lease_id, f"{prefix}.lease_id"),
-                    fencing_token=validation.fencing_token(
-                        item.fencing_token, f"{prefix}.fencing_token"
-                    ),
-                    progress=(
-                        validation.progress(item.progress, limits, f"{prefix}.progress")
-                        if item.HasField("progress")
-                        else None
-                    ),
-                )
-            except errors.InvalidField as exc:
-                # One bad entry fails alone; the stream and the other leases go on.
-                results.append(
-                    lease_pb2.KeepAliveResult(
-                        lease_id=item.lease_id,
-                        fencing_token=item.fencing_token,
-                        error=to_error_detail(exc),
-                    )
-                )
-                continue
-            results.append(None)
-            valid.append(renewal)
+                valid.append(_renewal(item, principal, limits))
+            except errors.InvalidField:
+                # One bad entry fails alone; the stream and the other leases go on. The
+                # field is named in full only now: the common case builds no names.
+                try:
+                    _renewal(item, principal, limits, f"renewals[{index}].")
+                except errors.InvalidField as named:
+                    refusals[index] = named
         outcomes = iter(await self._store.lease_renew_many(namespace, valid, stream_id))
         response = lease_pb2.KeepAliveResponse(sequence=request.sequence)
-        for entry, renewal_request in zip(results, request.renewals, strict=True):
-            if entry is None:
-                outcome = next(outcomes)
-                if isinstance(outcome, errors.TetherError):
-                    self._metrics.renewals_refused += 1
-                    entry = lease_pb2.KeepAliveResult(
-                        lease_id=renewal_request.lease_id,
-                        fencing_token=renewal_request.fencing_token,
-                        error=to_error_detail(outcome),
-                    )
-                else:
-                    self._metrics.renewals_ok += 1
-                    entry = lease_pb2.KeepAliveResult(
-                        lease_id=outcome.lease_id,
-                        fencing_token=outcome.fencing_token,
-                        expires_at=to_timestamp(outcome.expires_at_us),
-                        ttl=to_duration(outcome.ttl_us),
-                    )
-            response.results.append(entry)
+        renewed = 0
+        for index, item in enumerate(request.renewals):
+            entry = response.results.add()
+            outcome = refusals[index] if index in refusals else next(outcomes)
+            if isinstance(outcome, errors.TetherError):
+                entry.lease_id = item.lease_id
+                entry.fencing_token = item.fencing_token
+                entry.error.CopyFrom(to_error_detail(outcome))
+                continue
+            renewed += 1
+            entry.lease_id = outcome.lease_id
+            entry.fencing_token = outcome.fencing_token
+            # Set in place: no Timestamp or Duration objects per renewal.
+            seconds, micros = divmod(outcome.expires_at_us, MICROS)
+            entry.expires_at.seconds = seconds
+            entry.expires_at.nanos = micros * 1000
+            seconds, micros = divmod(outcome.ttl_us, MICROS)
+            entry.ttl.seconds = seconds
+            entry.ttl.nanos = micros * 1000
+        self._metrics.renewals_ok += renewed
+        self._metrics.renewals_refused += len(request.renewals) - renewed
         return response
 
     async def Release(
@@ -470,6 +455,22 @@ class LeaseService:
         finally:
             self._metrics.watch_streams_open -= 1
             self._open_streams.discard(asyncio.current_task())
+
+
+def _renewal(
+    item: lease_pb2.KeepAliveRenewal, principal: str, limits: Limits, prefix: str = ""
+) -> Renewal:
+    """The Renewal an entry asks for; InvalidField names its field after ``prefix``."""
+    return Renewal(
+        principal=principal,
+        lease_id=validation.lease_id(item.lease_id, prefix + "lease_id"),
+        fencing_token=validation.fencing_token(item.fencing_token, prefix + "fencing_token"),
+        progress=(
+            validation.progress(item.progress, limits, prefix + "progress")
+            if item.HasField("progress")
+            else None
+        ),
+    )
 
 
 class _StreamGuard:

@@ -36,19 +36,22 @@ class Renewed:
 # the batch, each with the stream it was renewed on (or its old one).
 _EXTEND = sql(
     """
-    UPDATE leases AS l SET renewed_at_us = GREATEST(l.renewed_at_us, $3),
-        expires_at_us = GREATEST(l.expires_at_us, $3 + l.ttl_us),
+    UPDATE leases AS l SET renewed_at_us = GREATEST(l.renewed_at_us, $2),
+        expires_at_us = GREATEST(l.expires_at_us, $2 + l.ttl_us),
         stream_id = COALESCE(v.stream_id, l.stream_id)
-    FROM unnest($1::text[], $2::text[]) AS v(lease_id, stream_id)
-    WHERE l.lease_id = v.lease_id AND l.state = 'ACTIVE' AND l.expires_at_us > $3
+    FROM unnest($1::text[], $3::text[]) AS v(lease_id, stream_id)
+    WHERE l.lease_id = v.lease_id AND l.state = 'ACTIVE' AND l.expires_at_us > $2
     RETURNING l.lease_id, l.expires_at_us, l.ttl_us
     """,
+    # The pairs come as one JSON array of [lease_id, stream_id].
     sqlite="""
-    UPDATE leases SET renewed_at_us = MAX(renewed_at_us, $3),
-        expires_at_us = MAX(expires_at_us, $3 + ttl_us),
-        stream_id = COALESCE($2, stream_id)
-    WHERE lease_id = $1 AND state = 'ACTIVE' AND expires_at_us > $3
-    RETURNING lease_id, expires_at_us, ttl_us
+    UPDATE leases SET renewed_at_us = MAX(renewed_at_us, $2),
+        expires_at_us = MAX(expires_at_us, $2 + ttl_us),
+        stream_id = COALESCE(v.stream_id, leases.stream_id)
+    FROM (SELECT json_extract(value, '$[0]') AS lease_id, json_extract(value, '$[1]') AS stream_id
+          FROM json_each($1)) AS v
+    WHERE leases.lease_id = v.lease_id AND state = 'ACTIVE' AND expires_at_us > $2
+    RETURNING leases.lease_id, expires_at_us, ttl_us
     """,
 )
 _SET_PROGRESS = sql("UPDATE leases SET progress = $2 WHERE lease_id = $1")
@@ -122,12 +125,10 @@ async def renew_merged(tx: Tx, units: Sequence[RenewUnit]) -> list[list[Outcome]
     if streams:
         chosen = sorted(streams)
         if tx.is_pg:
-            found_rows = await tx.fetch(_EXTEND, chosen, [streams[i] for i in chosen], now)
+            args: tuple[object, ...] = (chosen, now, [streams[i] for i in chosen])
         else:
-            found_rows = []
-            for lease_id in chosen:
-                found_rows.extend(await tx.fetch(_EXTEND, lease_id, streams[lease_id], now))
-        extended = {row["lease_id"]: row for row in found_rows}
+            args = ([[i, streams[i]] for i in chosen], now)
+        extended = {row["lease_id"]: row for row in await tx.fetch(_EXTEND, *args)}
         if progress:
             await tx.executemany(_SET_PROGRESS, list(progress.items()))
     # Refusals say why, from the whole lease (rare: read only for them).
