@@ -91,8 +91,9 @@ class TetherServer:
             # One server process per SQLite file.
             self.leadership = AlwaysLeader(on_change=self._on_leadership)
         self.runner = Runner(self.clock, self.leadership, on_run=self.metrics.task_run)
+        # The store's clock: deadlines are judged by it (the database's on PostgreSQL).
         self.expiry = ExpiryLoop(
-            self.leases, self.clock, config.expiry, on_lag=self.metrics.expiry_lag
+            self.leases, self.db.clock, config.expiry, on_lag=self.metrics.expiry_lag
         )
         self.expiry.attach(self.runner)
         self._add_tasks()

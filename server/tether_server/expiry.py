@@ -117,7 +117,10 @@ class ExpiryLoop:
                     self._on_lag(max(0, batch.now_us - lease.expires_at_us) / MICROS)
             if len(batch.expired) < cfg.batch_size:
                 if batch.next_deadline_us is not None:
-                    until = (batch.next_deadline_us - batch.now_us) / MICROS
+                    # From now, not from the pass's start: the pass itself took time. The
+                    # clock is the store's (the database's, followed locally, on PostgreSQL).
+                    now_us = max(batch.now_us, self._clock.now_us())
+                    until = (batch.next_deadline_us - now_us) / MICROS
                     # A deadline already past that this pass could not take is locked by
                     # another transaction (an acquire, another replica): do not spin on it.
                     floor = cfg.min_interval_s if until <= 0 else 0.0

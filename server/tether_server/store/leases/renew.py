@@ -42,17 +42,19 @@ _EXTEND = sql(
     FROM unnest($1::text[], $3::text[]) AS v(lease_id, stream_id)
     WHERE l.lease_id = v.lease_id AND l.state = 'ACTIVE' AND l.expires_at_us > $2
     RETURNING l.lease_id, l.expires_at_us, l.ttl_us
-    """,
-    # The pairs come as one JSON array of [lease_id, stream_id].
-    sqlite="""
+    """
+)
+# SQLite: the same update per lease through one prepared statement (executemany), then one
+# read of the results; the batch holds the whole database, so nothing moves in between.
+_EXTEND_ONE = sql(
+    """
     UPDATE leases SET renewed_at_us = MAX(renewed_at_us, $2),
-        expires_at_us = MAX(expires_at_us, $2 + ttl_us),
-        stream_id = COALESCE(v.stream_id, leases.stream_id)
-    FROM (SELECT json_extract(value, '$[0]') AS lease_id, json_extract(value, '$[1]') AS stream_id
-          FROM json_each($1)) AS v
-    WHERE leases.lease_id = v.lease_id AND state = 'ACTIVE' AND expires_at_us > $2
-    RETURNING leases.lease_id, expires_at_us, ttl_us
-    """,
+        expires_at_us = MAX(expires_at_us, $2 + ttl_us), stream_id = COALESCE($3, stream_id)
+    WHERE lease_id = $1 AND state = 'ACTIVE' AND expires_at_us > $2
+    """
+)
+_EXTENDED = sql(
+    "SELECT lease_id, expires_at_us, ttl_us FROM leases WHERE lease_id = ANY($1::text[])"
 )
 _SET_PROGRESS = sql("UPDATE leases SET progress = $2 WHERE lease_id = $1")
 
@@ -125,10 +127,11 @@ async def renew_merged(tx: Tx, units: Sequence[RenewUnit]) -> list[list[Outcome]
     if streams:
         chosen = sorted(streams)
         if tx.is_pg:
-            args: tuple[object, ...] = (chosen, now, [streams[i] for i in chosen])
+            found = await tx.fetch(_EXTEND, chosen, now, [streams[i] for i in chosen])
         else:
-            args = ([[i, streams[i]] for i in chosen], now)
-        extended = {row["lease_id"]: row for row in await tx.fetch(_EXTEND, *args)}
+            await tx.executemany(_EXTEND_ONE, [(i, now, streams[i]) for i in chosen])
+            found = await tx.fetch(_EXTENDED, chosen)
+        extended = {row["lease_id"]: row for row in found}
         if progress:
             await tx.executemany(_SET_PROGRESS, list(progress.items()))
     # Refusals say why, from the whole lease (rare: read only for them).
