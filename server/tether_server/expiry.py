@@ -117,14 +117,16 @@ class ExpiryLoop:
                     self._on_lag(max(0, batch.now_us - lease.expires_at_us) / MICROS)
             if len(batch.expired) < cfg.batch_size:
                 if batch.next_deadline_us is not None:
-                    # From now, not from the pass's start: the pass itself took time. The
-                    # clock is the store's (the database's, followed locally, on PostgreSQL).
-                    now_us = max(batch.now_us, self._clock.now_us())
-                    until = (batch.next_deadline_us - now_us) / MICROS
-                    # A deadline already past that this pass could not take is locked by
-                    # another transaction (an acquire, another replica): do not spin on it.
-                    floor = cfg.min_interval_s if until <= 0 else 0.0
-                    result.sleep_s = min(cfg.max_interval_s, max(floor, until))
+                    if batch.next_deadline_us <= batch.now_us:
+                        # Due when this pass ran, yet not taken: locked by another
+                        # transaction (an acquire, another replica). Do not spin on it.
+                        result.sleep_s = cfg.min_interval_s
+                    else:
+                        # Counted from now, not from the pass's start: the pass took time.
+                        # The clock is the store's (the database's, on PostgreSQL).
+                        now_us = max(batch.now_us, self._clock.now_us())
+                        until = max(0.0, (batch.next_deadline_us - now_us) / MICROS)
+                        result.sleep_s = min(cfg.max_interval_s, until)
                 return result
         result.backlog = True
         result.sleep_s = 0.0
