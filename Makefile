@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LISTEN ?= 127.0.0.1:50051
 DB ?= sqlite:///./tether.db
 
-.PHONY: serve test lint proto proto-check bench migrate clean
+.PHONY: serve test lint proto proto-check bench bench-setup migrate clean
 
 $(STAMP): pyproject.toml client/pyproject.toml server/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
