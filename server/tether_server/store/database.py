@@ -28,6 +28,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from tether_server.clock import Clock
 from tether_server.domain.errors import StoreUnavailable
@@ -35,6 +36,7 @@ from tether_server.store import events
 from tether_server.store.batch import BatchResult, Unit
 from tether_server.store.committer import Committer, CommitterConfig
 from tether_server.store.pg_backend import PgBackend
+from tether_server.store.sql import sql
 from tether_server.store.sqlite_backend import SqliteBackend
 from tether_server.store.tx import Event
 
@@ -45,6 +47,7 @@ T = TypeVar("T")
 _MIGRATION_LOCK_ID = 0x7E7E_E12
 # NOTIFY payloads are limited to 8000 bytes; past this, a notification says "everything".
 _MAX_NOTIFY_BYTES = 7000
+_DB_NOW = sql("SELECT (extract(epoch from clock_timestamp()) * 1000000)::bigint")
 
 
 def normalize_url(url: str) -> str:
@@ -157,16 +160,13 @@ class Database:
             backend = self.backend_impl
 
             async def read_db_us() -> int:
-                from tether_server.store.sql import sql
-
-                stmt = sql("SELECT (extract(epoch from clock_timestamp()) * 1000000)::bigint")
-                return int(await backend.read(lambda tx: tx.fetchval(stmt), snapshot=False))
+                return int(await backend.read(lambda tx: tx.fetchval(_DB_NOW), snapshot=False))
 
             await self.db_clock.sync(read_db_us)
 
     async def migrate(self) -> None:
         """Apply every Alembic migration not yet applied (idempotent)."""
-        engine = create_async_engine(self.url, poolclass=_null_pool())
+        engine = create_async_engine(self.url, poolclass=NullPool)
         if self.is_sqlite:
             _begin_immediate(engine.sync_engine)
         try:
@@ -224,12 +224,6 @@ def _begin_immediate(engine: Any) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def _null_pool() -> Any:
-    from sqlalchemy.pool import NullPool
-
-    return NullPool
 
 
 def _upgrade_to_head(sync_conn: Connection) -> None:

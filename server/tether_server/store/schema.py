@@ -1,4 +1,5 @@
-"""Table definitions. The Alembic migrations create them; this module is what queries use.
+"""Table definitions, in step with the Alembic migrations (a test compares them). Queries
+are plain SQL (store/sql.py); this module documents the schema and checks the migrations.
 
 Times are BIGINT microseconds since the epoch (UTC) so SQLite and PostgreSQL compare and
 order them identically.
