@@ -151,9 +151,6 @@ class Database:
         head = await self.read(events.header, snapshot=False)
         return head.current, head.compacted
 
-    async def ping(self) -> None:
-        await self.current_revision()
-
     async def sync_clock(self) -> None:
         """PostgreSQL without an injected clock: re-read the database's clock."""
         if self.db_clock is not None and isinstance(self.backend_impl, PgBackend):
