@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import DbFactory
+from tests.support.step_clock import StepClock
 from tether_server.clock import FakeClock
 from tether_server.runtime import AlwaysLeader, PgAdvisoryLeader
 from tether_server.runtime.leader import asyncpg_dsn
@@ -26,26 +27,6 @@ from tether_server.runtime.leader import asyncpg_dsn
 SAFETY_S = 10.0
 INTERVAL_S = 0.5
 ROUNDS = 5
-
-
-class StepClock(FakeClock):
-    """A FakeClock that records each sleep request: a sleeping elector finished a step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sleeps: list[float] = []
-        self._slept = asyncio.Event()
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self._slept.set()
-        self._slept = asyncio.Event()
-        await super().sleep(seconds)
-
-    async def asleep(self, count: int) -> None:
-        async with asyncio.timeout(SAFETY_S):
-            while len(self.sleeps) < count:
-                await self._slept.wait()
 
 
 class Elector:

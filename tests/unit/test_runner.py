@@ -13,33 +13,12 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from tests.support.step_clock import StepClock
 from tether_server.clock import MICROS, FakeClock
 from tether_server.runtime import AlwaysLeader, Runner, TaskSpec
 
 # Only a bound against hangs; no assertion here depends on how fast anything runs.
 SAFETY_S = 5.0
-
-
-class StepClock(FakeClock):
-    """A FakeClock that records each sleep request, so a test knows a task is asleep."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sleeps: list[float] = []
-        self._slept = asyncio.Event()
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self._slept.set()
-        self._slept = asyncio.Event()
-        await super().sleep(seconds)
-
-    async def asleep(self, count: int) -> float:
-        """Wait until ``count`` sleeps have been requested; return the last one."""
-        async with asyncio.timeout(SAFETY_S):
-            while len(self.sleeps) < count:
-                await self._slept.wait()
-        return self.sleeps[count - 1]
 
 
 class Pass:
