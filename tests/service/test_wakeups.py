@@ -13,6 +13,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
+from tests.conftest import DbFactory
 from tether_client.pb import lease_pb2, lease_pb2_grpc
 from tether_server.app import TetherServer
 from tether_server.clock import FakeClock
@@ -27,11 +28,11 @@ HOUR_S = 3600.0
 
 @pytest.fixture
 async def two_replicas(
-    db_factory: object, fake_clock: FakeClock
+    db_factory: DbFactory, fake_clock: FakeClock
 ) -> AsyncIterator[tuple[list[lease_pb2_grpc.LeaseServiceStub], asyncio.Event]]:
     """Two servers on one database; the event is set when the second refuses an Acquire.
     The fake clock never moves, so a waiting Acquire's timers never fire either."""
-    url = db_factory("postgres")  # type: ignore[operator]
+    url = db_factory("postgres")
     servers: list[TetherServer] = []
     channels: list[grpc.aio.Channel] = []
     try:

@@ -53,6 +53,15 @@ else:
     _ServerInterceptor = grpc.aio.ServerInterceptor
 
 
+# (request streaming, response streaming) -> the handler's behavior and its factory.
+_KINDS: dict[tuple[bool, bool], tuple[str, Callable[..., Handler]]] = {
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+}
+
+
 class RpcMetricsInterceptor(_ServerInterceptor):
     """Records ``tether_rpc_total{service,method,code}`` and ``tether_rpc_seconds``."""
 
@@ -80,33 +89,11 @@ class RpcMetricsInterceptor(_ServerInterceptor):
     def _wrap(self, path: str, handler: Handler) -> Handler:
         service, _, method = path.lstrip("/").rpartition("/")
         stats = self._metrics.rpc(service, method)
-        if handler.request_streaming and handler.response_streaming:
-            behavior = _instrument(handler.stream_stream, stats)
-            if behavior is None:
-                return handler
-            return grpc.stream_stream_rpc_method_handler(
-                behavior, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.request_streaming:
-            behavior = _instrument(handler.stream_unary, stats)
-            if behavior is None:
-                return handler
-            return grpc.stream_unary_rpc_method_handler(
-                behavior, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.response_streaming:
-            behavior = _instrument(handler.unary_stream, stats)
-            if behavior is None:
-                return handler
-            return grpc.unary_stream_rpc_method_handler(
-                behavior, handler.request_deserializer, handler.response_serializer
-            )
-        behavior = _instrument(handler.unary_unary, stats)
+        attribute, make = _KINDS[handler.request_streaming, handler.response_streaming]
+        behavior = _instrument(getattr(handler, attribute), stats)
         if behavior is None:
             return handler
-        return grpc.unary_unary_rpc_method_handler(
-            behavior, handler.request_deserializer, handler.response_serializer
-        )
+        return make(behavior, handler.request_deserializer, handler.response_serializer)
 
 
 class _Call:
