@@ -18,7 +18,7 @@ once.** That holds for
 - creates that carry an id the client chose: ``CreateSaga`` with a ``saga_id``,
   ``CreateObject`` (its ``request_id``, generated when empty);
 - compare-and-set writes: ``UpdateObject`` with a ``resource_version``;
-- writes idempotent by design (per the proto): ``Heartbeat`` (a renewal that stores the
+- writes idempotent by design (per the proto): ``HeartbeatSaga`` (a renewal that stores the
   same progress), ``DeleteObject``, ``RemoveFinalizer`` unless it records a refusal
   (each refusal is appended to the object's history), and ``RunSweep`` with ``dry_run``.
 
@@ -133,11 +133,13 @@ class SagasClient(_ServiceClient):
     ) -> saga_pb2.RecordStepResponse:
         return await self._unary(lambda e: e.saga.RecordStep, request, safe=False, timeout=timeout)
 
-    async def heartbeat(
-        self, request: saga_pb2.HeartbeatRequest, *, timeout: float | None = None
-    ) -> saga_pb2.HeartbeatResponse:
+    async def heartbeat_saga(
+        self, request: saga_pb2.HeartbeatSagaRequest, *, timeout: float | None = None
+    ) -> saga_pb2.HeartbeatSagaResponse:
         """Store progress and renew the claim's lease (retried, like ``Renew``)."""
-        return await self._unary(lambda e: e.saga.Heartbeat, request, safe=True, timeout=timeout)
+        return await self._unary(
+            lambda e: e.saga.HeartbeatSaga, request, safe=True, timeout=timeout
+        )
 
     async def complete_saga(
         self, request: saga_pb2.CompleteSagaRequest, *, timeout: float | None = None

@@ -78,6 +78,20 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND: no object with this name or uid."""
     ERROR_REASON_NOTHING_CLAIMABLE: _ErrorReason.ValueType  # 25
     """FAILED_PRECONDITION: nothing is claimable right now."""
+    ERROR_REASON_INVALID_SAGA_STATE: _ErrorReason.ValueType  # 26
+    """FAILED_PRECONDITION: the saga is not in a state that allows this call (e.g. a step on
+    a COMPENSATING saga, or a claim ended by a cancel); metadata "state".
+    """
+    ERROR_REASON_STEP_NOT_FOUND: _ErrorReason.ValueType  # 27
+    """NOT_FOUND: the saga has no step (or compensation) with this index; metadata "step_index"."""
+    ERROR_REASON_STEP_CONFLICT: _ErrorReason.ValueType  # 28
+    """FAILED_PRECONDITION: the step record conflicts with the log (another name at this
+    index, or a status it cannot move to); metadata "step_index".
+    """
+    ERROR_REASON_COMPENSATION_OUT_OF_ORDER: _ErrorReason.ValueType  # 29
+    """FAILED_PRECONDITION: compensations run in reverse step order; metadata "next_step_index"."""
+    ERROR_REASON_SAGA_CLAIMED: _ErrorReason.ValueType  # 30
+    """FAILED_PRECONDITION: the saga is claimed by a live lease; metadata "holder"."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every reason tether puts in google.rpc.ErrorInfo (domain "tether.dev").
@@ -136,6 +150,20 @@ ERROR_REASON_OBJECT_NOT_FOUND: ErrorReason.ValueType  # 24
 """NOT_FOUND: no object with this name or uid."""
 ERROR_REASON_NOTHING_CLAIMABLE: ErrorReason.ValueType  # 25
 """FAILED_PRECONDITION: nothing is claimable right now."""
+ERROR_REASON_INVALID_SAGA_STATE: ErrorReason.ValueType  # 26
+"""FAILED_PRECONDITION: the saga is not in a state that allows this call (e.g. a step on
+a COMPENSATING saga, or a claim ended by a cancel); metadata "state".
+"""
+ERROR_REASON_STEP_NOT_FOUND: ErrorReason.ValueType  # 27
+"""NOT_FOUND: the saga has no step (or compensation) with this index; metadata "step_index"."""
+ERROR_REASON_STEP_CONFLICT: ErrorReason.ValueType  # 28
+"""FAILED_PRECONDITION: the step record conflicts with the log (another name at this
+index, or a status it cannot move to); metadata "step_index".
+"""
+ERROR_REASON_COMPENSATION_OUT_OF_ORDER: ErrorReason.ValueType  # 29
+"""FAILED_PRECONDITION: compensations run in reverse step order; metadata "next_step_index"."""
+ERROR_REASON_SAGA_CLAIMED: ErrorReason.ValueType  # 30
+"""FAILED_PRECONDITION: the saga is claimed by a live lease; metadata "holder"."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

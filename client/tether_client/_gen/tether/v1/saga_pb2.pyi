@@ -8,6 +8,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -61,18 +62,28 @@ class _OnStalePolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OnStale
     DESCRIPTOR: _descriptor.EnumDescriptor
     ON_STALE_POLICY_UNSPECIFIED: _OnStalePolicy.ValueType  # 0
     ON_STALE_POLICY_REQUEUE: _OnStalePolicy.ValueType  # 1
-    """Claimable again; the next worker sees the step log and progress and resumes."""
+    """Claimable again; the next worker sees the step log and progress and resumes. Once
+    max_attempts claims have gone stale, the saga compensates instead.
+    """
     ON_STALE_POLICY_COMPENSATE: _OnStalePolicy.ValueType  # 2
+    """A stale RUNNING saga goes to COMPENSATING (FAILED when nothing to compensate)."""
     ON_STALE_POLICY_QUARANTINE: _OnStalePolicy.ValueType  # 3
+    """A stale saga goes to QUARANTINED for an operator."""
 
 class OnStalePolicy(_OnStalePolicy, metaclass=_OnStalePolicyEnumTypeWrapper):
-    """What happens to a RUNNING or COMPENSATING saga whose lease is no longer live."""
+    """What happens to a RUNNING or COMPENSATING saga whose claim lease is no longer live.
+    Unspecified means REQUEUE.
+    """
 
 ON_STALE_POLICY_UNSPECIFIED: OnStalePolicy.ValueType  # 0
 ON_STALE_POLICY_REQUEUE: OnStalePolicy.ValueType  # 1
-"""Claimable again; the next worker sees the step log and progress and resumes."""
+"""Claimable again; the next worker sees the step log and progress and resumes. Once
+max_attempts claims have gone stale, the saga compensates instead.
+"""
 ON_STALE_POLICY_COMPENSATE: OnStalePolicy.ValueType  # 2
+"""A stale RUNNING saga goes to COMPENSATING (FAILED when nothing to compensate)."""
 ON_STALE_POLICY_QUARANTINE: OnStalePolicy.ValueType  # 3
+"""A stale saga goes to QUARANTINED for an operator."""
 Global___OnStalePolicy: _TypeAlias = OnStalePolicy  # noqa: Y015
 
 class _ClaimPurpose:
@@ -83,13 +94,17 @@ class _ClaimPurposeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ClaimPur
     DESCRIPTOR: _descriptor.EnumDescriptor
     CLAIM_PURPOSE_UNSPECIFIED: _ClaimPurpose.ValueType  # 0
     CLAIM_PURPOSE_EXECUTE: _ClaimPurpose.ValueType  # 1
+    """PLANNED sagas whose not_before has come, and stale RUNNING sagas that requeue."""
     CLAIM_PURPOSE_COMPENSATE: _ClaimPurpose.ValueType  # 2
+    """COMPENSATING sagas without a live claim."""
 
 class ClaimPurpose(_ClaimPurpose, metaclass=_ClaimPurposeEnumTypeWrapper): ...
 
 CLAIM_PURPOSE_UNSPECIFIED: ClaimPurpose.ValueType  # 0
 CLAIM_PURPOSE_EXECUTE: ClaimPurpose.ValueType  # 1
+"""PLANNED sagas whose not_before has come, and stale RUNNING sagas that requeue."""
 CLAIM_PURPOSE_COMPENSATE: ClaimPurpose.ValueType  # 2
+"""COMPENSATING sagas without a live claim."""
 Global___ClaimPurpose: _TypeAlias = ClaimPurpose  # noqa: Y015
 
 class _StepStatus:
@@ -121,8 +136,11 @@ class _CompensationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Co
     COMPENSATION_STATUS_PENDING: _CompensationStatus.ValueType  # 1
     COMPENSATION_STATUS_SUCCEEDED: _CompensationStatus.ValueType  # 2
     COMPENSATION_STATUS_FAILED: _CompensationStatus.ValueType  # 3
+    """The last attempt failed; attempts are left."""
     COMPENSATION_STATUS_EXHAUSTED: _CompensationStatus.ValueType  # 4
-    """Failed max_attempts times."""
+    """Failed max_attempts times: the saga is QUARANTINED."""
+    COMPENSATION_STATUS_MANUAL: _CompensationStatus.ValueType  # 5
+    """An operator marked it done by hand (MarkStepCompensated)."""
 
 class CompensationStatus(_CompensationStatus, metaclass=_CompensationStatusEnumTypeWrapper): ...
 
@@ -130,9 +148,37 @@ COMPENSATION_STATUS_UNSPECIFIED: CompensationStatus.ValueType  # 0
 COMPENSATION_STATUS_PENDING: CompensationStatus.ValueType  # 1
 COMPENSATION_STATUS_SUCCEEDED: CompensationStatus.ValueType  # 2
 COMPENSATION_STATUS_FAILED: CompensationStatus.ValueType  # 3
+"""The last attempt failed; attempts are left."""
 COMPENSATION_STATUS_EXHAUSTED: CompensationStatus.ValueType  # 4
-"""Failed max_attempts times."""
+"""Failed max_attempts times: the saga is QUARANTINED."""
+COMPENSATION_STATUS_MANUAL: CompensationStatus.ValueType  # 5
+"""An operator marked it done by hand (MarkStepCompensated)."""
 Global___CompensationStatus: _TypeAlias = CompensationStatus  # noqa: Y015
+
+class _RedriveMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RedriveModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RedriveMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REDRIVE_MODE_UNSPECIFIED: _RedriveMode.ValueType  # 0
+    REDRIVE_MODE_RETRY_COMPENSATIONS: _RedriveMode.ValueType  # 1
+    """Run the compensations that are not done again, with fresh attempts: COMPENSATING."""
+    REDRIVE_MODE_RESUME: _RedriveMode.ValueType  # 2
+    """Resume forward from the failed step with fresh attempts: PLANNED. Refused once any
+    compensation has run.
+    """
+
+class RedriveMode(_RedriveMode, metaclass=_RedriveModeEnumTypeWrapper): ...
+
+REDRIVE_MODE_UNSPECIFIED: RedriveMode.ValueType  # 0
+REDRIVE_MODE_RETRY_COMPENSATIONS: RedriveMode.ValueType  # 1
+"""Run the compensations that are not done again, with fresh attempts: COMPENSATING."""
+REDRIVE_MODE_RESUME: RedriveMode.ValueType  # 2
+"""Resume forward from the failed step with fresh attempts: PLANNED. Refused once any
+compensation has run.
+"""
+Global___RedriveMode: _TypeAlias = RedriveMode  # noqa: Y015
 
 class _SagaEventType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -146,6 +192,7 @@ class _SagaEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SagaEve
     SAGA_EVENT_TYPE_STEP_RECORDED: _SagaEventType.ValueType  # 3
     SAGA_EVENT_TYPE_STATE_CHANGED: _SagaEventType.ValueType  # 4
     SAGA_EVENT_TYPE_ANNOTATED: _SagaEventType.ValueType  # 5
+    SAGA_EVENT_TYPE_COMPENSATION_RECORDED: _SagaEventType.ValueType  # 6
 
 class SagaEventType(_SagaEventType, metaclass=_SagaEventTypeEnumTypeWrapper): ...
 
@@ -155,11 +202,15 @@ SAGA_EVENT_TYPE_CLAIMED: SagaEventType.ValueType  # 2
 SAGA_EVENT_TYPE_STEP_RECORDED: SagaEventType.ValueType  # 3
 SAGA_EVENT_TYPE_STATE_CHANGED: SagaEventType.ValueType  # 4
 SAGA_EVENT_TYPE_ANNOTATED: SagaEventType.ValueType  # 5
+SAGA_EVENT_TYPE_COMPENSATION_RECORDED: SagaEventType.ValueType  # 6
 Global___SagaEventType: _TypeAlias = SagaEventType  # noqa: Y015
 
 @_typing.final
 class Compensation(_message.Message):
-    """A compensation registered by a step that succeeded; run in reverse step order."""
+    """A compensation registered by a step; run in reverse step order when the saga fails.
+    Register it when the step starts (before its side effect) or at the latest when it
+    succeeds; a later registration for the same step replaces the earlier one.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -167,16 +218,20 @@ class Compensation(_message.Message):
     PAYLOAD_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    payload: _builtins.bytes
     max_attempts: _builtins.int
+    """Attempts before the saga is quarantined; 0 means 3."""
+    @_builtins.property
+    def payload(self) -> _struct_pb2.Value:
+        """What the compensation needs, e.g. the worktree path the step created."""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
-        payload: _builtins.bytes = ...,
+        payload: _struct_pb2.Value | None = ...,
         max_attempts: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["max_attempts", b"max_attempts", "name", b"name", "payload", b"payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
@@ -200,9 +255,11 @@ class SagaStep(_message.Message):
     index: _builtins.int
     name: _builtins.str
     status: Global___StepStatus.ValueType
-    output: _builtins.bytes
     error: _builtins.str
     attempt: _builtins.int
+    """The saga attempt (claim) that last recorded this step."""
+    @_builtins.property
+    def output(self) -> _struct_pb2.Value: ...
     @_builtins.property
     def compensation(self) -> Global___Compensation: ...
     @_builtins.property
@@ -215,14 +272,14 @@ class SagaStep(_message.Message):
         index: _builtins.int = ...,
         name: _builtins.str = ...,
         status: Global___StepStatus.ValueType = ...,
-        output: _builtins.bytes = ...,
+        output: _struct_pb2.Value | None = ...,
         error: _builtins.str = ...,
         compensation: Global___Compensation | None = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         attempt: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["compensation", b"compensation", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compensation", b"compensation", "finished_at", b"finished_at", "output", b"output", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "compensation", b"compensation", "error", b"error", "finished_at", b"finished_at", "index", b"index", "name", b"name", "output", b"output", "started_at", b"started_at", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
@@ -238,15 +295,23 @@ class CompensationRecord(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    MARKED_BY_FIELD_NUMBER: _builtins.int
     step_index: _builtins.int
     name: _builtins.str
     status: Global___CompensationStatus.ValueType
     attempts: _builtins.int
+    max_attempts: _builtins.int
     error: _builtins.str
+    marked_by: _builtins.str
+    """Who marked it compensated by hand, for MANUAL."""
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def payload(self) -> _struct_pb2.Value: ...
     def __init__(
         self,
         *,
@@ -254,12 +319,15 @@ class CompensationRecord(_message.Message):
         name: _builtins.str = ...,
         status: Global___CompensationStatus.ValueType = ...,
         attempts: _builtins.int = ...,
+        max_attempts: _builtins.int = ...,
         error: _builtins.str = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        payload: _struct_pb2.Value | None = ...,
+        marked_by: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error", b"error", "name", b"name", "status", b"status", "step_index", b"step_index", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error", b"error", "marked_by", b"marked_by", "max_attempts", b"max_attempts", "name", b"name", "payload", b"payload", "status", b"status", "step_index", b"step_index", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -300,33 +368,47 @@ class Saga(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     CLAIM_FIELD_NUMBER: _builtins.int
+    CLAIM_PURPOSE_FIELD_NUMBER: _builtins.int
     HOLDER_FIELD_NUMBER: _builtins.int
     STALE_FIELD_NUMBER: _builtins.int
+    OVERDUE_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
-    STEPS_FIELD_NUMBER: _builtins.int
-    COMPENSATIONS_FIELD_NUMBER: _builtins.int
-    ANNOTATIONS_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     ENDED_AT_FIELD_NUMBER: _builtins.int
+    CREATE_REVISION_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    COMPENSATIONS_FIELD_NUMBER: _builtins.int
+    ANNOTATIONS_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     saga_id: _builtins.str
     kind: _builtins.str
     state: Global___SagaState.ValueType
-    input: _builtins.bytes
     on_stale: Global___OnStalePolicy.ValueType
     max_attempts: _builtins.int
     attempt: _builtins.int
+    """Claims so far (1 for the first run)."""
+    claim_purpose: Global___ClaimPurpose.ValueType
     holder: _builtins.str
     stale: _builtins.bool
-    """RUNNING or COMPENSATING with a lease that is no longer live."""
+    """RUNNING or COMPENSATING with a claim whose lease is no longer live (or no claim)."""
+    overdue: _builtins.bool
+    """Past its deadline and not terminal."""
     progress: _builtins.bytes
+    """The latest progress details sent with HeartbeatSaga, readable by the next worker."""
     failure_reason: _builtins.str
+    """Why the saga failed, was cancelled or quarantined."""
+    create_revision: _builtins.int
     revision: _builtins.int
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def input(self) -> _struct_pb2.Struct: ...
     @_builtins.property
     def owner(self) -> _common_pb2.OwnerReference: ...
     @_builtins.property
@@ -334,17 +416,27 @@ class Saga(_message.Message):
         """The lease of the current claim, if any."""
 
     @_builtins.property
-    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___SagaStep]: ...
+    def output(self) -> _struct_pb2.Struct: ...
     @_builtins.property
-    def compensations(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompensationRecord]: ...
+    def not_before(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def annotations(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Annotation]: ...
+    def deadline(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def ended_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___SagaStep]:
+        """Step log, compensations and annotations: filled by GetSaga, ClaimSaga and the calls
+        that change the saga's state; ListSagas and WatchSagas leave them out.
+        """
+
+    @_builtins.property
+    def compensations(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompensationRecord]: ...
+    @_builtins.property
+    def annotations(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Annotation]: ...
     def __init__(
         self,
         *,
@@ -353,27 +445,33 @@ class Saga(_message.Message):
         kind: _builtins.str = ...,
         state: Global___SagaState.ValueType = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        input: _builtins.bytes = ...,
+        input: _struct_pb2.Struct | None = ...,
         owner: _common_pb2.OwnerReference | None = ...,
         on_stale: Global___OnStalePolicy.ValueType = ...,
         max_attempts: _builtins.int = ...,
         attempt: _builtins.int = ...,
         claim: _common_pb2.Fence | None = ...,
+        claim_purpose: Global___ClaimPurpose.ValueType = ...,
         holder: _builtins.str = ...,
         stale: _builtins.bool = ...,
+        overdue: _builtins.bool = ...,
         progress: _builtins.bytes = ...,
-        steps: _abc.Iterable[Global___SagaStep] | None = ...,
-        compensations: _abc.Iterable[Global___CompensationRecord] | None = ...,
-        annotations: _abc.Iterable[_common_pb2.Annotation] | None = ...,
+        output: _struct_pb2.Struct | None = ...,
         failure_reason: _builtins.str = ...,
+        not_before: _timestamp_pb2.Timestamp | None = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         ended_at: _timestamp_pb2.Timestamp | None = ...,
+        create_revision: _builtins.int = ...,
         revision: _builtins.int = ...,
+        steps: _abc.Iterable[Global___SagaStep] | None = ...,
+        compensations: _abc.Iterable[Global___CompensationRecord] | None = ...,
+        annotations: _abc.Iterable[_common_pb2.Annotation] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["claim", b"claim", "created_at", b"created_at", "ended_at", b"ended_at", "owner", b"owner", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["claim", b"claim", "created_at", b"created_at", "deadline", b"deadline", "ended_at", b"ended_at", "input", b"input", "not_before", b"not_before", "output", b"output", "owner", b"owner", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "attempt", b"attempt", "claim", b"claim", "compensations", b"compensations", "created_at", b"created_at", "ended_at", b"ended_at", "failure_reason", b"failure_reason", "holder", b"holder", "input", b"input", "kind", b"kind", "labels", b"labels", "max_attempts", b"max_attempts", "namespace", b"namespace", "on_stale", b"on_stale", "owner", b"owner", "progress", b"progress", "revision", b"revision", "saga_id", b"saga_id", "stale", b"stale", "state", b"state", "steps", b"steps", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "attempt", b"attempt", "claim", b"claim", "claim_purpose", b"claim_purpose", "compensations", b"compensations", "create_revision", b"create_revision", "created_at", b"created_at", "deadline", b"deadline", "ended_at", b"ended_at", "failure_reason", b"failure_reason", "holder", b"holder", "input", b"input", "kind", b"kind", "labels", b"labels", "max_attempts", b"max_attempts", "namespace", b"namespace", "not_before", b"not_before", "on_stale", b"on_stale", "output", b"output", "overdue", b"overdue", "owner", b"owner", "progress", b"progress", "revision", b"revision", "saga_id", b"saga_id", "stale", b"stale", "state", b"state", "steps", b"steps", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -411,16 +509,25 @@ class CreateSagaRequest(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     ON_STALE_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     saga_id: _builtins.str
+    """Client-chosen: 1-256 of A-Z a-z 0-9 and . _ : / -."""
     kind: _builtins.str
-    input: _builtins.bytes
+    """1-128 of A-Z a-z 0-9 and . _ -."""
     on_stale: Global___OnStalePolicy.ValueType
     max_attempts: _builtins.int
+    """Claims before a stale saga stops requeueing; 0 means 3."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
+    def input(self) -> _struct_pb2.Struct: ...
+    @_builtins.property
     def owner(self) -> _common_pb2.OwnerReference: ...
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """Past it, a RUNNING saga goes to compensation."""
+
     def __init__(
         self,
         *,
@@ -428,14 +535,15 @@ class CreateSagaRequest(_message.Message):
         saga_id: _builtins.str = ...,
         kind: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        input: _builtins.bytes = ...,
+        input: _struct_pb2.Struct | None = ...,
         owner: _common_pb2.OwnerReference | None = ...,
         on_stale: Global___OnStalePolicy.ValueType = ...,
         max_attempts: _builtins.int = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "input", b"input", "owner", b"owner"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "kind", b"kind", "labels", b"labels", "max_attempts", b"max_attempts", "namespace", b"namespace", "on_stale", b"on_stale", "owner", b"owner", "saga_id", b"saga_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "input", b"input", "kind", b"kind", "labels", b"labels", "max_attempts", b"max_attempts", "namespace", b"namespace", "on_stale", b"on_stale", "owner", b"owner", "saga_id", b"saga_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -466,7 +574,7 @@ Global___CreateSagaResponse: _TypeAlias = CreateSagaResponse  # noqa: Y015
 
 @_typing.final
 class ClaimLeaseSpec(_message.Message):
-    """A lease to create for the claim."""
+    """A lease to create for the claim, on key "sagas/<saga_id>"."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -527,11 +635,11 @@ class ClaimSagaRequest(_message.Message):
     namespace: _builtins.str
     saga_id: _builtins.str
     kind: _builtins.str
-    """The next claimable saga of this kind."""
+    """The oldest claimable saga of this kind."""
     purpose: Global___ClaimPurpose.ValueType
     @_builtins.property
     def existing_lease(self) -> _common_pb2.Fence:
-        """An existing live lease of the caller's."""
+        """A live lease of the caller's."""
 
     @_builtins.property
     def new_lease(self) -> Global___ClaimLeaseSpec: ...
@@ -571,19 +679,27 @@ class ClaimSagaResponse(_message.Message):
 
     SAGA_FIELD_NUMBER: _builtins.int
     LEASE_FIELD_NUMBER: _builtins.int
+    FENCE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def saga(self) -> Global___Saga: ...
+    def saga(self) -> Global___Saga:
+        """With its step log, compensations and progress."""
+
     @_builtins.property
-    def lease(self) -> _lease_pb2.Lease: ...
+    def lease(self) -> _lease_pb2.Lease:
+        """The claim's lease; present its fence on every call made for the saga."""
+
+    @_builtins.property
+    def fence(self) -> _common_pb2.Fence: ...
     def __init__(
         self,
         *,
         saga: Global___Saga | None = ...,
         lease: _lease_pb2.Lease | None = ...,
+        fence: _common_pb2.Fence | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "saga", b"saga"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence", "lease", b"lease", "saga", b"saga"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "saga", b"saga"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence", "lease", b"lease", "saga", b"saga"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -605,16 +721,16 @@ class RecordStepRequest(_message.Message):
     namespace: _builtins.str
     saga_id: _builtins.str
     index: _builtins.int
+    """Steps are numbered from 0 in the order they first run."""
     name: _builtins.str
     status: Global___StepStatus.ValueType
-    output: _builtins.bytes
     error: _builtins.str
     @_builtins.property
     def fence(self) -> _common_pb2.Fence: ...
     @_builtins.property
-    def compensation(self) -> Global___Compensation:
-        """Registered when the step succeeds."""
-
+    def output(self) -> _struct_pb2.Value: ...
+    @_builtins.property
+    def compensation(self) -> Global___Compensation: ...
     def __init__(
         self,
         *,
@@ -624,11 +740,11 @@ class RecordStepRequest(_message.Message):
         index: _builtins.int = ...,
         name: _builtins.str = ...,
         status: Global___StepStatus.ValueType = ...,
-        output: _builtins.bytes = ...,
+        output: _struct_pb2.Value | None = ...,
         error: _builtins.str = ...,
         compensation: Global___Compensation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["compensation", b"compensation", "fence", b"fence"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compensation", b"compensation", "fence", b"fence", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["compensation", b"compensation", "error", b"error", "fence", b"fence", "index", b"index", "name", b"name", "namespace", b"namespace", "output", b"output", "saga_id", b"saga_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
@@ -640,24 +756,30 @@ Global___RecordStepRequest: _TypeAlias = RecordStepRequest  # noqa: Y015
 class RecordStepResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    SAGA_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    state: Global___SagaState.ValueType
+    revision: _builtins.int
     @_builtins.property
-    def saga(self) -> Global___Saga: ...
+    def step(self) -> Global___SagaStep: ...
     def __init__(
         self,
         *,
-        saga: Global___Saga | None = ...,
+        step: Global___SagaStep | None = ...,
+        state: Global___SagaState.ValueType = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision", "state", b"state", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordStepResponse: _TypeAlias = RecordStepResponse  # noqa: Y015
 
 @_typing.final
-class HeartbeatRequest(_message.Message):
+class HeartbeatSagaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAMESPACE_FIELD_NUMBER: _builtins.int
@@ -683,14 +805,16 @@ class HeartbeatRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+Global___HeartbeatSagaRequest: _TypeAlias = HeartbeatSagaRequest  # noqa: Y015
 
 @_typing.final
-class HeartbeatResponse(_message.Message):
+class HeartbeatSagaResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    state: Global___SagaState.ValueType
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -700,14 +824,15 @@ class HeartbeatResponse(_message.Message):
         *,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        state: Global___SagaState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "state", b"state", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___HeartbeatResponse: _TypeAlias = HeartbeatResponse  # noqa: Y015
+Global___HeartbeatSagaResponse: _TypeAlias = HeartbeatSagaResponse  # noqa: Y015
 
 @_typing.final
 class CompleteSagaRequest(_message.Message):
@@ -719,18 +844,19 @@ class CompleteSagaRequest(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     saga_id: _builtins.str
-    output: _builtins.bytes
     @_builtins.property
     def fence(self) -> _common_pb2.Fence: ...
+    @_builtins.property
+    def output(self) -> _struct_pb2.Struct: ...
     def __init__(
         self,
         *,
         namespace: _builtins.str = ...,
         saga_id: _builtins.str = ...,
         fence: _common_pb2.Fence | None = ...,
-        output: _builtins.bytes = ...,
+        output: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence", "namespace", b"namespace", "output", b"output", "saga_id", b"saga_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
@@ -766,11 +892,26 @@ class FailSagaRequest(_message.Message):
     SAGA_ID_FIELD_NUMBER: _builtins.int
     FENCE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    RETRYABLE_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
+    HAND_OFF_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     saga_id: _builtins.str
     reason: _builtins.str
+    retryable: _builtins.bool
+    """Put the saga back to claimable (PLANNED) when attempts are left, instead of
+    compensating.
+    """
+    hand_off: _builtins.bool
+    """Leave the compensations to a compensation worker: the claim ends now. Otherwise the
+    caller keeps its claim and runs them.
+    """
     @_builtins.property
     def fence(self) -> _common_pb2.Fence: ...
+    @_builtins.property
+    def retry_after(self) -> _duration_pb2.Duration:
+        """With retryable: not claimable before this long from now."""
+
     def __init__(
         self,
         *,
@@ -778,10 +919,13 @@ class FailSagaRequest(_message.Message):
         saga_id: _builtins.str = ...,
         fence: _common_pb2.Fence | None = ...,
         reason: _builtins.str = ...,
+        retryable: _builtins.bool = ...,
+        retry_after: _duration_pb2.Duration | None = ...,
+        hand_off: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence", "retry_after", b"retry_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence", "namespace", b"namespace", "reason", b"reason", "saga_id", b"saga_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence", "hand_off", b"hand_off", "namespace", b"namespace", "reason", b"reason", "retry_after", b"retry_after", "retryable", b"retryable", "saga_id", b"saga_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -817,11 +961,17 @@ class RecordCompensationRequest(_message.Message):
     STEP_INDEX_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     saga_id: _builtins.str
     step_index: _builtins.int
     status: Global___CompensationStatus.ValueType
+    """SUCCEEDED or FAILED."""
     error: _builtins.str
+    attempt: _builtins.int
+    """Which attempt this reports (1 for the first); 0 means the next one. A report for an
+    attempt already recorded changes nothing.
+    """
     @_builtins.property
     def fence(self) -> _common_pb2.Fence: ...
     def __init__(
@@ -833,10 +983,11 @@ class RecordCompensationRequest(_message.Message):
         step_index: _builtins.int = ...,
         status: Global___CompensationStatus.ValueType = ...,
         error: _builtins.str = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "fence", b"fence", "namespace", b"namespace", "saga_id", b"saga_id", "status", b"status", "step_index", b"step_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "fence", b"fence", "namespace", b"namespace", "saga_id", b"saga_id", "status", b"status", "step_index", b"step_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -846,17 +997,23 @@ Global___RecordCompensationRequest: _TypeAlias = RecordCompensationRequest  # no
 class RecordCompensationResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    SAGA_FIELD_NUMBER: _builtins.int
+    COMPENSATION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    state: Global___SagaState.ValueType
+    revision: _builtins.int
     @_builtins.property
-    def saga(self) -> Global___Saga: ...
+    def compensation(self) -> Global___CompensationRecord: ...
     def __init__(
         self,
         *,
-        saga: Global___Saga | None = ...,
+        compensation: Global___CompensationRecord | None = ...,
+        state: Global___SagaState.ValueType = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compensation", b"compensation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compensation", b"compensation", "revision", b"revision", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -953,6 +1110,102 @@ class QuarantineSagaResponse(_message.Message):
 Global___QuarantineSagaResponse: _TypeAlias = QuarantineSagaResponse  # noqa: Y015
 
 @_typing.final
+class RedriveSagaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    SAGA_ID_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    saga_id: _builtins.str
+    mode: Global___RedriveMode.ValueType
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        saga_id: _builtins.str = ...,
+        mode: Global___RedriveMode.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "namespace", b"namespace", "reason", b"reason", "saga_id", b"saga_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedriveSagaRequest: _TypeAlias = RedriveSagaRequest  # noqa: Y015
+
+@_typing.final
+class RedriveSagaResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def saga(self) -> Global___Saga: ...
+    def __init__(
+        self,
+        *,
+        saga: Global___Saga | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedriveSagaResponse: _TypeAlias = RedriveSagaResponse  # noqa: Y015
+
+@_typing.final
+class MarkStepCompensatedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    SAGA_ID_FIELD_NUMBER: _builtins.int
+    STEP_INDEX_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    saga_id: _builtins.str
+    step_index: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        saga_id: _builtins.str = ...,
+        step_index: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "reason", b"reason", "saga_id", b"saga_id", "step_index", b"step_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkStepCompensatedRequest: _TypeAlias = MarkStepCompensatedRequest  # noqa: Y015
+
+@_typing.final
+class MarkStepCompensatedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def saga(self) -> Global___Saga: ...
+    def __init__(
+        self,
+        *,
+        saga: Global___Saga | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkStepCompensatedResponse: _TypeAlias = MarkStepCompensatedResponse  # noqa: Y015
+
+@_typing.final
 class AnnotateSagaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1005,17 +1258,20 @@ Global___AnnotateSagaRequest: _TypeAlias = AnnotateSagaRequest  # noqa: Y015
 class AnnotateSagaResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    SAGA_FIELD_NUMBER: _builtins.int
+    ANNOTATION_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
     @_builtins.property
-    def saga(self) -> Global___Saga: ...
+    def annotation(self) -> _common_pb2.Annotation: ...
     def __init__(
         self,
         *,
-        saga: Global___Saga | None = ...,
+        annotation: _common_pb2.Annotation | None = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["annotation", b"annotation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotation", b"annotation", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1092,11 +1348,13 @@ class ListSagasRequest(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     STALE_ONLY_FIELD_NUMBER: _builtins.int
+    OVERDUE_ONLY_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     kind: _builtins.str
     stale_only: _builtins.bool
+    overdue_only: _builtins.bool
     page_size: _builtins.int
     page_token: _builtins.str
     @_builtins.property
@@ -1113,12 +1371,13 @@ class ListSagasRequest(_message.Message):
         kind: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         stale_only: _builtins.bool = ...,
+        overdue_only: _builtins.bool = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "labels", b"labels", "namespace", b"namespace", "page_size", b"page_size", "page_token", b"page_token", "stale_only", b"stale_only", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "labels", b"labels", "namespace", b"namespace", "overdue_only", b"overdue_only", "page_size", b"page_size", "page_token", b"page_token", "stale_only", b"stale_only", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1155,12 +1414,24 @@ class SagaEvent(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     SAGA_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    COMPENSATION_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     type: Global___SagaEventType.ValueType
     @_builtins.property
-    def saga(self) -> Global___Saga: ...
+    def saga(self) -> Global___Saga:
+        """The saga after the change, without its logs."""
+
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def step(self) -> Global___SagaStep:
+        """STEP_RECORDED: the step."""
+
+    @_builtins.property
+    def compensation(self) -> Global___CompensationRecord:
+        """COMPENSATION_RECORDED: the compensation."""
+
     def __init__(
         self,
         *,
@@ -1168,10 +1439,12 @@ class SagaEvent(_message.Message):
         type: Global___SagaEventType.ValueType = ...,
         saga: Global___Saga | None = ...,
         occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        step: Global___SagaStep | None = ...,
+        compensation: Global___CompensationRecord | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at", "saga", b"saga"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compensation", b"compensation", "occurred_at", b"occurred_at", "saga", b"saga", "step", b"step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at", "revision", b"revision", "saga", b"saga", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compensation", b"compensation", "occurred_at", b"occurred_at", "revision", b"revision", "saga", b"saga", "step", b"step", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1186,7 +1459,9 @@ class WatchSagasRequest(_message.Message):
     START_REVISION_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     kind: _builtins.str
+    """Only sagas of this kind; empty for all."""
     start_revision: _builtins.int
+    """0: from now on."""
     def __init__(
         self,
         *,

@@ -29,7 +29,15 @@ if _version_not_supported:
 class SagaServiceStub:
     """SagaService answers: what has this multi-step job done so far, and what must be undone
     if it fails? Steps and compensations follow Temporal's saga pattern. Every mutation made
-    on behalf of a worker is fenced by the lease of its claim.
+    on behalf of a worker is fenced by the lease of its claim: the lease must be live and
+    the fence must be the saga's current claim, or the call is refused and nothing changes.
+
+    States: PLANNED -> RUNNING -> COMPLETED; a failure moves RUNNING -> COMPENSATING ->
+    COMPENSATED, or to FAILED when no step registered a compensation; a compensation that
+    exhausts its attempts moves the saga to QUARANTINED; CANCELLED before it ran.
+    COMPLETED, COMPENSATED, FAILED, QUARANTINED and CANCELLED are terminal: they refuse every
+    mutation but AnnotateSaga (and, for QUARANTINED, the operator's RedriveSaga and
+    MarkStepCompensated) with reason SAGA_TERMINAL.
     """
 
     def __init__(self, channel):
@@ -53,10 +61,10 @@ class SagaServiceStub:
                 request_serializer=tether_dot_v1_dot_saga__pb2.RecordStepRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_saga__pb2.RecordStepResponse.FromString,
                 _registered_method=True)
-        self.Heartbeat = channel.unary_unary(
-                '/tether.v1.SagaService/Heartbeat',
-                request_serializer=tether_dot_v1_dot_saga__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=tether_dot_v1_dot_saga__pb2.HeartbeatResponse.FromString,
+        self.HeartbeatSaga = channel.unary_unary(
+                '/tether.v1.SagaService/HeartbeatSaga',
+                request_serializer=tether_dot_v1_dot_saga__pb2.HeartbeatSagaRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_saga__pb2.HeartbeatSagaResponse.FromString,
                 _registered_method=True)
         self.CompleteSaga = channel.unary_unary(
                 '/tether.v1.SagaService/CompleteSaga',
@@ -83,6 +91,16 @@ class SagaServiceStub:
                 request_serializer=tether_dot_v1_dot_saga__pb2.QuarantineSagaRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_saga__pb2.QuarantineSagaResponse.FromString,
                 _registered_method=True)
+        self.RedriveSaga = channel.unary_unary(
+                '/tether.v1.SagaService/RedriveSaga',
+                request_serializer=tether_dot_v1_dot_saga__pb2.RedriveSagaRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_saga__pb2.RedriveSagaResponse.FromString,
+                _registered_method=True)
+        self.MarkStepCompensated = channel.unary_unary(
+                '/tether.v1.SagaService/MarkStepCompensated',
+                request_serializer=tether_dot_v1_dot_saga__pb2.MarkStepCompensatedRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_saga__pb2.MarkStepCompensatedResponse.FromString,
+                _registered_method=True)
         self.AnnotateSaga = channel.unary_unary(
                 '/tether.v1.SagaService/AnnotateSaga',
                 request_serializer=tether_dot_v1_dot_saga__pb2.AnnotateSagaRequest.SerializeToString,
@@ -108,33 +126,43 @@ class SagaServiceStub:
 class SagaServiceServicer:
     """SagaService answers: what has this multi-step job done so far, and what must be undone
     if it fails? Steps and compensations follow Temporal's saga pattern. Every mutation made
-    on behalf of a worker is fenced by the lease of its claim.
+    on behalf of a worker is fenced by the lease of its claim: the lease must be live and
+    the fence must be the saga's current claim, or the call is refused and nothing changes.
+
+    States: PLANNED -> RUNNING -> COMPLETED; a failure moves RUNNING -> COMPENSATING ->
+    COMPENSATED, or to FAILED when no step registered a compensation; a compensation that
+    exhausts its attempts moves the saga to QUARANTINED; CANCELLED before it ran.
+    COMPLETED, COMPENSATED, FAILED, QUARANTINED and CANCELLED are terminal: they refuse every
+    mutation but AnnotateSaga (and, for QUARANTINED, the operator's RedriveSaga and
+    MarkStepCompensated) with reason SAGA_TERMINAL.
     """
 
     def CreateSaga(self, request, context):
         """Creates a saga in PLANNED with a client-chosen id; a retry with the same id and
-        content returns the first saga.
+        content returns the first saga (created = false); different content is ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ClaimSaga(self, request, context):
-        """Claims a saga for execution or compensation, by id or the next claimable of a kind,
-        atomically, under a lease. Claimable: PLANNED, or stale.
+        """Claims a saga for execution or compensation, by id or the oldest claimable of a kind,
+        atomically, under a lease the caller holds or one created for the claim. Claiming a
+        stale saga applies its on-stale policy first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RecordStep(self, request, context):
-        """Records a step started, succeeded or failed, with its output and compensation.
+        """Records a step started, succeeded or failed, with its output and the compensation to
+        register. Idempotent per (step, status, attempt).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Heartbeat(self, request, context):
+    def HeartbeatSaga(self, request, context):
         """Stores progress details and renews the claim's lease.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -149,21 +177,22 @@ class SagaServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FailSaga(self, request, context):
-        """RUNNING -> COMPENSATING (or FAILED when nothing needs compensating).
+        """RUNNING -> COMPENSATING (FAILED when nothing needs compensating), or back to
+        claimable when retryable and attempts are left.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RecordCompensation(self, request, context):
-        """Records the outcome of one compensation attempt.
+        """Records the outcome of one compensation attempt (COMPENSATING only, reverse order).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelSaga(self, request, context):
-        """PLANNED -> CANCELLED.
+        """PLANNED -> CANCELLED; a saga that has run compensates instead (to the end).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,6 +200,20 @@ class SagaServiceServicer:
 
     def QuarantineSaga(self, request, context):
         """Operator: any non-terminal state -> QUARANTINED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedriveSaga(self, request, context):
+        """Operator: a QUARANTINED saga retries its compensations or resumes forward.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MarkStepCompensated(self, request, context):
+        """Operator: a compensation was done by hand (COMPENSATING or QUARANTINED sagas).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -219,10 +262,10 @@ def add_SagaServiceServicer_to_server(servicer, server):
                     request_deserializer=tether_dot_v1_dot_saga__pb2.RecordStepRequest.FromString,
                     response_serializer=tether_dot_v1_dot_saga__pb2.RecordStepResponse.SerializeToString,
             ),
-            'Heartbeat': grpc.unary_unary_rpc_method_handler(
-                    servicer.Heartbeat,
-                    request_deserializer=tether_dot_v1_dot_saga__pb2.HeartbeatRequest.FromString,
-                    response_serializer=tether_dot_v1_dot_saga__pb2.HeartbeatResponse.SerializeToString,
+            'HeartbeatSaga': grpc.unary_unary_rpc_method_handler(
+                    servicer.HeartbeatSaga,
+                    request_deserializer=tether_dot_v1_dot_saga__pb2.HeartbeatSagaRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_saga__pb2.HeartbeatSagaResponse.SerializeToString,
             ),
             'CompleteSaga': grpc.unary_unary_rpc_method_handler(
                     servicer.CompleteSaga,
@@ -248,6 +291,16 @@ def add_SagaServiceServicer_to_server(servicer, server):
                     servicer.QuarantineSaga,
                     request_deserializer=tether_dot_v1_dot_saga__pb2.QuarantineSagaRequest.FromString,
                     response_serializer=tether_dot_v1_dot_saga__pb2.QuarantineSagaResponse.SerializeToString,
+            ),
+            'RedriveSaga': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedriveSaga,
+                    request_deserializer=tether_dot_v1_dot_saga__pb2.RedriveSagaRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_saga__pb2.RedriveSagaResponse.SerializeToString,
+            ),
+            'MarkStepCompensated': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkStepCompensated,
+                    request_deserializer=tether_dot_v1_dot_saga__pb2.MarkStepCompensatedRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_saga__pb2.MarkStepCompensatedResponse.SerializeToString,
             ),
             'AnnotateSaga': grpc.unary_unary_rpc_method_handler(
                     servicer.AnnotateSaga,
@@ -280,7 +333,15 @@ def add_SagaServiceServicer_to_server(servicer, server):
 class SagaService:
     """SagaService answers: what has this multi-step job done so far, and what must be undone
     if it fails? Steps and compensations follow Temporal's saga pattern. Every mutation made
-    on behalf of a worker is fenced by the lease of its claim.
+    on behalf of a worker is fenced by the lease of its claim: the lease must be live and
+    the fence must be the saga's current claim, or the call is refused and nothing changes.
+
+    States: PLANNED -> RUNNING -> COMPLETED; a failure moves RUNNING -> COMPENSATING ->
+    COMPENSATED, or to FAILED when no step registered a compensation; a compensation that
+    exhausts its attempts moves the saga to QUARANTINED; CANCELLED before it ran.
+    COMPLETED, COMPENSATED, FAILED, QUARANTINED and CANCELLED are terminal: they refuse every
+    mutation but AnnotateSaga (and, for QUARANTINED, the operator's RedriveSaga and
+    MarkStepCompensated) with reason SAGA_TERMINAL.
     """
 
     @staticmethod
@@ -365,7 +426,7 @@ class SagaService:
             _registered_method=True)
 
     @staticmethod
-    def Heartbeat(request,
+    def HeartbeatSaga(request,
             target,
             options=(),
             channel_credentials=None,
@@ -378,9 +439,9 @@ class SagaService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tether.v1.SagaService/Heartbeat',
-            tether_dot_v1_dot_saga__pb2.HeartbeatRequest.SerializeToString,
-            tether_dot_v1_dot_saga__pb2.HeartbeatResponse.FromString,
+            '/tether.v1.SagaService/HeartbeatSaga',
+            tether_dot_v1_dot_saga__pb2.HeartbeatSagaRequest.SerializeToString,
+            tether_dot_v1_dot_saga__pb2.HeartbeatSagaResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -516,6 +577,60 @@ class SagaService:
             '/tether.v1.SagaService/QuarantineSaga',
             tether_dot_v1_dot_saga__pb2.QuarantineSagaRequest.SerializeToString,
             tether_dot_v1_dot_saga__pb2.QuarantineSagaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedriveSaga(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.SagaService/RedriveSaga',
+            tether_dot_v1_dot_saga__pb2.RedriveSagaRequest.SerializeToString,
+            tether_dot_v1_dot_saga__pb2.RedriveSagaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkStepCompensated(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.SagaService/MarkStepCompensated',
+            tether_dot_v1_dot_saga__pb2.MarkStepCompensatedRequest.SerializeToString,
+            tether_dot_v1_dot_saga__pb2.MarkStepCompensatedResponse.FromString,
             options,
             channel_credentials,
             insecure,

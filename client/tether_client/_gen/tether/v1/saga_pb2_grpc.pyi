@@ -30,7 +30,15 @@ GRPC_VERSION: str
 class SagaServiceStub:
     """SagaService answers: what has this multi-step job done so far, and what must be undone
     if it fails? Steps and compensations follow Temporal's saga pattern. Every mutation made
-    on behalf of a worker is fenced by the lease of its claim.
+    on behalf of a worker is fenced by the lease of its claim: the lease must be live and
+    the fence must be the saga's current claim, or the call is refused and nothing changes.
+
+    States: PLANNED -> RUNNING -> COMPLETED; a failure moves RUNNING -> COMPENSATING ->
+    COMPENSATED, or to FAILED when no step registered a compensation; a compensation that
+    exhausts its attempts moves the saga to QUARANTINED; CANCELLED before it ran.
+    COMPLETED, COMPENSATED, FAILED, QUARANTINED and CANCELLED are terminal: they refuse every
+    mutation but AnnotateSaga (and, for QUARANTINED, the operator's RedriveSaga and
+    MarkStepCompensated) with reason SAGA_TERMINAL.
     """
 
     @_typing.overload
@@ -39,26 +47,35 @@ class SagaServiceStub:
     def __new__(cls, channel: _aio.Channel) -> SagaServiceAsyncStub: ...
     CreateSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.CreateSagaRequest, _saga_pb2.CreateSagaResponse]
     """Creates a saga in PLANNED with a client-chosen id; a retry with the same id and
-    content returns the first saga.
+    content returns the first saga (created = false); different content is ALREADY_EXISTS.
     """
     ClaimSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.ClaimSagaRequest, _saga_pb2.ClaimSagaResponse]
-    """Claims a saga for execution or compensation, by id or the next claimable of a kind,
-    atomically, under a lease. Claimable: PLANNED, or stale.
+    """Claims a saga for execution or compensation, by id or the oldest claimable of a kind,
+    atomically, under a lease the caller holds or one created for the claim. Claiming a
+    stale saga applies its on-stale policy first.
     """
     RecordStep: _grpc.UnaryUnaryMultiCallable[_saga_pb2.RecordStepRequest, _saga_pb2.RecordStepResponse]
-    """Records a step started, succeeded or failed, with its output and compensation."""
-    Heartbeat: _grpc.UnaryUnaryMultiCallable[_saga_pb2.HeartbeatRequest, _saga_pb2.HeartbeatResponse]
+    """Records a step started, succeeded or failed, with its output and the compensation to
+    register. Idempotent per (step, status, attempt).
+    """
+    HeartbeatSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.HeartbeatSagaRequest, _saga_pb2.HeartbeatSagaResponse]
     """Stores progress details and renews the claim's lease."""
     CompleteSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.CompleteSagaRequest, _saga_pb2.CompleteSagaResponse]
     """RUNNING -> COMPLETED."""
     FailSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.FailSagaRequest, _saga_pb2.FailSagaResponse]
-    """RUNNING -> COMPENSATING (or FAILED when nothing needs compensating)."""
+    """RUNNING -> COMPENSATING (FAILED when nothing needs compensating), or back to
+    claimable when retryable and attempts are left.
+    """
     RecordCompensation: _grpc.UnaryUnaryMultiCallable[_saga_pb2.RecordCompensationRequest, _saga_pb2.RecordCompensationResponse]
-    """Records the outcome of one compensation attempt."""
+    """Records the outcome of one compensation attempt (COMPENSATING only, reverse order)."""
     CancelSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.CancelSagaRequest, _saga_pb2.CancelSagaResponse]
-    """PLANNED -> CANCELLED."""
+    """PLANNED -> CANCELLED; a saga that has run compensates instead (to the end)."""
     QuarantineSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.QuarantineSagaRequest, _saga_pb2.QuarantineSagaResponse]
     """Operator: any non-terminal state -> QUARANTINED."""
+    RedriveSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.RedriveSagaRequest, _saga_pb2.RedriveSagaResponse]
+    """Operator: a QUARANTINED saga retries its compensations or resumes forward."""
+    MarkStepCompensated: _grpc.UnaryUnaryMultiCallable[_saga_pb2.MarkStepCompensatedRequest, _saga_pb2.MarkStepCompensatedResponse]
+    """Operator: a compensation was done by hand (COMPENSATING or QUARANTINED sagas)."""
     AnnotateSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.AnnotateSagaRequest, _saga_pb2.AnnotateSagaResponse]
     """Appends an audit entry, to terminal sagas too."""
     GetSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.GetSagaRequest, _saga_pb2.GetSagaResponse]
@@ -69,32 +86,49 @@ class SagaServiceStub:
 class SagaServiceAsyncStub(SagaServiceStub):
     """SagaService answers: what has this multi-step job done so far, and what must be undone
     if it fails? Steps and compensations follow Temporal's saga pattern. Every mutation made
-    on behalf of a worker is fenced by the lease of its claim.
+    on behalf of a worker is fenced by the lease of its claim: the lease must be live and
+    the fence must be the saga's current claim, or the call is refused and nothing changes.
+
+    States: PLANNED -> RUNNING -> COMPLETED; a failure moves RUNNING -> COMPENSATING ->
+    COMPENSATED, or to FAILED when no step registered a compensation; a compensation that
+    exhausts its attempts moves the saga to QUARANTINED; CANCELLED before it ran.
+    COMPLETED, COMPENSATED, FAILED, QUARANTINED and CANCELLED are terminal: they refuse every
+    mutation but AnnotateSaga (and, for QUARANTINED, the operator's RedriveSaga and
+    MarkStepCompensated) with reason SAGA_TERMINAL.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.CreateSagaRequest, _saga_pb2.CreateSagaResponse]  # type: ignore[assignment]
     """Creates a saga in PLANNED with a client-chosen id; a retry with the same id and
-    content returns the first saga.
+    content returns the first saga (created = false); different content is ALREADY_EXISTS.
     """
     ClaimSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.ClaimSagaRequest, _saga_pb2.ClaimSagaResponse]  # type: ignore[assignment]
-    """Claims a saga for execution or compensation, by id or the next claimable of a kind,
-    atomically, under a lease. Claimable: PLANNED, or stale.
+    """Claims a saga for execution or compensation, by id or the oldest claimable of a kind,
+    atomically, under a lease the caller holds or one created for the claim. Claiming a
+    stale saga applies its on-stale policy first.
     """
     RecordStep: _aio.UnaryUnaryMultiCallable[_saga_pb2.RecordStepRequest, _saga_pb2.RecordStepResponse]  # type: ignore[assignment]
-    """Records a step started, succeeded or failed, with its output and compensation."""
-    Heartbeat: _aio.UnaryUnaryMultiCallable[_saga_pb2.HeartbeatRequest, _saga_pb2.HeartbeatResponse]  # type: ignore[assignment]
+    """Records a step started, succeeded or failed, with its output and the compensation to
+    register. Idempotent per (step, status, attempt).
+    """
+    HeartbeatSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.HeartbeatSagaRequest, _saga_pb2.HeartbeatSagaResponse]  # type: ignore[assignment]
     """Stores progress details and renews the claim's lease."""
     CompleteSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.CompleteSagaRequest, _saga_pb2.CompleteSagaResponse]  # type: ignore[assignment]
     """RUNNING -> COMPLETED."""
     FailSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.FailSagaRequest, _saga_pb2.FailSagaResponse]  # type: ignore[assignment]
-    """RUNNING -> COMPENSATING (or FAILED when nothing needs compensating)."""
+    """RUNNING -> COMPENSATING (FAILED when nothing needs compensating), or back to
+    claimable when retryable and attempts are left.
+    """
     RecordCompensation: _aio.UnaryUnaryMultiCallable[_saga_pb2.RecordCompensationRequest, _saga_pb2.RecordCompensationResponse]  # type: ignore[assignment]
-    """Records the outcome of one compensation attempt."""
+    """Records the outcome of one compensation attempt (COMPENSATING only, reverse order)."""
     CancelSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.CancelSagaRequest, _saga_pb2.CancelSagaResponse]  # type: ignore[assignment]
-    """PLANNED -> CANCELLED."""
+    """PLANNED -> CANCELLED; a saga that has run compensates instead (to the end)."""
     QuarantineSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.QuarantineSagaRequest, _saga_pb2.QuarantineSagaResponse]  # type: ignore[assignment]
     """Operator: any non-terminal state -> QUARANTINED."""
+    RedriveSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.RedriveSagaRequest, _saga_pb2.RedriveSagaResponse]  # type: ignore[assignment]
+    """Operator: a QUARANTINED saga retries its compensations or resumes forward."""
+    MarkStepCompensated: _aio.UnaryUnaryMultiCallable[_saga_pb2.MarkStepCompensatedRequest, _saga_pb2.MarkStepCompensatedResponse]  # type: ignore[assignment]
+    """Operator: a compensation was done by hand (COMPENSATING or QUARANTINED sagas)."""
     AnnotateSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.AnnotateSagaRequest, _saga_pb2.AnnotateSagaResponse]  # type: ignore[assignment]
     """Appends an audit entry, to terminal sagas too."""
     GetSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.GetSagaRequest, _saga_pb2.GetSagaResponse]  # type: ignore[assignment]
@@ -104,7 +138,15 @@ class SagaServiceAsyncStub(SagaServiceStub):
 class SagaServiceServicer(metaclass=_abc_1.ABCMeta):
     """SagaService answers: what has this multi-step job done so far, and what must be undone
     if it fails? Steps and compensations follow Temporal's saga pattern. Every mutation made
-    on behalf of a worker is fenced by the lease of its claim.
+    on behalf of a worker is fenced by the lease of its claim: the lease must be live and
+    the fence must be the saga's current claim, or the call is refused and nothing changes.
+
+    States: PLANNED -> RUNNING -> COMPLETED; a failure moves RUNNING -> COMPENSATING ->
+    COMPENSATED, or to FAILED when no step registered a compensation; a compensation that
+    exhausts its attempts moves the saga to QUARANTINED; CANCELLED before it ran.
+    COMPLETED, COMPENSATED, FAILED, QUARANTINED and CANCELLED are terminal: they refuse every
+    mutation but AnnotateSaga (and, for QUARANTINED, the operator's RedriveSaga and
+    MarkStepCompensated) with reason SAGA_TERMINAL.
     """
 
     @_abc_1.abstractmethod
@@ -114,7 +156,7 @@ class SagaServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_saga_pb2.CreateSagaResponse, _abc.Awaitable[_saga_pb2.CreateSagaResponse]]:
         """Creates a saga in PLANNED with a client-chosen id; a retry with the same id and
-        content returns the first saga.
+        content returns the first saga (created = false); different content is ALREADY_EXISTS.
         """
 
     @_abc_1.abstractmethod
@@ -123,8 +165,9 @@ class SagaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _saga_pb2.ClaimSagaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_saga_pb2.ClaimSagaResponse, _abc.Awaitable[_saga_pb2.ClaimSagaResponse]]:
-        """Claims a saga for execution or compensation, by id or the next claimable of a kind,
-        atomically, under a lease. Claimable: PLANNED, or stale.
+        """Claims a saga for execution or compensation, by id or the oldest claimable of a kind,
+        atomically, under a lease the caller holds or one created for the claim. Claiming a
+        stale saga applies its on-stale policy first.
         """
 
     @_abc_1.abstractmethod
@@ -133,14 +176,16 @@ class SagaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _saga_pb2.RecordStepRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_saga_pb2.RecordStepResponse, _abc.Awaitable[_saga_pb2.RecordStepResponse]]:
-        """Records a step started, succeeded or failed, with its output and compensation."""
+        """Records a step started, succeeded or failed, with its output and the compensation to
+        register. Idempotent per (step, status, attempt).
+        """
 
     @_abc_1.abstractmethod
-    def Heartbeat(
+    def HeartbeatSaga(
         self,
-        request: _saga_pb2.HeartbeatRequest,
+        request: _saga_pb2.HeartbeatSagaRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_saga_pb2.HeartbeatResponse, _abc.Awaitable[_saga_pb2.HeartbeatResponse]]:
+    ) -> _typing.Union[_saga_pb2.HeartbeatSagaResponse, _abc.Awaitable[_saga_pb2.HeartbeatSagaResponse]]:
         """Stores progress details and renews the claim's lease."""
 
     @_abc_1.abstractmethod
@@ -157,7 +202,9 @@ class SagaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _saga_pb2.FailSagaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_saga_pb2.FailSagaResponse, _abc.Awaitable[_saga_pb2.FailSagaResponse]]:
-        """RUNNING -> COMPENSATING (or FAILED when nothing needs compensating)."""
+        """RUNNING -> COMPENSATING (FAILED when nothing needs compensating), or back to
+        claimable when retryable and attempts are left.
+        """
 
     @_abc_1.abstractmethod
     def RecordCompensation(
@@ -165,7 +212,7 @@ class SagaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _saga_pb2.RecordCompensationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_saga_pb2.RecordCompensationResponse, _abc.Awaitable[_saga_pb2.RecordCompensationResponse]]:
-        """Records the outcome of one compensation attempt."""
+        """Records the outcome of one compensation attempt (COMPENSATING only, reverse order)."""
 
     @_abc_1.abstractmethod
     def CancelSaga(
@@ -173,7 +220,7 @@ class SagaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _saga_pb2.CancelSagaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_saga_pb2.CancelSagaResponse, _abc.Awaitable[_saga_pb2.CancelSagaResponse]]:
-        """PLANNED -> CANCELLED."""
+        """PLANNED -> CANCELLED; a saga that has run compensates instead (to the end)."""
 
     @_abc_1.abstractmethod
     def QuarantineSaga(
@@ -182,6 +229,22 @@ class SagaServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_saga_pb2.QuarantineSagaResponse, _abc.Awaitable[_saga_pb2.QuarantineSagaResponse]]:
         """Operator: any non-terminal state -> QUARANTINED."""
+
+    @_abc_1.abstractmethod
+    def RedriveSaga(
+        self,
+        request: _saga_pb2.RedriveSagaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_saga_pb2.RedriveSagaResponse, _abc.Awaitable[_saga_pb2.RedriveSagaResponse]]:
+        """Operator: a QUARANTINED saga retries its compensations or resumes forward."""
+
+    @_abc_1.abstractmethod
+    def MarkStepCompensated(
+        self,
+        request: _saga_pb2.MarkStepCompensatedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_saga_pb2.MarkStepCompensatedResponse, _abc.Awaitable[_saga_pb2.MarkStepCompensatedResponse]]:
+        """Operator: a compensation was done by hand (COMPENSATING or QUARANTINED sagas)."""
 
     @_abc_1.abstractmethod
     def AnnotateSaga(
