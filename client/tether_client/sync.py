@@ -150,7 +150,7 @@ class SagasClientSync(_Facade[SagasClient]):
     create_saga = _blocking(SagasClient.create_saga)
     claim_saga = _blocking(SagasClient.claim_saga)
     record_step = _blocking(SagasClient.record_step)
-    heartbeat = _blocking(SagasClient.heartbeat)
+    heartbeat_saga = _blocking(SagasClient.heartbeat_saga)
     complete_saga = _blocking(SagasClient.complete_saga)
     fail_saga = _blocking(SagasClient.fail_saga)
     record_compensation = _blocking(SagasClient.record_compensation)
