@@ -23,6 +23,7 @@ from tether_server.runtime import AlwaysLeader, Leadership, PgAdvisoryLeader, Ru
 from tether_server.services.handlers import build_generic_handler
 from tether_server.services.interceptor import RpcMetricsInterceptor
 from tether_server.services.lease import LeaseService
+from tether_server.services.saga import SagaService
 from tether_server.services.unimplemented import Unimplemented
 from tether_server.store.batch import BatchResult
 from tether_server.store.database import Database, describe_url
@@ -30,6 +31,7 @@ from tether_server.store.leases import LeaseStore
 from tether_server.store.pg_backend import CHANNEL as CHANGES_CHANNEL
 from tether_server.store.pg_backend import PgBackend
 from tether_server.store.replicas import ReplicaStore
+from tether_server.store.sagas import SagaStore
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class TetherServer:
         self.db = Database(config.db_url, self.clock)
         self.db.after_commit(self._on_commit)
         self.leases = LeaseStore(self.db)
+        self.sagas = SagaStore(self.db, max_steps=config.saga.saga_limits.max_steps)
         self.replicas = ReplicaStore(self.db)
         # Unique per process start; names this process's heartbeat streams in the store.
         self.instance_id = secrets.token_hex(8)
@@ -76,6 +79,7 @@ class TetherServer:
         self.db.on_batch = self.metrics.store_batch
         self.replica_name = config.replica
         self._lease_service: LeaseService | None = None
+        self._saga_service: SagaService | None = None
         self.leadership: Leadership
         if isinstance(self.db.backend_impl, PgBackend):
             # Leader-only tasks run on one replica at a time: the one holding this lock.
@@ -131,9 +135,11 @@ class TetherServer:
             instance_id=self.instance_id,
         )
         self._lease_service = lease_service
+        saga_service = SagaService(self.sagas, self.clock, self.changes, self.config.saga)
+        self._saga_service = saga_service
         services: list[tuple[Any, object]] = [
             (LEASE_SERVICE, lease_service),
-            (SAGA_SERVICE, Unimplemented(SAGA_SERVICE, "sagas")),
+            (SAGA_SERVICE, saga_service),
             (OWNER_REF_SERVICE, Unimplemented(OWNER_REF_SERVICE, "owner references")),
             (SWEEP_SERVICE, Unimplemented(SWEEP_SERVICE, "sweeps")),
         ]
@@ -183,6 +189,8 @@ class TetherServer:
             await self._listener.stop()
         if self._lease_service is not None:
             self._lease_service.drain()
+        if self._saga_service is not None:
+            self._saga_service.drain()
         if self._server is not None:
             await self._server.stop(grace)
         if self._lease_service is not None:
@@ -242,6 +250,18 @@ class TetherServer:
         # A replica that missed three heartbeats in a row is considered gone.
         return round(3 * self.config.store_check_interval_s * 1_000_000)
 
+    async def _enforce_saga_deadlines(self) -> float | None:
+        """Move overdue sagas to compensation; sleep until the next deadline (or the
+        interval, whichever is sooner: a deadline created on another replica is not seen)."""
+        done = await self.sagas.enforce_deadlines()
+        if done.backlog:
+            return 0
+        upcoming = await self.sagas.next_deadline()
+        if upcoming is None:
+            return None
+        wait_s = (upcoming - self.db.clock.now_us()) / 1_000_000
+        return max(0.001, min(wait_s, self.config.saga_deadline_interval_s))
+
     def _add_tasks(self) -> None:
         interval = self.config.store_check_interval_s
         self.runner.add(
@@ -264,6 +284,13 @@ class TetherServer:
             )
         )
         self.runner.add(TaskSpec("active-leases", self._count_active, interval_s=15.0))
+        self.runner.add(
+            TaskSpec(
+                "saga-deadlines",
+                self._enforce_saga_deadlines,
+                interval_s=self.config.saga_deadline_interval_s,
+            )
+        )
         if self.db.db_clock is not None:
             self.runner.add(TaskSpec("clock-sync", self._sync_clock, interval_s=10.0))
 

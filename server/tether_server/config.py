@@ -8,6 +8,7 @@ from tether_server.defaults import DEFAULT_DB, DEFAULT_LISTEN
 from tether_server.domain.validation import Limits
 from tether_server.expiry import ExpiryConfig
 from tether_server.services.lease import LeaseServiceConfig
+from tether_server.services.saga import SagaServiceConfig
 
 __all__ = ["DEFAULT_DB", "DEFAULT_LISTEN", "ServerConfig"]
 
@@ -31,6 +32,9 @@ class ServerConfig:
     metrics_listen: str = ""
     lease: LeaseServiceConfig = field(default_factory=LeaseServiceConfig)
     expiry: ExpiryConfig = field(default_factory=ExpiryConfig)
+    saga: SagaServiceConfig = field(default_factory=SagaServiceConfig)
+    # How often overdue sagas are looked for (a created deadline also wakes the task).
+    saga_deadline_interval_s: float = 1.0
 
     @property
     def limits(self) -> Limits:

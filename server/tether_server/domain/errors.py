@@ -102,3 +102,35 @@ class RequestIdConflict(TetherError):
 
 class NotImplementedYet(TetherError):
     reason = "NOT_IMPLEMENTED"
+
+
+class SagaNotFound(TetherError):
+    reason = "SAGA_NOT_FOUND"
+
+
+class SagaTerminal(TetherError):
+    reason = "SAGA_TERMINAL"
+
+
+class NothingClaimable(TetherError):
+    reason = "NOTHING_CLAIMABLE"
+
+
+class InvalidSagaState(TetherError):
+    reason = "INVALID_SAGA_STATE"
+
+
+class StepNotFound(TetherError):
+    reason = "STEP_NOT_FOUND"
+
+
+class StepConflict(TetherError):
+    reason = "STEP_CONFLICT"
+
+
+class CompensationOutOfOrder(TetherError):
+    reason = "COMPENSATION_OUT_OF_ORDER"
+
+
+class SagaClaimed(TetherError):
+    reason = "SAGA_CLAIMED"

@@ -37,6 +37,14 @@ _CODES: dict[type[errors.TetherError], grpc.StatusCode] = {
     errors.ServerDraining: grpc.StatusCode.UNAVAILABLE,
     errors.RequestIdConflict: grpc.StatusCode.ALREADY_EXISTS,
     errors.NotImplementedYet: grpc.StatusCode.UNIMPLEMENTED,
+    errors.SagaNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.SagaTerminal: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.NothingClaimable: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.InvalidSagaState: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.StepNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.StepConflict: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.CompensationOutOfOrder: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SagaClaimed: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

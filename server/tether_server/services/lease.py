@@ -6,11 +6,9 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-
-from google.protobuf.message import Message
 
 from tether_client.pb import lease_pb2
 from tether_server.auth import AuthPolicy
@@ -29,6 +27,7 @@ from tether_server.services.convert import (
     to_timestamp,
 )
 from tether_server.services.errors import to_error_detail
+from tether_server.services.streaming import count_fitting, first_of
 from tether_server.store.leases import (
     AcquireParams,
     AcquireResult,
@@ -140,7 +139,7 @@ class LeaseService:
             # The floor keeps a refusal that outlives its retry time (the database clock
             # behind ours) from spinning.
             sleep_s = min(self._config.poll_interval_s, max(0.01, (retry_at - now) / MICROS))
-            await _first_of(changed.wait(), self._clock.sleep(sleep_s), self._draining.wait())
+            await first_of(changed.wait(), self._clock.sleep(sleep_s), self._draining.wait())
             self._check_draining()
             if changed.is_set() or self._clock.now_us() >= retry_at:
                 return True
@@ -388,7 +387,7 @@ class LeaseService:
         )
         messages = [lease_to_pb(x) for x in page[:size]]
         # A page also ends before it outgrows what clients accept in one message.
-        fits = _count_fitting(messages, self._config.max_response_bytes)
+        fits = count_fitting(messages, self._config.max_response_bytes)
         response = lease_pb2.ListLeasesResponse(leases=messages[:fits])
         if fits < len(page):
             last = page[fits - 1]
@@ -434,7 +433,7 @@ class LeaseService:
                         # Split so no message outgrows what clients accept (events carry
                         # the lease's progress details, up to 64 KiB each).
                         while events:
-                            fits = _count_fitting(events, self._config.max_response_bytes)
+                            fits = count_fitting(events, self._config.max_response_bytes)
                             yield lease_pb2.WatchResponse(
                                 header_revision=page.header_revision,
                                 compact_revision=page.compact_revision,
@@ -446,7 +445,7 @@ class LeaseService:
                     # Every event up to the header revision was visible to this read
                     # (revisions commit in order), so nothing below it can still appear.
                     next_revision = max(next_revision, page.header_revision + 1)
-                    await _first_of(
+                    await first_of(
                         changed.wait(),
                         self._draining.wait(),
                         asyncio.sleep(self._config.poll_interval_s),
@@ -532,7 +531,7 @@ class _StreamGuard:
                     )
                 )
                 return
-            await _first_of(self._clock.sleep(remaining_us / MICROS), self._draining.wait())
+            await first_of(self._clock.sleep(remaining_us / MICROS), self._draining.wait())
             if self._draining.is_set():
                 self._end(self._drain_error())
                 return
@@ -541,17 +540,6 @@ class _StreamGuard:
         self.reason = reason
         if self._waiting is not None:
             self._waiting.cancel()
-
-
-def _count_fitting(messages: Sequence[Message], max_bytes: int) -> int:
-    """How many leading messages fit in ``max_bytes`` of a response; at least one."""
-    total = 0
-    for count, item in enumerate(messages):
-        # Field tag and length prefix: a few bytes per repeated element.
-        total += item.ByteSize() + 8
-        if total > max_bytes and count > 0:
-            return count
-    return len(messages)
 
 
 def _give_up(refusal: Refuse, *, waited: bool) -> errors.TetherError:
@@ -570,12 +558,3 @@ def _lease_position(position: list[str | int] | None) -> tuple[str, int] | None:
         case [str(key), int(token)] if 0 < token <= validation.MAX_FENCING_TOKEN:
             return key, token
     raise errors.InvalidPageToken()
-
-
-async def _first_of(*waits: Any) -> None:
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()

@@ -85,7 +85,7 @@ events = Table(
     Column("area", String(16), nullable=False),
     Column("namespace", String(63), nullable=False),
     Column("key", String(512), nullable=False),
-    Column("object_id", String(64), nullable=False),
+    Column("object_id", String(256), nullable=False),
     Column("type", String(16), nullable=False),
     Column("occurred_at_us", BigInteger, nullable=False),
     Column("snapshot", Text, nullable=False),
@@ -112,4 +112,91 @@ replicas = Table(
     Column("started_at_us", BigInteger, nullable=False),
     Column("heartbeat_at_us", BigInteger, nullable=False),
     Index("ix_replicas_name", "name"),
+)
+
+
+# Sagas (see domain/saga.py). The claim's fence (lease id and token) stays after the claim
+# ends (claim_active = 0) so a retried CompleteSaga or FailSaga is recognised.
+sagas = Table(
+    "sagas",
+    metadata,
+    Column("namespace", String(63), primary_key=True),
+    Column("saga_id", String(256), primary_key=True),
+    Column("kind", String(128), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("labels", Text, nullable=False),
+    Column("input", Text, nullable=False),
+    Column("owner", Text, nullable=True),
+    Column("on_stale", String(16), nullable=False),
+    Column("max_attempts", Integer, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("attempt_base", Integer, nullable=False),
+    Column("claim_lease_id", String(64), nullable=True),
+    Column("claim_token", BigInteger, nullable=True),
+    Column("claim_purpose", String(16), nullable=True),
+    Column("claim_holder", String(256), nullable=True),
+    Column("claim_principal", String(256), nullable=True),
+    Column("claim_active", Integer, nullable=False),
+    Column("progress", LargeBinary, nullable=False),
+    Column("output", Text, nullable=True),
+    Column("failure_reason", Text, nullable=False),
+    Column("not_before_us", BigInteger, nullable=False),
+    Column("deadline_us", BigInteger, nullable=True),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+    Column("ended_at_us", BigInteger, nullable=True),
+    Column("create_revision", BigInteger, nullable=False),
+    Column("mod_revision", BigInteger, nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+    Index("ix_sagas_queue", "namespace", "kind", "state", "created_at_us"),
+    Index("ix_sagas_deadline", "state", "deadline_us"),
+    Index("ix_sagas_claim", "claim_lease_id"),
+)
+
+# The step log: one row per step index; a step run again in a later attempt is updated.
+saga_steps = Table(
+    "saga_steps",
+    metadata,
+    Column("namespace", String(63), primary_key=True),
+    Column("saga_id", String(256), primary_key=True),
+    Column("step_index", Integer, primary_key=True, autoincrement=False),
+    Column("name", String(256), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("output", Text, nullable=True),
+    Column("error", Text, nullable=False),
+    Column("compensation", Text, nullable=True),
+    Column("started_at_us", BigInteger, nullable=True),
+    Column("finished_at_us", BigInteger, nullable=True),
+)
+
+# One record per compensation to run, written when the saga starts compensating and kept
+# for good (a failed saga keeps every compensation record).
+saga_compensations = Table(
+    "saga_compensations",
+    metadata,
+    Column("namespace", String(63), primary_key=True),
+    Column("saga_id", String(256), primary_key=True),
+    Column("step_index", Integer, primary_key=True, autoincrement=False),
+    Column("name", String(256), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("max_attempts", Integer, nullable=False),
+    Column("payload", Text, nullable=True),
+    Column("error", Text, nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+    Column("marked_by", String(256), nullable=False),
+)
+
+# Audit entries, on any saga, terminal ones included.
+saga_annotations = Table(
+    "saga_annotations",
+    metadata,
+    Column("namespace", String(63), primary_key=True),
+    Column("saga_id", String(256), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("author", String(256), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("attributes", Text, nullable=False),
 )

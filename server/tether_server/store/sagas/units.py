@@ -1,0 +1,490 @@
+"""Saga units of work: each locks the saga row, asks domain/saga.py, writes the answer.
+
+Lock order: saga row, then the lease key and lease (a claim that creates its lease) or the
+lease alone. Lease units never lock a saga, so the order has no cycle.
+
+A claim writes what time alone decided (a passed deadline, a stale claim's policy) even
+when it then refuses: those units return the refusal instead of raising it, so the
+settled state commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tether_server.domain import errors
+from tether_server.domain import saga as domain
+from tether_server.domain.lease import Lease, Refuse, ended_error, not_holder, stale_token
+from tether_server.domain.saga import (
+    Annotation,
+    Change,
+    Claim,
+    CompensationRecord,
+    Fence,
+    NoChange,
+    Purpose,
+    Saga,
+    SagaEventType,
+    SagaState,
+    Step,
+)
+from tether_server.store.leases import rows as lease_rows
+from tether_server.store.leases.acquire import AcquireParams, AcquireResult, acquire
+from tether_server.store.leases.renew import Renewal, RenewUnit
+from tether_server.store.sagas import rows
+from tether_server.store.sagas.rows import FROM_SAGAS, Loaded
+from tether_server.store.sql import sql
+from tether_server.store.tx import Tx
+
+CLAIM_KEY_PREFIX = "sagas/"
+_DEAD = (
+    "(l.lease_id IS NULL OR l.state <> 'ACTIVE' OR l.expires_at_us <= $3"
+    " OR l.fencing_token <> s.claim_token)"
+)
+_OVERDUE = "(s.deadline_us IS NOT NULL AND s.deadline_us <= $3)"
+_NEXT = " ORDER BY s.created_at_us, s.saga_id LIMIT 1 FOR UPDATE OF s SKIP LOCKED"
+_QUEUE = f"{FROM_SAGAS} WHERE s.namespace = $1 AND s.kind = $2"
+# The oldest candidate of each state a claim of each purpose may take (or settle first).
+_CANDIDATES: dict[Purpose, list[Any]] = {
+    Purpose.EXECUTE: [
+        sql(f"{_QUEUE} AND s.state = 'PLANNED' AND (s.not_before_us <= $3 OR {_OVERDUE}){_NEXT}"),
+        sql(
+            f"{_QUEUE} AND s.state = 'RUNNING'"
+            f" AND (s.claim_active = 0 OR {_DEAD} OR {_OVERDUE}){_NEXT}"
+        ),
+    ],
+    Purpose.COMPENSATE: [
+        sql(f"{_QUEUE} AND s.state = 'COMPENSATING' AND (s.claim_active = 0 OR {_DEAD}){_NEXT}"),
+        sql(
+            f"{_QUEUE} AND s.state = 'RUNNING' AND s.claim_active = 1"
+            f" AND ({_DEAD} OR {_OVERDUE}){_NEXT}"
+        ),
+        sql(f"{_QUEUE} AND s.state = 'PLANNED' AND {_OVERDUE}{_NEXT}"),
+    ],
+}
+# Candidates a claim settles before it gives up (each settled one stops matching).
+_MAX_SETTLED_PER_CLAIM = 32
+_SET_PROGRESS = sql(
+    "UPDATE sagas SET progress = $3, updated_at_us = $4 WHERE namespace = $1 AND saga_id = $2"
+)
+_OVERDUE_SAGAS = sql(
+    f"{FROM_SAGAS} WHERE s.state IN ('PLANNED', 'RUNNING') AND s.deadline_us <= $1"
+    " ORDER BY s.deadline_us LIMIT $2 FOR UPDATE OF s SKIP LOCKED"
+)
+NEXT_DEADLINE = sql(
+    "SELECT MIN(deadline_us) FROM sagas WHERE state IN ('PLANNED', 'RUNNING')"
+    " AND deadline_us IS NOT NULL"
+)
+
+
+@dataclass(frozen=True)
+class SagaView:
+    """A saga with its logs and its claim's lease, as of ``now_us``."""
+
+    saga: Saga
+    lease: Lease | None
+    now_us: int
+    steps: list[Step] = field(default_factory=list)
+    compensations: list[CompensationRecord] = field(default_factory=list)
+    annotations: list[Annotation] = field(default_factory=list)
+
+    @property
+    def stale(self) -> bool:
+        return self.saga.is_stale(self.lease, self.now_us)
+
+    @property
+    def overdue(self) -> bool:
+        return self.saga.is_overdue(self.now_us)
+
+
+async def full_view(tx: Tx, saga: Saga, lease: Lease | None) -> SagaView:
+    return SagaView(
+        saga,
+        lease,
+        tx.now_us,
+        await rows.load_steps(tx, saga),
+        await rows.load_compensations(tx, saga),
+        await rows.load_annotations(tx, saga),
+    )
+
+
+async def _locked(tx: Tx, namespace: str, saga_id: str) -> Loaded:
+    loaded = await rows.load(tx, namespace, saga_id, lock=True)
+    if loaded is None:
+        raise domain.not_found(namespace, saga_id)
+    return loaded
+
+
+# ---- create --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreateParams:
+    namespace: str
+    saga_id: str
+    kind: str
+    principal: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    input: Mapping[str, Any] = field(default_factory=dict)
+    owner: Mapping[str, Any] | None = None
+    on_stale: domain.OnStale = domain.OnStale.REQUEUE
+    max_attempts: int = domain.DEFAULT_MAX_ATTEMPTS
+    deadline_us: int | None = None
+
+    def fingerprint(self) -> str:
+        body = [
+            self.kind,
+            sorted(self.labels.items()),
+            self.input,
+            self.owner,
+            self.on_stale.value,
+            self.max_attempts,
+            self.deadline_us,
+        ]
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Created:
+    view: SagaView
+    created: bool
+
+
+async def create(tx: Tx, p: CreateParams) -> Created:
+    # A racing create of the same id fails the insert's unique key and runs again (Retry),
+    # then finds this one.
+    existing = await rows.load(tx, p.namespace, p.saga_id)
+    if existing is not None:
+        domain.check_create_repeat(existing.saga, p.fingerprint())
+        return Created(await full_view(tx, existing.saga, existing.lease), created=False)
+    revision = await tx.next_revision()
+    saga = Saga(
+        namespace=p.namespace,
+        saga_id=p.saga_id,
+        kind=p.kind,
+        state=SagaState.PLANNED,
+        created_at_us=tx.now_us,
+        updated_at_us=tx.now_us,
+        labels=dict(p.labels),
+        input=dict(p.input),
+        owner=p.owner,
+        on_stale=p.on_stale,
+        max_attempts=p.max_attempts,
+        not_before_us=tx.now_us,
+        deadline_us=p.deadline_us,
+        create_revision=revision,
+        mod_revision=revision,
+        fingerprint=p.fingerprint(),
+    )
+    await rows.insert(tx, saga)
+    rows.record(tx, revision, SagaEventType.CREATED, saga)
+    return Created(SagaView(saga, None, tx.now_us), created=True)
+
+
+# ---- claim ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewLease:
+    holder: str
+    ttl_us: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClaimParams:
+    namespace: str
+    purpose: Purpose
+    principal: str
+    saga_id: str = ""
+    kind: str = ""
+    existing: Fence | None = None
+    new_lease: NewLease | None = None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    view: SagaView
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class Refused:
+    error: errors.TetherError
+    # When waiting for the saga could pay off at the earliest (not_before), if known.
+    retry_at_us: int | None = None
+
+
+async def claim(tx: Tx, p: ClaimParams) -> Claimed | Refused:
+    if p.saga_id:
+        loaded = await _settled(tx, await _locked(tx, p.namespace, p.saga_id))
+        refusal = domain.claimable_error(loaded.saga, p.purpose, loaded.lease, tx.now_us)
+        if refusal is not None:
+            retry_at = loaded.saga.not_before_us if loaded.saga.state is SagaState.PLANNED else None
+            return Refused(refusal, retry_at)
+        return await _take(tx, p, loaded)
+    for _ in range(_MAX_SETTLED_PER_CLAIM):
+        candidate = await _oldest_candidate(tx, p)
+        if candidate is None:
+            break
+        settled = await _settled(tx, candidate)
+        if domain.claimable_error(settled.saga, p.purpose, settled.lease, tx.now_us) is None:
+            return await _take(tx, p, settled)
+    return Refused(
+        errors.NothingClaimable(
+            f"no saga of kind {p.kind!r} is claimable for {p.purpose.value.lower()} now",
+            {"kind": p.kind, "purpose": p.purpose.value},
+        )
+    )
+
+
+async def _oldest_candidate(tx: Tx, p: ClaimParams) -> Loaded | None:
+    found: list[Loaded] = []
+    for stmt in _CANDIDATES[p.purpose]:
+        row = await tx.fetchrow(stmt, p.namespace, p.kind, tx.now_us)
+        if row is not None:
+            found.append(rows.row_to_loaded(row))
+    if not found:
+        return None
+    return min(found, key=lambda f: (f.saga.created_at_us, f.saga.saga_id))
+
+
+async def _settled(tx: Tx, loaded: Loaded) -> Loaded:
+    """Write what time decided (deadline, stale claim) before deciding the call."""
+    saga = loaded.saga
+    steps = await rows.load_steps(tx, saga) if saga.deadline_us or saga.claim else []
+    change = domain.settle(saga, steps, loaded.lease, tx.now_us)
+    if change is None:
+        return loaded
+    return Loaded(await rows.write(tx, change), loaded.lease)
+
+
+async def _take(tx: Tx, p: ClaimParams, loaded: Loaded) -> Claimed | Refused:
+    saga = loaded.saga
+    lease = await _claim_lease(tx, p, saga)
+    if isinstance(lease, Refused):
+        return lease
+    new_claim = Claim(
+        lease_id=lease.lease_id,
+        fencing_token=lease.fencing_token,
+        purpose=p.purpose,
+        holder=lease.holder,
+        principal=p.principal,
+    )
+    saga = await rows.write(tx, domain.claim(saga, new_claim, tx.now_us))
+    return Claimed(await full_view(tx, saga, lease), lease)
+
+
+async def _claim_lease(tx: Tx, p: ClaimParams, saga: Saga) -> Lease | Refused:
+    if p.existing is not None:
+        lease = await lease_rows.get(tx, p.existing.lease_id)
+        if lease is None or lease.namespace != p.namespace:
+            return Refused(
+                errors.LeaseNotFound(
+                    f"no lease {p.existing.lease_id!r} in namespace {p.namespace!r}",
+                    {"lease_id": p.existing.lease_id},
+                )
+            )
+        if lease.principal != p.principal:
+            return Refused(not_holder(lease, p.principal))
+        if lease.fencing_token != p.existing.fencing_token:
+            return Refused(stale_token(lease, p.existing.fencing_token))
+        if not lease.is_live(tx.now_us):
+            return Refused(ended_error(lease, tx.now_us))
+        return lease
+    assert p.new_lease is not None
+    outcome = await acquire(
+        tx,
+        AcquireParams(
+            namespace=p.namespace,
+            key=CLAIM_KEY_PREFIX + saga.saga_id,
+            holder=p.new_lease.holder,
+            principal=p.principal,
+            ttl_us=p.new_lease.ttl_us,
+            labels=p.new_lease.labels,
+        ),
+    )
+    if isinstance(outcome, Refuse):
+        return Refused(outcome.error, outcome.retry_at_us)
+    assert isinstance(outcome, AcquireResult)
+    return outcome.lease
+
+
+# ---- fenced calls --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fenced:
+    namespace: str
+    saga_id: str
+    fence: Fence
+    principal: str
+
+
+async def _fenced(tx: Tx, f: Fenced) -> Loaded:
+    loaded = await _locked(tx, f.namespace, f.saga_id)
+    domain.check_fence(loaded.saga, f.fence, loaded.lease, f.principal, tx.now_us)
+    return loaded
+
+
+@dataclass(frozen=True)
+class StepRecorded:
+    step: Step
+    state: SagaState
+    revision: int
+
+
+async def record_step(tx: Tx, f: Fenced, report: domain.StepReport, max_steps: int) -> StepRecorded:
+    loaded = await _fenced(tx, f)
+    steps = {s.index: s for s in await rows.load_steps(tx, loaded.saga)}
+    decision = domain.record_step(loaded.saga, steps, report, tx.now_us, max_steps)
+    if isinstance(decision, NoChange):
+        saga = decision.saga
+        return StepRecorded(steps[report.index], saga.state, saga.mod_revision)
+    saga = await rows.write(tx, decision)
+    return StepRecorded(decision.steps[0], saga.state, saga.mod_revision)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    expires_at_us: int
+    ttl_us: int
+    state: SagaState
+
+
+async def heartbeat(tx: Tx, f: Fenced, progress: bytes | None) -> Heartbeat:
+    loaded = await _fenced(tx, f)
+    (outcome,) = await RenewUnit(
+        f.namespace, [Renewal(f.fence.lease_id, f.fence.fencing_token, None, f.principal)]
+    )(tx)
+    if isinstance(outcome, errors.TetherError):
+        raise outcome
+    if progress is not None:
+        await tx.execute(_SET_PROGRESS, f.namespace, f.saga_id, progress, tx.now_us)
+    return Heartbeat(outcome.expires_at_us, outcome.ttl_us, loaded.saga.state)
+
+
+async def complete(tx: Tx, f: Fenced, output: Mapping[str, Any] | None) -> SagaView:
+    loaded = await _locked(tx, f.namespace, f.saga_id)
+    if not domain.is_repeat_of_end(loaded.saga, f.fence, completing=True):
+        domain.check_fence(loaded.saga, f.fence, loaded.lease, f.principal, tx.now_us)
+        saga = await rows.write(tx, domain.complete(loaded.saga, output, tx.now_us))
+        loaded = Loaded(saga, loaded.lease)
+    return await full_view(tx, loaded.saga, loaded.lease)
+
+
+async def fail(tx: Tx, f: Fenced, failure: domain.Failure) -> SagaView:
+    loaded = await _locked(tx, f.namespace, f.saga_id)
+    if not domain.is_repeat_of_end(loaded.saga, f.fence, completing=False, reason=failure.reason):
+        domain.check_fence(loaded.saga, f.fence, loaded.lease, f.principal, tx.now_us)
+        steps = await rows.load_steps(tx, loaded.saga)
+        saga = await rows.write(tx, domain.fail(loaded.saga, steps, failure, tx.now_us))
+        loaded = Loaded(saga, loaded.lease)
+    return await full_view(tx, loaded.saga, loaded.lease)
+
+
+@dataclass(frozen=True)
+class CompensationRecorded:
+    record: CompensationRecord
+    state: SagaState
+    revision: int
+
+
+async def record_compensation(
+    tx: Tx, f: Fenced, step_index: int, succeeded: bool, error: str, attempt: int
+) -> CompensationRecorded:
+    loaded = await _fenced(tx, f)
+    records = {r.step_index: r for r in await rows.load_compensations(tx, loaded.saga)}
+    decision = domain.record_compensation(
+        loaded.saga, records, step_index, succeeded, error, attempt, tx.now_us
+    )
+    if isinstance(decision, NoChange):
+        saga = decision.saga
+        return CompensationRecorded(records[step_index], saga.state, saga.mod_revision)
+    saga = await rows.write(tx, decision)
+    return CompensationRecorded(decision.compensations[0], saga.state, saga.mod_revision)
+
+
+# ---- operator calls ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OperatorCall:
+    namespace: str
+    saga_id: str
+    author: str
+    reason: str = ""
+
+
+async def _apply(tx: Tx, loaded: Loaded, decision: Change | NoChange) -> SagaView:
+    saga = decision.saga if isinstance(decision, NoChange) else await rows.write(tx, decision)
+    return await full_view(tx, saga, loaded.lease)
+
+
+async def cancel(tx: Tx, c: OperatorCall) -> SagaView:
+    loaded = await _locked(tx, c.namespace, c.saga_id)
+    steps = await rows.load_steps(tx, loaded.saga)
+    return await _apply(
+        tx, loaded, domain.cancel(loaded.saga, steps, c.reason, c.author, tx.now_us)
+    )
+
+
+async def quarantine(tx: Tx, c: OperatorCall) -> SagaView:
+    loaded = await _locked(tx, c.namespace, c.saga_id)
+    return await _apply(tx, loaded, domain.quarantine(loaded.saga, c.reason, c.author, tx.now_us))
+
+
+async def redrive(tx: Tx, c: OperatorCall, mode: domain.RedriveMode) -> SagaView:
+    loaded = await _locked(tx, c.namespace, c.saga_id)
+    steps = await rows.load_steps(tx, loaded.saga)
+    records = await rows.load_compensations(tx, loaded.saga)
+    decision = domain.redrive(loaded.saga, steps, records, mode, c.reason, c.author, tx.now_us)
+    return await _apply(tx, loaded, decision)
+
+
+async def mark_compensated(tx: Tx, c: OperatorCall, step_index: int) -> SagaView:
+    loaded = await _locked(tx, c.namespace, c.saga_id)
+    steps = await rows.load_steps(tx, loaded.saga)
+    records = {r.step_index: r for r in await rows.load_compensations(tx, loaded.saga)}
+    decision = domain.mark_compensated(
+        loaded.saga, steps, records, step_index, c.reason, c.author, tx.now_us
+    )
+    return await _apply(tx, loaded, decision)
+
+
+@dataclass(frozen=True)
+class Annotated:
+    annotation: Annotation
+    revision: int
+
+
+async def annotate(tx: Tx, c: OperatorCall, text: str, attributes: Mapping[str, str]) -> Annotated:
+    loaded = await _locked(tx, c.namespace, c.saga_id)
+    annotation = await rows.add_annotation(tx, loaded.saga, c.author, text, attributes)
+    saga = replace(loaded.saga, updated_at_us=tx.now_us)
+    saga = await rows.write(tx, Change(saga, events=(SagaEventType.ANNOTATED,)))
+    return Annotated(annotation, saga.mod_revision)
+
+
+# ---- deadlines -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeadlinePass:
+    moved: int
+    # More overdue sagas than the pass took: run again at once.
+    backlog: bool
+
+
+async def enforce_deadlines(tx: Tx, limit: int) -> DeadlinePass:
+    """Move up to ``limit`` overdue sagas to compensation (or FAILED)."""
+    found = await tx.fetch(_OVERDUE_SAGAS, tx.now_us, limit)
+    for row in found:
+        loaded = rows.row_to_loaded(row)
+        steps = await rows.load_steps(tx, loaded.saga)
+        await rows.write(tx, domain.apply_deadline(loaded.saga, steps, tx.now_us))
+    return DeadlinePass(len(found), backlog=len(found) >= limit)
