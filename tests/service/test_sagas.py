@@ -6,6 +6,7 @@ Time moves only when a test advances the fake clock; the deadline task is driven
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from tether_client.pb import common_pb2, saga_pb2, saga_pb2_grpc
+from tether_client.pb import common_pb2, lease_pb2, saga_pb2, saga_pb2_grpc
 
 from .conftest import WAIT_S, Harness, dur, expect_error
 
@@ -187,6 +188,276 @@ async def test_stale_claim_is_fenced_and_requeued(sagas: Sagas, tether: Harness)
     assert second.saga.saga_id == "s1" and second.saga.attempt == 2
     assert [s.name for s in second.saga.steps] == ["plan"]
     await expect_error(sagas.step(old, 1, "more"), FP, "STALE_FENCING_TOKEN")
+
+
+async def test_retryable_failure_requeues_after_the_backoff(sagas: Sagas, tether: Harness) -> None:
+    await sagas.create(max_attempts=2)
+    fence = (await sagas.claim("s1")).fence
+    await sagas.step(fence, 0, "plan")
+    saga = await sagas.fail(fence, reason="flaky", retryable=True, retry_after=dur(30))
+    assert saga.state == PLANNED and saga.failure_reason == "flaky"
+    # The claim ended with the failure: the old fence is no longer good.
+    await expect_error(sagas.step(fence, 1, "x"), FP, "INVALID_SAGA_STATE")
+    await expect_error(sagas.claim(kind="build"), FP, "NOTHING_CLAIMABLE")
+    tether.clock.advance(31)
+    second = await sagas.claim(kind="build", holder="w2")
+    assert second.saga.attempt == 2 and [s.name for s in second.saga.steps] == ["plan"]
+    # No attempts left: a retryable failure compensates (nothing registered: FAILED).
+    final = await sagas.fail(second.fence, reason="flaky again", retryable=True)
+    assert final.state == FAILED
+
+
+async def test_a_repeated_complete_or_fail_answers_the_first_result(sagas: Sagas) -> None:
+    await sagas.create()
+    fence = (await sagas.claim("s1")).fence
+    request = saga_pb2.CompleteSagaRequest(saga_id="s1", fence=fence)
+    first = await sagas.stub.CompleteSaga(request, timeout=WAIT_S)
+    again = await sagas.stub.CompleteSaga(request, timeout=WAIT_S)
+    assert again.saga.revision == first.saga.revision and again.saga.state == COMPLETED
+    await sagas.create("s2")
+    fence2 = (await sagas.claim("s2")).fence
+    await sagas.step(fence2, 0, "a", STARTED, saga_id="s2", compensation=comp("undo-a"))
+    one = await sagas.fail(fence2, saga_id="s2", reason="r", hand_off=True)
+    two = await sagas.fail(fence2, saga_id="s2", reason="r", hand_off=True)
+    assert one.state == COMPENSATING and two.revision == one.revision
+
+
+async def test_step_records_are_idempotent_per_attempt(sagas: Sagas) -> None:
+    await sagas.create()
+    fence = (await sagas.claim("s1")).fence
+    first = await sagas.step(fence, 0, "plan", STARTED)
+    again = await sagas.step(fence, 0, "plan", STARTED)
+    assert again.revision == first.revision
+    done = await sagas.step(fence, 0, "plan", SUCCEEDED)
+    assert (await sagas.step(fence, 0, "plan", SUCCEEDED)).revision == done.revision
+    await expect_error(sagas.step(fence, 0, "plan", STARTED), FP, "STEP_CONFLICT")
+    await expect_error(sagas.step(fence, 0, "other", SUCCEEDED), FP, "STEP_CONFLICT")
+    await expect_error(sagas.step(fence, 5, "far"), IA, "INVALID_FIELD")
+
+
+async def test_hand_off_lets_a_compensation_worker_finish(sagas: Sagas) -> None:
+    await sagas.create()
+    fence = (await sagas.claim("s1")).fence
+    await sagas.step(fence, 0, "branch", STARTED, compensation=comp("rm-branch", "b1"))
+    saga = await sagas.fail(fence, reason="boom", hand_off=True)
+    assert saga.state == COMPENSATING and not saga.HasField("claim")
+    await expect_error(sagas.claim(kind="build"), FP, "NOTHING_CLAIMABLE")
+    worker = await sagas.claim(kind="build", purpose=COMPENSATE, holder="janitor")
+    assert worker.saga.compensations[0].payload.string_value == "b1"
+    assert (await sagas.compensate(worker.fence, 0)).state == COMPENSATED
+
+
+async def test_exhausted_compensation_quarantines_and_redrive_retries(
+    sagas: Sagas, tether: Harness
+) -> None:
+    await sagas.create()
+    fence = (await sagas.claim("s1")).fence
+    await sagas.step(fence, 0, "a", STARTED, compensation=comp("undo-a", max_attempts=2))
+    await sagas.step(fence, 1, "b", STARTED, compensation=comp("undo-b", max_attempts=2))
+    await sagas.fail(fence, reason="boom")
+    await sagas.compensate(fence, 1, C_FAIL, error="disk", attempt=1)
+    # A repeated report of attempt 1 changes nothing.
+    again = await sagas.compensate(fence, 1, C_FAIL, error="disk", attempt=1)
+    assert again.compensation.attempts == 1
+    last = await sagas.compensate(fence, 1, C_FAIL, error="disk", attempt=2)
+    assert last.state == QUARANTINED
+    assert last.compensation.status == saga_pb2.COMPENSATION_STATUS_EXHAUSTED
+    await expect_error(sagas.compensate(fence, 0), FP, "SAGA_TERMINAL")
+    redriven = await sagas.stub.RedriveSaga(
+        saga_pb2.RedriveSagaRequest(
+            saga_id="s1", mode=saga_pb2.REDRIVE_MODE_RETRY_COMPENSATIONS, reason="disk fixed"
+        ),
+        timeout=WAIT_S,
+    )
+    assert redriven.saga.state == COMPENSATING
+    assert any("disk fixed" in a.text for a in redriven.saga.annotations)
+    janitor = await sagas.claim("s1", purpose=COMPENSATE, holder="janitor")
+    await sagas.compensate(janitor.fence, 1)
+    marked = await sagas.stub.MarkStepCompensated(
+        saga_pb2.MarkStepCompensatedRequest(saga_id="s1", step_index=0, reason="done by hand"),
+        timeout=WAIT_S,
+    )
+    assert marked.saga.state == COMPENSATED
+    await expect_error(
+        sagas.stub.RedriveSaga(
+            saga_pb2.RedriveSagaRequest(saga_id="s1", mode=saga_pb2.REDRIVE_MODE_RESUME),
+            timeout=WAIT_S,
+        ),
+        FP,
+        "INVALID_SAGA_STATE",
+    )
+    manual = {c.step_index: c for c in marked.saga.compensations}[0]
+    assert manual.status == saga_pb2.COMPENSATION_STATUS_MANUAL and manual.marked_by
+
+
+async def test_redrive_resume_runs_forward_again(sagas: Sagas, tether: Harness) -> None:
+    await sagas.create(on_stale=saga_pb2.ON_STALE_POLICY_QUARANTINE)
+    fence = (await sagas.claim("s1", ttl_s=5)).fence
+    await sagas.step(fence, 0, "plan")
+    tether.clock.advance(6)
+    await expect_error(sagas.claim("s1", holder="w2"), FP, "SAGA_TERMINAL")
+    assert (await sagas.get()).state == QUARANTINED
+    resumed = await sagas.stub.RedriveSaga(
+        saga_pb2.RedriveSagaRequest(saga_id="s1", mode=saga_pb2.REDRIVE_MODE_RESUME, reason="go"),
+        timeout=WAIT_S,
+    )
+    assert resumed.saga.state == PLANNED
+    again = await sagas.claim("s1", holder="w3")
+    assert again.saga.state == RUNNING and [s.name for s in again.saga.steps] == ["plan"]
+
+
+async def test_stale_policies(sagas: Sagas, tether: Harness) -> None:
+    await sagas.create("c", on_stale=saga_pb2.ON_STALE_POLICY_COMPENSATE)
+    await sagas.create("r", max_attempts=1)
+    fc = (await sagas.claim("c", ttl_s=5)).fence
+    await sagas.step(fc, 0, "a", STARTED, saga_id="c", compensation=comp("undo"))
+    fr = (await sagas.claim("r", ttl_s=5)).fence
+    await sagas.step(fr, 0, "a", STARTED, saga_id="r", compensation=comp("undo"))
+    tether.clock.advance(6)
+    listed = await sagas.stub.ListSagas(saga_pb2.ListSagasRequest(stale_only=True), timeout=WAIT_S)
+    assert sorted(s.saga_id for s in listed.sagas) == ["c", "r"]
+    # Claims apply the policies: "c" compensates, "r" ran out of attempts and compensates.
+    await expect_error(sagas.claim(kind="build", holder="w2"), FP, "NOTHING_CLAIMABLE")
+    assert (await sagas.get("c")).state == COMPENSATING
+    assert (await sagas.get("r")).state == COMPENSATING
+    assert "1 of 1 attempts" in (await sagas.get("r")).failure_reason
+
+
+async def test_cancel(sagas: Sagas) -> None:
+    await sagas.create("never")
+    cancelled = await sagas.stub.CancelSaga(
+        saga_pb2.CancelSagaRequest(saga_id="never", reason="not needed"), timeout=WAIT_S
+    )
+    assert cancelled.saga.state == CANCELLED
+    await sagas.create("running")
+    fence = (await sagas.claim("running")).fence
+    await sagas.step(fence, 0, "a", STARTED, saga_id="running", compensation=comp("undo"))
+    cancelled = await sagas.stub.CancelSaga(
+        saga_pb2.CancelSagaRequest(saga_id="running", reason="stop"), timeout=WAIT_S
+    )
+    assert cancelled.saga.state == COMPENSATING
+    # The running worker's claim ended with the cancel.
+    await expect_error(sagas.step(fence, 1, "b", saga_id="running"), FP, "INVALID_SAGA_STATE")
+    janitor = await sagas.claim("running", purpose=COMPENSATE)
+    assert (await sagas.compensate(janitor.fence, 0, saga_id="running")).state == COMPENSATED
+
+
+async def test_deadline_moves_a_running_saga_to_compensation(sagas: Sagas, tether: Harness) -> None:
+    now = tether.clock.now_us()
+    await sagas.create(deadline=_ts(now + 60_000_000))
+    fence = (await sagas.claim("s1", ttl_s=600)).fence
+    await sagas.step(fence, 0, "a", STARTED, compensation=comp("undo"))
+    tether.clock.advance(61)
+    assert (await sagas.get()).overdue
+    overdue = await sagas.stub.ListSagas(
+        saga_pb2.ListSagasRequest(overdue_only=True), timeout=WAIT_S
+    )
+    assert [s.saga_id for s in overdue.sagas] == ["s1"]
+    await expect_error(sagas.step(fence, 1, "b"), FP, "INVALID_SAGA_STATE")
+    moved = await tether.server.sagas.enforce_deadlines()
+    assert moved.moved == 1
+    saga = await sagas.get()
+    assert saga.state == COMPENSATING and not saga.overdue and "deadline" in saga.failure_reason
+
+
+async def test_annotations_reach_terminal_sagas(sagas: Sagas) -> None:
+    await sagas.create()
+    await sagas.stub.CancelSaga(saga_pb2.CancelSagaRequest(saga_id="s1"), timeout=WAIT_S)
+    note = await sagas.stub.AnnotateSaga(
+        saga_pb2.AnnotateSagaRequest(saga_id="s1", text="checked", attributes={"by": "ops"}),
+        timeout=WAIT_S,
+    )
+    assert note.annotation.text == "checked"
+    saga = await sagas.get()
+    assert [a.text for a in saga.annotations][-1] == "checked"
+    assert saga.revision == note.revision
+
+
+async def test_list_filters_and_pages(sagas: Sagas) -> None:
+    for i in range(5):
+        await sagas.create(f"a{i}", kind="alpha", labels={"team": "x" if i % 2 else "y"})
+    await sagas.create("b0", kind="beta")
+    await sagas.claim("a0")
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await sagas.stub.ListSagas(
+            saga_pb2.ListSagasRequest(kind="alpha", page_size=2, page_token=token), timeout=WAIT_S
+        )
+        seen += [s.saga_id for s in page.sagas]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [f"a{i}" for i in range(5)]
+    labelled = await sagas.stub.ListSagas(
+        saga_pb2.ListSagasRequest(labels={"team": "x"}), timeout=WAIT_S
+    )
+    assert [s.saga_id for s in labelled.sagas] == ["a1", "a3"]
+    running = await sagas.stub.ListSagas(
+        saga_pb2.ListSagasRequest(states=[RUNNING]), timeout=WAIT_S
+    )
+    assert [s.saga_id for s in running.sagas] == ["a0"]
+    await expect_error(
+        sagas.stub.ListSagas(
+            saga_pb2.ListSagasRequest(kind="beta", page_token=token or "x"), timeout=WAIT_S
+        ),
+        IA,
+        "INVALID_PAGE_TOKEN",
+    )
+
+
+async def test_watch_streams_saga_events(sagas: Sagas) -> None:
+    stream = sagas.stub.WatchSagas(saga_pb2.WatchSagasRequest(kind="build"), timeout=WAIT_S)
+    header = await stream.read()
+    await sagas.create()
+    await sagas.create("other", kind="deploy")
+    fence = (await sagas.claim("s1")).fence
+    await sagas.step(fence, 0, "plan")
+    types: list[int] = []
+    while len(types) < 3:
+        response = await stream.read()
+        for event in response.events:
+            assert event.saga.saga_id == "s1" and event.revision > header.header_revision
+            types.append(event.type)
+            if event.type == saga_pb2.SAGA_EVENT_TYPE_STEP_RECORDED:
+                assert event.step.name == "plan"
+    assert types == [
+        saga_pb2.SAGA_EVENT_TYPE_CREATED,
+        saga_pb2.SAGA_EVENT_TYPE_CLAIMED,
+        saga_pb2.SAGA_EVENT_TYPE_STEP_RECORDED,
+    ]
+    stream.cancel()
+
+
+async def test_a_long_poll_claim_wakes_on_create(sagas: Sagas, tether: Harness) -> None:
+    waiting = asyncio.ensure_future(sagas.claim(kind="build", wait=dur(60)))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    await sagas.create()
+    claimed = await asyncio.wait_for(waiting, WAIT_S)
+    assert claimed.saga.saga_id == "s1"
+
+
+async def test_claim_under_an_existing_lease(sagas: Sagas, tether: Harness) -> None:
+    lease = await tether.acquire("workers/w1", "w1", ttl_s=30)
+    await sagas.create()
+    fence = common_pb2.Fence(lease_id=lease.lease_id, fencing_token=lease.fencing_token)
+    claimed = await sagas.claim("s1", existing_lease=fence)
+    assert claimed.fence == fence
+    beat = await sagas.stub.HeartbeatSaga(
+        saga_pb2.HeartbeatSagaRequest(saga_id="s1", fence=fence, progress=b"half"),
+        timeout=WAIT_S,
+    )
+    assert beat.state == RUNNING
+    assert (await sagas.get()).progress == b"half"
+    await tether.stub.Release(
+        lease_pb2.ReleaseRequest(
+            lease_id=lease.lease_id, fencing_token=lease.fencing_token, holder="w1"
+        ),
+        timeout=WAIT_S,
+    )
+    await expect_error(sagas.step(fence, 0, "a"), FP, "LEASE_RELEASED")
+    assert (await sagas.get()).stale
 
 
 def _struct(data: dict[str, Any]) -> struct_pb2.Struct:

@@ -92,7 +92,8 @@ _ANNOTATIONS = sql(
 )
 _ADD_ANNOTATION = sql(
     "INSERT INTO saga_annotations (namespace, saga_id, seq, created_at_us, author, text,"
-    " attributes) SELECT $1, $2, COALESCE(MAX(seq), 0) + 1, $3, $4, $5, $6"
+    " attributes) SELECT $1::text, $2::text, COALESCE(MAX(seq), 0) + 1, $3::bigint, $4::text,"
+    " $5::text, $6::text"
     " FROM saga_annotations WHERE namespace = $1 AND saga_id = $2 RETURNING seq"
 )
 

@@ -18,7 +18,14 @@ from typing import Any
 
 from tether_server.domain import errors
 from tether_server.domain import saga as domain
-from tether_server.domain.lease import Lease, Refuse, ended_error, not_holder, stale_token
+from tether_server.domain.lease import (
+    Lease,
+    LeaseState,
+    Refuse,
+    ended_error,
+    not_holder,
+    stale_token,
+)
 from tether_server.domain.saga import (
     Annotation,
     Change,
@@ -32,8 +39,10 @@ from tether_server.domain.saga import (
     SagaState,
     Step,
 )
+from tether_server.store.leases import keys
 from tether_server.store.leases import rows as lease_rows
 from tether_server.store.leases.acquire import AcquireParams, AcquireResult, acquire
+from tether_server.store.leases.end import end_leases
 from tether_server.store.leases.renew import Renewal, RenewUnit
 from tether_server.store.sagas import rows
 from tether_server.store.sagas.rows import FROM_SAGAS, Loaded
@@ -297,6 +306,7 @@ async def _claim_lease(tx: Tx, p: ClaimParams, saga: Saga) -> Lease | Refused:
             return Refused(ended_error(lease, tx.now_us))
         return lease
     assert p.new_lease is not None
+    await _release_ended_claim_lease(tx, saga)
     outcome = await acquire(
         tx,
         AcquireParams(
@@ -312,6 +322,24 @@ async def _claim_lease(tx: Tx, p: ClaimParams, saga: Saga) -> Lease | Refused:
         return Refused(outcome.error, outcome.retry_at_us)
     assert isinstance(outcome, AcquireResult)
     return outcome.lease
+
+
+async def _release_ended_claim_lease(tx: Tx, saga: Saga) -> None:
+    """A claim that ended without its lease ending (handed off, failed for a retry,
+    cancelled) leaves that lease on the saga's key: the next claim's lease takes the key
+    over, so the previous one is released here."""
+    c = saga.claim
+    if c is None or c.active:
+        return
+    key = CLAIM_KEY_PREFIX + saga.saga_id
+    old = await lease_rows.get(tx, c.lease_id)
+    if old is None or old.key != key or not old.is_live(tx.now_us):
+        return
+    # Key before lease: the order Acquire locks them in.
+    await keys.lock(tx, saga.namespace, key)
+    old = await lease_rows.get(tx, c.lease_id, lock=True)
+    if old is not None and old.is_live(tx.now_us):
+        await end_leases(tx, [old], LeaseState.RELEASED)
 
 
 # ---- fenced calls --------------------------------------------------------------------------
