@@ -7,7 +7,6 @@ Time moves only when a test advances the fake clock; the deadline task is driven
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -130,27 +129,32 @@ def comp(name: str, payload: Any = None, max_attempts: int = 0) -> saga_pb2.Comp
 
 
 @pytest.fixture
-async def sagas(tether: Harness) -> AsyncIterator[Sagas]:
+async def sagas(tether: Harness) -> Sagas:
     await tether.server.runner.stop_task("saga-deadlines")
-    yield Sagas(tether)
+    return Sagas(tether)
 
 
 async def test_a_saga_runs_to_completion(sagas: Sagas) -> None:
     created = await sagas.create(input=_struct({"repo": "r"}))
-    assert created.state == PLANNED and created.input["repo"] == "r"
+    assert created.state == PLANNED
+    assert created.input["repo"] == "r"
     claimed = await sagas.claim("s1")
-    assert claimed.saga.state == RUNNING and claimed.saga.attempt == 1
+    assert claimed.saga.state == RUNNING
+    assert claimed.saga.attempt == 1
     fence = claimed.fence
-    assert fence.lease_id == claimed.lease.lease_id and claimed.lease.key == "sagas/s1"
+    assert fence.lease_id == claimed.lease.lease_id
+    assert claimed.lease.key == "sagas/s1"
     first = await sagas.step(fence, 0, "plan", STARTED, compensation=comp("unplan"))
-    assert first.step.status == STARTED and first.state == RUNNING
+    assert first.step.status == STARTED
+    assert first.state == RUNNING
     await sagas.step(fence, 0, "plan", SUCCEEDED, output=struct_pb2.Value(string_value="ok"))
     done = await sagas.stub.CompleteSaga(
         saga_pb2.CompleteSagaRequest(saga_id="s1", fence=fence), timeout=WAIT_S
     )
     assert done.saga.state == COMPLETED
     got = await sagas.get()
-    assert [s.name for s in got.steps] == ["plan"] and got.steps[0].output.string_value == "ok"
+    assert [s.name for s in got.steps] == ["plan"]
+    assert got.steps[0].output.string_value == "ok"
     # Terminal: no more steps.
     await expect_error(sagas.step(fence, 1, "more"), FP, "SAGA_TERMINAL")
 
@@ -172,7 +176,8 @@ async def test_failure_compensates_in_reverse_order(sagas: Sagas) -> None:
     last = await sagas.compensate(fence, 0)
     assert last.state == COMPENSATED
     final = await sagas.get()
-    assert final.state == COMPENSATED and all(c.status == C_OK for c in final.compensations)
+    assert final.state == COMPENSATED
+    assert all(c.status == C_OK for c in final.compensations)
 
 
 async def test_stale_claim_is_fenced_and_requeued(sagas: Sagas, tether: Harness) -> None:
@@ -181,11 +186,13 @@ async def test_stale_claim_is_fenced_and_requeued(sagas: Sagas, tether: Harness)
     await sagas.step(old, 0, "plan")
     tether.clock.advance(6)
     stale = await sagas.get()
-    assert stale.stale and stale.state == RUNNING
+    assert stale.stale
+    assert stale.state == RUNNING
     # The old worker is fenced out at once, before any sweep.
     await expect_error(sagas.step(old, 1, "more"), FP, "LEASE_EXPIRED")
     second = await sagas.claim(kind="build", holder="w2")
-    assert second.saga.saga_id == "s1" and second.saga.attempt == 2
+    assert second.saga.saga_id == "s1"
+    assert second.saga.attempt == 2
     assert [s.name for s in second.saga.steps] == ["plan"]
     await expect_error(sagas.step(old, 1, "more"), FP, "STALE_FENCING_TOKEN")
 
@@ -195,13 +202,15 @@ async def test_retryable_failure_requeues_after_the_backoff(sagas: Sagas, tether
     fence = (await sagas.claim("s1")).fence
     await sagas.step(fence, 0, "plan")
     saga = await sagas.fail(fence, reason="flaky", retryable=True, retry_after=dur(30))
-    assert saga.state == PLANNED and saga.failure_reason == "flaky"
+    assert saga.state == PLANNED
+    assert saga.failure_reason == "flaky"
     # The claim ended with the failure: the old fence is no longer good.
     await expect_error(sagas.step(fence, 1, "x"), FP, "INVALID_SAGA_STATE")
     await expect_error(sagas.claim(kind="build"), FP, "NOTHING_CLAIMABLE")
     tether.clock.advance(31)
     second = await sagas.claim(kind="build", holder="w2")
-    assert second.saga.attempt == 2 and [s.name for s in second.saga.steps] == ["plan"]
+    assert second.saga.attempt == 2
+    assert [s.name for s in second.saga.steps] == ["plan"]
     # No attempts left: a retryable failure compensates (nothing registered: FAILED).
     final = await sagas.fail(second.fence, reason="flaky again", retryable=True)
     assert final.state == FAILED
@@ -213,13 +222,15 @@ async def test_a_repeated_complete_or_fail_answers_the_first_result(sagas: Sagas
     request = saga_pb2.CompleteSagaRequest(saga_id="s1", fence=fence)
     first = await sagas.stub.CompleteSaga(request, timeout=WAIT_S)
     again = await sagas.stub.CompleteSaga(request, timeout=WAIT_S)
-    assert again.saga.revision == first.saga.revision and again.saga.state == COMPLETED
+    assert again.saga.revision == first.saga.revision
+    assert again.saga.state == COMPLETED
     await sagas.create("s2")
     fence2 = (await sagas.claim("s2")).fence
     await sagas.step(fence2, 0, "a", STARTED, saga_id="s2", compensation=comp("undo-a"))
     one = await sagas.fail(fence2, saga_id="s2", reason="r", hand_off=True)
     two = await sagas.fail(fence2, saga_id="s2", reason="r", hand_off=True)
-    assert one.state == COMPENSATING and two.revision == one.revision
+    assert one.state == COMPENSATING
+    assert two.revision == one.revision
 
 
 async def test_step_records_are_idempotent_per_attempt(sagas: Sagas) -> None:
@@ -240,7 +251,8 @@ async def test_hand_off_lets_a_compensation_worker_finish(sagas: Sagas) -> None:
     fence = (await sagas.claim("s1")).fence
     await sagas.step(fence, 0, "branch", STARTED, compensation=comp("rm-branch", "b1"))
     saga = await sagas.fail(fence, reason="boom", hand_off=True)
-    assert saga.state == COMPENSATING and not saga.HasField("claim")
+    assert saga.state == COMPENSATING
+    assert not saga.HasField("claim")
     await expect_error(sagas.claim(kind="build"), FP, "NOTHING_CLAIMABLE")
     worker = await sagas.claim(kind="build", purpose=COMPENSATE, holder="janitor")
     assert worker.saga.compensations[0].payload.string_value == "b1"
@@ -287,7 +299,8 @@ async def test_exhausted_compensation_quarantines_and_redrive_retries(
         "INVALID_SAGA_STATE",
     )
     manual = {c.step_index: c for c in marked.saga.compensations}[0]
-    assert manual.status == saga_pb2.COMPENSATION_STATUS_MANUAL and manual.marked_by
+    assert manual.status == saga_pb2.COMPENSATION_STATUS_MANUAL
+    assert manual.marked_by
 
 
 async def test_redrive_resume_runs_forward_again(sagas: Sagas, tether: Harness) -> None:
@@ -303,7 +316,8 @@ async def test_redrive_resume_runs_forward_again(sagas: Sagas, tether: Harness) 
     )
     assert resumed.saga.state == PLANNED
     again = await sagas.claim("s1", holder="w3")
-    assert again.saga.state == RUNNING and [s.name for s in again.saga.steps] == ["plan"]
+    assert again.saga.state == RUNNING
+    assert [s.name for s in again.saga.steps] == ["plan"]
 
 
 async def test_stale_policies(sagas: Sagas, tether: Harness) -> None:
@@ -357,7 +371,9 @@ async def test_deadline_moves_a_running_saga_to_compensation(sagas: Sagas, tethe
     moved = await tether.server.sagas.enforce_deadlines()
     assert moved.moved == 1
     saga = await sagas.get()
-    assert saga.state == COMPENSATING and not saga.overdue and "deadline" in saga.failure_reason
+    assert saga.state == COMPENSATING
+    assert not saga.overdue
+    assert "deadline" in saga.failure_reason
 
 
 async def test_annotations_reach_terminal_sagas(sagas: Sagas) -> None:
@@ -417,7 +433,8 @@ async def test_watch_streams_saga_events(sagas: Sagas) -> None:
     while len(types) < 3:
         response = await stream.read()
         for event in response.events:
-            assert event.saga.saga_id == "s1" and event.revision > header.header_revision
+            assert event.saga.saga_id == "s1"
+            assert event.revision > header.header_revision
             types.append(event.type)
             if event.type == saga_pb2.SAGA_EVENT_TYPE_STEP_RECORDED:
                 assert event.step.name == "plan"
