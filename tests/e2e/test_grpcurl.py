@@ -178,3 +178,38 @@ def test_health_check(server: ServerProcess) -> None:
             health_pb2.HealthCheckRequest(service=""), timeout=10
         )
     assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_saga_json_round_trip_and_terminal_refusal(server: ServerProcess) -> None:
+    """An operator creates, claims and completes a saga with JSON, then sees the refusal
+    a terminal saga gives (the ErrorInfo reason in grpcurl's output)."""
+    target = server.target
+    create = '{"saga_id":"pr-42","kind":"agent","input":{"repo":"tether","issue":42}}'
+    created = json.loads(ok(grpcurl(target, "tether.v1.SagaService/CreateSaga", data=create)))
+    assert created["created"] is True
+    assert created["saga"]["input"] == {"repo": "tether", "issue": 42}
+    assert created["saga"]["state"] == "SAGA_STATE_PLANNED"
+    claim = (
+        '{"saga_id":"pr-42","purpose":"CLAIM_PURPOSE_EXECUTE",'
+        '"new_lease":{"holder":"ops","ttl":"60s"}}'
+    )
+    claimed = json.loads(ok(grpcurl(target, "tether.v1.SagaService/ClaimSaga", data=claim)))
+    fence = claimed["fence"]
+    step = json.dumps(
+        {
+            "saga_id": "pr-42",
+            "fence": fence,
+            "index": 0,
+            "name": "open-pr",
+            "status": "STEP_STATUS_SUCCEEDED",
+            "output": {"url": "https://example/pr/42"},
+        }
+    )
+    ok(grpcurl(target, "tether.v1.SagaService/RecordStep", data=step))
+    complete = json.dumps({"saga_id": "pr-42", "fence": fence})
+    done = json.loads(ok(grpcurl(target, "tether.v1.SagaService/CompleteSaga", data=complete)))
+    assert done["saga"]["state"] == "SAGA_STATE_COMPLETED"
+    assert done["saga"]["steps"][0]["output"] == {"url": "https://example/pr/42"}
+    refused = grpcurl(target, "tether.v1.SagaService/RecordStep", data=step)
+    assert refused.returncode == GRPCURL_FAILED_PRECONDITION
+    assert "SAGA_TERMINAL" in refused.stderr + refused.stdout

@@ -21,7 +21,18 @@ from tether_server.store.database import Database
 from tether_server.store.leases import AcquireParams, AcquireResult, LeaseStore
 from tether_server.store.schema import metadata, revisions
 
-TABLES = {"sagas", "saga_steps", "saga_compensations", "saga_annotations", "lease_keys", "leases", "events", "lease_requests", "revisions", "replicas"}
+TABLES = {
+    "sagas",
+    "saga_steps",
+    "saga_compensations",
+    "saga_annotations",
+    "lease_keys",
+    "leases",
+    "events",
+    "lease_requests",
+    "revisions",
+    "replicas",
+}
 
 
 def alembic_head() -> str:
