@@ -15,7 +15,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from tether_client.pb import common_pb2, lease_pb2, saga_pb2, saga_pb2_grpc
 
-from .conftest import WAIT_S, Harness, dur, expect_error
+from .conftest import WAIT_S, Harness, dur, eventually, expect_error
 
 FP = grpc.StatusCode.FAILED_PRECONDITION
 NF = grpc.StatusCode.NOT_FOUND
@@ -195,6 +195,45 @@ async def test_stale_claim_is_fenced_and_requeued(sagas: Sagas, tether: Harness)
     assert second.saga.attempt == 2
     assert [s.name for s in second.saga.steps] == ["plan"]
     await expect_error(sagas.step(old, 1, "more"), FP, "STALE_FENCING_TOKEN")
+
+
+async def test_a_lease_created_for_the_claim_ends_with_the_claim(
+    sagas: Sagas, tether: Harness
+) -> None:
+    await sagas.create()
+    claimed = await sagas.claim("s1")
+    assert (await tether.get(claimed.lease.lease_id)).state == lease_pb2.LEASE_STATE_ACTIVE
+    await sagas.stub.CompleteSaga(
+        saga_pb2.CompleteSagaRequest(saga_id="s1", fence=claimed.fence), timeout=WAIT_S
+    )
+    assert (await tether.get(claimed.lease.lease_id)).state == lease_pb2.LEASE_STATE_RELEASED
+    # A caller's own lease is the caller's: completing the saga leaves it alone.
+    own = await tether.acquire("workers/w9", "w9")
+    await sagas.create("s2")
+    fence = common_pb2.Fence(lease_id=own.lease_id, fencing_token=own.fencing_token)
+    await sagas.claim("s2", existing_lease=fence)
+    await sagas.stub.CompleteSaga(
+        saga_pb2.CompleteSagaRequest(saga_id="s2", fence=fence), timeout=WAIT_S
+    )
+    assert (await tether.get(own.lease_id)).state == lease_pb2.LEASE_STATE_ACTIVE
+
+
+async def test_the_deadline_task_runs_on_the_injected_clock(tether: Harness) -> None:
+    sagas = Sagas(tether)
+    now = tether.clock.now_us()
+    await sagas.create(deadline=_ts(now + 5_000_000))
+    await sagas.claim("s1", ttl_s=600)
+
+    tether.clock.advance(6)
+
+    async def moved() -> bool:
+        return (await sagas.get()).state == FAILED
+
+    # The task sleeps on the fake clock until the deadline; advancing it woke the task.
+    await eventually(moved, "the deadline task moved the saga")
+    saga = await sagas.get()
+    assert saga.state == FAILED
+    assert "deadline" in saga.failure_reason
 
 
 async def test_retryable_failure_requeues_after_the_backoff(sagas: Sagas, tether: Harness) -> None:

@@ -141,6 +141,9 @@ class Claim:
     purpose: Purpose
     holder: str
     principal: str
+    # The claim created its lease (rather than using one of the caller's): the lease ends
+    # with the claim.
+    owns_lease: bool = False
     # False once the claim ended (completion, failure handed off, cancel, deadline,
     # operator): the fence is remembered so a retried Complete/Fail is recognised.
     active: bool = True

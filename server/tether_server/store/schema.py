@@ -137,6 +137,8 @@ sagas = Table(
     Column("claim_holder", String(256), nullable=True),
     Column("claim_principal", String(256), nullable=True),
     Column("claim_active", Integer, nullable=False),
+    # 1 when the claim created its lease (ClaimSaga new_lease): ending the claim releases it.
+    Column("claim_owns_lease", Integer, nullable=False),
     Column("progress", LargeBinary, nullable=False),
     Column("output", Text, nullable=True),
     Column("failure_reason", Text, nullable=False),

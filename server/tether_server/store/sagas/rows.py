@@ -30,7 +30,7 @@ AREA = "saga"
 COLUMNS = (
     "namespace, saga_id, kind, state, labels, input, owner, on_stale, max_attempts, attempt, "
     "attempt_base, claim_lease_id, claim_token, claim_purpose, claim_holder, claim_principal, "
-    "claim_active, progress, output, failure_reason, not_before_us, deadline_us, "
+    "claim_active, claim_owns_lease, progress, output, failure_reason, not_before_us, deadline_us, "
     "created_at_us, updated_at_us, ended_at_us, create_revision, mod_revision, fingerprint"
 )
 _S_COLUMNS = ", ".join(f"s.{c.strip()}" for c in COLUMNS.split(","))
@@ -47,12 +47,13 @@ FROM_SAGAS = (
 
 _LOAD = sql(f"{FROM_SAGAS} WHERE s.namespace = $1 AND s.saga_id = $2")
 _LOCK = sql(f"{FROM_SAGAS} WHERE s.namespace = $1 AND s.saga_id = $2 FOR UPDATE OF s")
-_INSERT = sql(f"INSERT INTO sagas ({COLUMNS}) VALUES ({', '.join(f'${i}' for i in range(1, 29))})")
+_INSERT = sql(f"INSERT INTO sagas ({COLUMNS}) VALUES ({', '.join(f'${i}' for i in range(1, 30))})")
 _UPDATE = sql(
     "UPDATE sagas SET state = $3, attempt = $4, attempt_base = $5, claim_lease_id = $6,"
     " claim_token = $7, claim_purpose = $8, claim_holder = $9, claim_principal = $10,"
-    " claim_active = $11, progress = $12, output = $13, failure_reason = $14,"
-    " not_before_us = $15, updated_at_us = $16, ended_at_us = $17, mod_revision = $18"
+    " claim_active = $11, claim_owns_lease = $12, progress = $13, output = $14,"
+    " failure_reason = $15, not_before_us = $16, updated_at_us = $17, ended_at_us = $18,"
+    " mod_revision = $19"
     " WHERE namespace = $1 AND saga_id = $2"
 )
 _STEP_COLUMNS = (
@@ -123,6 +124,7 @@ def row_to_saga(row: Row) -> Saga:
             purpose=Purpose(row["claim_purpose"]),
             holder=row["claim_holder"],
             principal=row["claim_principal"],
+            owns_lease=bool(row["claim_owns_lease"]),
             active=bool(row["claim_active"]),
         )
     return Saga(
@@ -299,7 +301,15 @@ def saga_to_dict(s: Saga) -> dict[str, Any]:
         "attempt_base": s.attempt_base,
         "claim": None
         if c is None
-        else [c.lease_id, c.fencing_token, c.purpose.value, c.holder, c.principal, c.active],
+        else [
+            c.lease_id,
+            c.fencing_token,
+            c.purpose.value,
+            c.holder,
+            c.principal,
+            c.owns_lease,
+            c.active,
+        ],
         "output": s.output,
         "failure_reason": s.failure_reason,
         "not_before_us": s.not_before_us,
@@ -314,7 +324,7 @@ def saga_from_dict(d: Mapping[str, Any]) -> Saga:
     c = d["claim"]
     claim = None
     if c is not None:
-        claim = Claim(c[0], c[1], Purpose(c[2]), c[3], c[4], c[5])
+        claim = Claim(c[0], c[1], Purpose(c[2]), c[3], c[4], c[5], c[6])
     return Saga(
         **{
             **{k: v for k, v in d.items() if k != "claim"},
@@ -345,6 +355,7 @@ def saga_values(s: Saga) -> tuple[Any, ...]:
         c.holder if c else None,
         c.principal if c else None,
         int(c.active) if c else 0,
+        int(c.owns_lease) if c else 0,
         s.progress,
         _json(s.output),
         s.failure_reason,
@@ -378,6 +389,7 @@ async def update(tx: Tx, s: Saga) -> None:
         c.holder if c else None,
         c.principal if c else None,
         int(c.active) if c else 0,
+        int(c.owns_lease) if c else 0,
         s.progress,
         _json(s.output),
         s.failure_reason,

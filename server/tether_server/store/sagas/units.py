@@ -269,7 +269,7 @@ async def _settled(tx: Tx, loaded: Loaded) -> Loaded:
     change = domain.settle(saga, steps, loaded.lease, tx.now_us)
     if change is None:
         return loaded
-    return Loaded(await rows.write(tx, change), loaded.lease)
+    return Loaded(await _write(tx, saga, change), loaded.lease)
 
 
 async def _take(tx: Tx, p: ClaimParams, loaded: Loaded) -> Claimed | Refused:
@@ -283,8 +283,9 @@ async def _take(tx: Tx, p: ClaimParams, loaded: Loaded) -> Claimed | Refused:
         purpose=p.purpose,
         holder=lease.holder,
         principal=p.principal,
+        owns_lease=p.new_lease is not None,
     )
-    saga = await rows.write(tx, domain.claim(saga, new_claim, tx.now_us))
+    saga = await _write(tx, saga, domain.claim(saga, new_claim, tx.now_us))
     return Claimed(await full_view(tx, saga, lease), lease)
 
 
@@ -324,6 +325,26 @@ async def _claim_lease(tx: Tx, p: ClaimParams, saga: Saga) -> Lease | Refused:
     return outcome.lease
 
 
+async def _write(tx: Tx, before: Saga, change: Change) -> Saga:
+    """Write a decision; a claim it ends releases the lease the claim created."""
+    saga = await rows.write(tx, change)
+    old, new = before.claim, saga.claim
+    if old is not None and old.active and old.owns_lease and (new is None or not new.active):
+        await _end_claim_lease(tx, saga.namespace, old.lease_id)
+    return saga
+
+
+async def _end_claim_lease(tx: Tx, namespace: str, lease_id: str) -> None:
+    lease = await lease_rows.get(tx, lease_id)
+    if lease is None or not lease.is_live(tx.now_us):
+        return
+    # Key before lease: the order Acquire locks them in.
+    await keys.lock(tx, namespace, lease.key)
+    lease = await lease_rows.get(tx, lease_id, lock=True)
+    if lease is not None and lease.is_live(tx.now_us):
+        await end_leases(tx, [lease], LeaseState.RELEASED)
+
+
 async def _release_ended_claim_lease(tx: Tx, saga: Saga) -> None:
     """A claim that ended without its lease ending (handed off, failed for a retry,
     cancelled) leaves that lease on the saga's key: the next claim's lease takes the key
@@ -331,15 +352,9 @@ async def _release_ended_claim_lease(tx: Tx, saga: Saga) -> None:
     c = saga.claim
     if c is None or c.active:
         return
-    key = CLAIM_KEY_PREFIX + saga.saga_id
     old = await lease_rows.get(tx, c.lease_id)
-    if old is None or old.key != key or not old.is_live(tx.now_us):
-        return
-    # Key before lease: the order Acquire locks them in.
-    await keys.lock(tx, saga.namespace, key)
-    old = await lease_rows.get(tx, c.lease_id, lock=True)
-    if old is not None and old.is_live(tx.now_us):
-        await end_leases(tx, [old], LeaseState.RELEASED)
+    if old is not None and old.key == CLAIM_KEY_PREFIX + saga.saga_id:
+        await _end_claim_lease(tx, saga.namespace, c.lease_id)
 
 
 # ---- fenced calls --------------------------------------------------------------------------
@@ -373,7 +388,7 @@ async def record_step(tx: Tx, f: Fenced, report: domain.StepReport, max_steps: i
     if isinstance(decision, NoChange):
         saga = decision.saga
         return StepRecorded(steps[report.index], saga.state, saga.mod_revision)
-    saga = await rows.write(tx, decision)
+    saga = await _write(tx, loaded.saga, decision)
     return StepRecorded(decision.steps[0], saga.state, saga.mod_revision)
 
 
@@ -400,7 +415,7 @@ async def complete(tx: Tx, f: Fenced, output: Mapping[str, Any] | None) -> SagaV
     loaded = await _locked(tx, f.namespace, f.saga_id)
     if not domain.is_repeat_of_end(loaded.saga, f.fence, completing=True):
         domain.check_fence(loaded.saga, f.fence, loaded.lease, f.principal, tx.now_us)
-        saga = await rows.write(tx, domain.complete(loaded.saga, output, tx.now_us))
+        saga = await _write(tx, loaded.saga, domain.complete(loaded.saga, output, tx.now_us))
         loaded = Loaded(saga, loaded.lease)
     return await full_view(tx, loaded.saga, loaded.lease)
 
@@ -410,7 +425,7 @@ async def fail(tx: Tx, f: Fenced, failure: domain.Failure) -> SagaView:
     if not domain.is_repeat_of_end(loaded.saga, f.fence, completing=False, reason=failure.reason):
         domain.check_fence(loaded.saga, f.fence, loaded.lease, f.principal, tx.now_us)
         steps = await rows.load_steps(tx, loaded.saga)
-        saga = await rows.write(tx, domain.fail(loaded.saga, steps, failure, tx.now_us))
+        saga = await _write(tx, loaded.saga, domain.fail(loaded.saga, steps, failure, tx.now_us))
         loaded = Loaded(saga, loaded.lease)
     return await full_view(tx, loaded.saga, loaded.lease)
 
@@ -433,7 +448,7 @@ async def record_compensation(
     if isinstance(decision, NoChange):
         saga = decision.saga
         return CompensationRecorded(records[step_index], saga.state, saga.mod_revision)
-    saga = await rows.write(tx, decision)
+    saga = await _write(tx, loaded.saga, decision)
     return CompensationRecorded(decision.compensations[0], saga.state, saga.mod_revision)
 
 
@@ -449,7 +464,9 @@ class OperatorCall:
 
 
 async def _apply(tx: Tx, loaded: Loaded, decision: Change | NoChange) -> SagaView:
-    saga = decision.saga if isinstance(decision, NoChange) else await rows.write(tx, decision)
+    if isinstance(decision, NoChange):
+        return await full_view(tx, decision.saga, loaded.lease)
+    saga = await _write(tx, loaded.saga, decision)
     return await full_view(tx, saga, loaded.lease)
 
 
@@ -514,5 +531,5 @@ async def enforce_deadlines(tx: Tx, limit: int) -> DeadlinePass:
     for row in found:
         loaded = rows.row_to_loaded(row)
         steps = await rows.load_steps(tx, loaded.saga)
-        await rows.write(tx, domain.apply_deadline(loaded.saga, steps, tx.now_us))
+        await _write(tx, loaded.saga, domain.apply_deadline(loaded.saga, steps, tx.now_us))
     return DeadlinePass(len(found), backlog=len(found) >= limit)

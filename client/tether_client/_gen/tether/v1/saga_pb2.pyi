@@ -396,7 +396,7 @@ class Saga(_message.Message):
     claim_purpose: Global___ClaimPurpose.ValueType
     holder: _builtins.str
     stale: _builtins.bool
-    """RUNNING or COMPENSATING with a claim whose lease is no longer live (or no claim)."""
+    """RUNNING or COMPENSATING with a claim whose lease is no longer live."""
     overdue: _builtins.bool
     """Past its deadline and not terminal."""
     progress: _builtins.bytes
@@ -639,10 +639,12 @@ class ClaimSagaRequest(_message.Message):
     purpose: Global___ClaimPurpose.ValueType
     @_builtins.property
     def existing_lease(self) -> _common_pb2.Fence:
-        """A live lease of the caller's."""
+        """A live lease of the caller's; it stays the caller's when the claim ends."""
 
     @_builtins.property
-    def new_lease(self) -> Global___ClaimLeaseSpec: ...
+    def new_lease(self) -> Global___ClaimLeaseSpec:
+        """A lease created for the claim; the server releases it when the claim ends."""
+
     @_builtins.property
     def wait(self) -> _duration_pb2.Duration:
         """Long-poll: wait up to this long for something claimable."""

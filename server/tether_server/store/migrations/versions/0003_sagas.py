@@ -39,6 +39,7 @@ def upgrade() -> None:
         sa.Column("claim_holder", sa.String(256), nullable=True),
         sa.Column("claim_principal", sa.String(256), nullable=True),
         sa.Column("claim_active", sa.Integer, nullable=False),
+        sa.Column("claim_owns_lease", sa.Integer, nullable=False),
         sa.Column("progress", sa.LargeBinary, nullable=False),
         sa.Column("output", sa.Text, nullable=True),
         sa.Column("failure_reason", sa.Text, nullable=False),
