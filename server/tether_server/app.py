@@ -284,6 +284,7 @@ class TetherServer:
             )
         )
         self.runner.add(TaskSpec("active-leases", self._count_active, interval_s=15.0))
+        self.runner.add(TaskSpec("saga-counts", self._count_sagas, interval_s=15.0))
         self.runner.add(
             TaskSpec(
                 "saga-deadlines",
@@ -316,6 +317,12 @@ class TetherServer:
 
     async def _count_active(self) -> None:
         self.metrics.active_leases = await self.leases.lease_count_active()
+
+    async def _count_sagas(self) -> None:
+        counts = await self.sagas.counts()
+        self.metrics.sagas_by_state = counts.by_state
+        self.metrics.sagas_stale = counts.stale
+        self.metrics.sagas_overdue = counts.overdue
 
     async def _sync_clock(self) -> None:
         await self.db.sync_clock()

@@ -137,6 +137,10 @@ class Metrics:
     watch_streams_open: int = 0
     # Leases currently held (not yet ended), refreshed periodically by a background task.
     active_leases: int = 0
+    # Sagas by state, and how many are stale or overdue (refreshed periodically).
+    sagas_by_state: dict[str, int] = field(default_factory=dict)
+    sagas_stale: int = 0
+    sagas_overdue: int = 0
     # Whether this replica currently leads (runs the singleton background work).
     leader: bool = False
 
@@ -238,6 +242,22 @@ class _Collector:
             "tether_active_leases",
             "Leases held now (refreshed periodically).",
             value=m.active_leases,
+        )
+        sagas = GaugeMetricFamily(
+            "tether_sagas", "Sagas by state (refreshed periodically).", labels=["state"]
+        )
+        for state, count in sorted(m.sagas_by_state.items()):
+            sagas.add_metric([state], count)
+        yield sagas
+        yield GaugeMetricFamily(
+            "tether_sagas_stale",
+            "RUNNING or COMPENSATING sagas whose claim lease has ended (refreshed periodically).",
+            value=m.sagas_stale,
+        )
+        yield GaugeMetricFamily(
+            "tether_sagas_overdue",
+            "Sagas past their deadline not yet moved to compensation (refreshed periodically).",
+            value=m.sagas_overdue,
         )
         yield GaugeMetricFamily(
             "tether_leader", "1 if this replica is the leader, else 0.", value=int(m.leader)

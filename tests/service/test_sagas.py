@@ -516,6 +516,22 @@ async def test_claim_under_an_existing_lease(sagas: Sagas, tether: Harness) -> N
     assert (await sagas.get()).stale
 
 
+async def test_saga_gauges_count_states_stale_and_overdue(sagas: Sagas, tether: Harness) -> None:
+    now = tether.clock.now_us()
+    await sagas.create("a")
+    await sagas.create("b", deadline=_ts(now + 1_000_000))
+    await sagas.create("c")
+    await sagas.claim("c", ttl_s=5)
+    tether.clock.advance(6)
+    await tether.server.runner.run_once("saga-counts")
+    text = tether.server.metrics.scrape().decode()
+    assert 'tether_sagas{state="PLANNED"} 2.0' in text
+    assert 'tether_sagas{state="RUNNING"} 1.0' in text
+    assert 'tether_sagas{state="COMPLETED"} 0.0' in text
+    assert "tether_sagas_stale 1.0" in text
+    assert "tether_sagas_overdue 1.0" in text
+
+
 def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(data)

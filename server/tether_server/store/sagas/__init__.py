@@ -99,6 +99,9 @@ class SagaStore:
     async def enforce_deadlines(self, limit: int = 200) -> DeadlinePass:
         return await self.db.write(lambda tx: units.enforce_deadlines(tx, limit))
 
+    async def counts(self) -> read.SagaCounts:
+        return await self.db.read(read.counts)
+
     async def next_deadline(self) -> int | None:
         value = await self.db.read(lambda tx: tx.fetchval(units.NEXT_DEADLINE), snapshot=False)
         return int(value) if value is not None else None

@@ -115,3 +115,27 @@ async def events_since(
             )
         )
     return SagaEventPage(found, page.header.current, page.header.compacted)
+
+
+@dataclass(frozen=True)
+class SagaCounts:
+    by_state: dict[str, int]
+    stale: int
+    overdue: int
+
+
+_BY_STATE = sql("SELECT state, count(*) AS n FROM sagas GROUP BY state")
+_STALE_COUNT = sql(
+    "SELECT count(*) FROM sagas s LEFT JOIN leases l ON l.lease_id = s.claim_lease_id"
+    f" WHERE {_STALE.format(now='$1')}"
+)
+_OVERDUE_COUNT = sql(f"SELECT count(*) FROM sagas s WHERE {_OVERDUE.format(now='$1')}")
+
+
+async def counts(tx: Tx) -> SagaCounts:
+    by_state = {row["state"]: int(row["n"]) for row in await tx.fetch(_BY_STATE)}
+    return SagaCounts(
+        by_state={state.value: by_state.get(state.value, 0) for state in SagaState},
+        stale=int(await tx.fetchval(_STALE_COUNT, tx.now_us)),
+        overdue=int(await tx.fetchval(_OVERDUE_COUNT, tx.now_us)),
+    )
