@@ -4,6 +4,11 @@ async with TetherClient("127.0.0.1:50051") as client:
     async with client.hold("tasks/168", ttl=timedelta(seconds=15)) as lease:
         ...  # lease.fencing_token fences every write; lease.lost says when to stop
 
+Sagas run step by step under a claim, compensated when they fail (:mod:`tether_client.saga`)::
+
+    async with client.run_saga("open-pr", "task-168", {"repo": "tether"}) as saga:
+        branch = await saga.step("branch", make_branch, compensate=delete_branch)
+
 Scripts without asyncio use ``TetherClientSync`` (same methods, blocking).
 """
 
@@ -12,12 +17,14 @@ from tether_client.clock import Clock, ManualClock, SystemClock
 from tether_client.errors import LeaseLost, LeaseNotHeld, TetherError
 from tether_client.keeper import HeldLease, KeeperConfig, KeeperStats
 from tether_client.retry import RetryPolicy
+from tether_client.saga import CompensationWorker, SagaRun
 from tether_client.sync import TetherClientSync
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Clock",
+    "CompensationWorker",
     "HeldLease",
     "KeeperConfig",
     "KeeperStats",
@@ -26,6 +33,7 @@ __all__ = [
     "ManualClock",
     "OnLost",
     "RetryPolicy",
+    "SagaRun",
     "SystemClock",
     "TetherClient",
     "TetherClientSync",

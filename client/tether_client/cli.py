@@ -1,9 +1,10 @@
 """The ``tether`` command.
 
-``tether lease ...`` (:mod:`tether_client.cli_lease`) talks to a tether server. Other
-installed distributions add commands through the ``tether.commands`` entry-point group: each
-entry point names a function ``register(subparsers) -> None`` that adds subparsers whose
-parsed namespace carries ``handler`` (``args -> exit status``). tether-server adds
+``tether lease ...`` (:mod:`tether_client.cli_lease`) and ``tether saga ...``
+(:mod:`tether_client.cli_saga`) talk to a tether server. Other installed distributions add
+commands through the ``tether.commands`` entry-point group: each entry point names a
+function ``register(subparsers) -> None`` that adds subparsers whose parsed namespace
+carries ``handler`` (``args -> exit status``). tether-server adds
 ``tether serve`` and ``tether migrate`` that way, so a worker that installs only
 tether-client still has ``tether lease``.
 """
@@ -19,6 +20,7 @@ from importlib.metadata import entry_points
 
 from tether_client import __version__
 from tether_client.cli_lease import EXIT_CODES, SubParsers, register_lease
+from tether_client.cli_saga import register_saga
 
 PLUGIN_GROUP = "tether.commands"
 EXIT_INTERRUPTED = 130
@@ -55,6 +57,7 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tether {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_lease(commands)
+    register_saga(commands)
     if plugins:
         load_plugins(commands)
     return parser

@@ -2,17 +2,21 @@
 
 Lease calls take keyword arguments and return the generated messages (typed by their
 ``.pyi`` stubs); ``hold()`` is the lease keeper. Saga, owner-reference and sweep calls live
-on ``client.sagas``, ``client.objects`` and ``client.sweeps`` and take request messages.
+on ``client.sagas``, ``client.objects`` and ``client.sweeps`` and take request messages;
+``run_saga()`` and ``compensation_worker()`` run sagas on top of them
+(:mod:`tether_client.saga`).
 Every failure is raised as a :class:`tether_client.errors.TetherError` subclass.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from datetime import datetime
 from types import TracebackType
 from typing import Literal, TypeVar
 
@@ -26,6 +30,14 @@ from tether_client.errors import RevisionCompacted, TetherError, from_rpc_error
 from tether_client.keeper import HeldLease, Keeper, KeeperConfig, LostCallback
 from tether_client.pb import lease_pb2
 from tether_client.retry import Attempt, RetryPolicy, Unary, invoke, is_transient
+from tether_client.saga import (
+    CompensateMode,
+    CompensationWorker,
+    Handler,
+    OnStale,
+    SagaRun,
+    run_saga,
+)
 from tether_client.services import ObjectsClient, SagasClient, SweepsClient
 
 R = TypeVar("R")
@@ -376,6 +388,90 @@ class TetherClient:
             cancel_on_lost=on_lost == "cancel",
             on_lost=callback,
             timeout=timeout,
+        )
+
+    # --- sagas ------------------------------------------------------------------------
+
+    def run_saga(
+        self,
+        kind: str,
+        saga_id: str | None = None,
+        input: Mapping[str, object] | None = None,
+        *,
+        ttl: Seconds = 30,
+        holder: str | None = None,
+        namespace: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        on_stale: OnStale | None = None,
+        max_attempts: int | None = None,
+        deadline: datetime | None = None,
+        wait: Seconds = 0,
+        compensate: CompensateMode = "inline",
+        retryable: bool = False,
+        retry_after: Seconds = 0,
+        handlers: Mapping[str, Handler] | None = None,
+    ) -> AbstractAsyncContextManager[SagaRun]:
+        """Claim a saga and run the block as its next attempt: ``async with ... as saga``.
+
+        With ``saga_id`` the saga is created first when it does not exist (``input``,
+        ``labels``, ``on_stale``, ``max_attempts``, ``deadline``; with an ``input`` a
+        repeat must match the first body), its key ``sagas/<saga_id>`` is held with
+        ``hold(ttl, on_lost="cancel")``, waiting up to ``wait`` for it, and the saga is
+        claimed under that lease. Without it, the oldest claimable saga of ``kind`` is
+        claimed (long-polling up to ``wait``; ``NothingClaimable`` when there is none).
+
+        The block runs ``await saga.step(...)``. When it ends normally the saga is
+        completed (with ``saga.set_output``); when it raises, the saga is failed with the
+        error's repr (``retryable``: back to claimable after ``retry_after`` while attempts
+        are left) and, with ``compensate="inline"``, the compensations run here, last step
+        first, with each step's ``compensate`` or ``handlers[name]``; ``"hand_off"``
+        leaves them to a compensation worker (as does a missing handler). The block's
+        error is re-raised either way. A lost lease cancels the block (``LeaseLost``); a
+        refused fence propagates; then nothing more is recorded.
+        """
+        return run_saga(
+            self,
+            kind,
+            saga_id,
+            input,
+            ttl=ttl,
+            holder=holder,
+            namespace=namespace,
+            labels=labels,
+            on_stale=on_stale,
+            max_attempts=max_attempts,
+            deadline=deadline,
+            wait=wait,
+            compensate=compensate,
+            retryable=retryable,
+            retry_after=retry_after,
+            handlers=handlers,
+        )
+
+    def compensation_worker(
+        self,
+        kind: str,
+        handlers: Mapping[str, Handler],
+        *,
+        ttl: Seconds = 30,
+        holder: str | None = None,
+        namespace: str | None = None,
+        wait: Seconds = 0,
+        poll_interval: float = 1.0,
+        stop: asyncio.Event | None = None,
+    ) -> CompensationWorker:
+        """A worker compensating sagas of ``kind``: ``await worker.run()`` until ``stop``
+        is set, or ``await worker.run_once()`` for at most one saga."""
+        return CompensationWorker(
+            self,
+            kind,
+            handlers,
+            ttl=ttl,
+            holder=holder,
+            namespace=namespace,
+            wait=wait,
+            poll_interval=poll_interval,
+            stop=stop,
         )
 
 

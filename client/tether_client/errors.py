@@ -261,6 +261,64 @@ class NothingClaimable(FailedPrecondition):
     reason = "NOTHING_CLAIMABLE"
 
 
+class _StepIndexed:
+    """The facts of a refusal about one step of a saga."""
+
+    metadata: dict[str, str]
+
+    @property
+    def step_index(self) -> int | None:
+        try:
+            return int(self.metadata["step_index"])
+        except (KeyError, ValueError):
+            return None
+
+
+class InvalidSagaState(FailedPrecondition):
+    """The saga's state does not allow the call (a step on a COMPENSATING saga, a claim ended
+    by a cancel, a deadline or an operator)."""
+
+    reason = "INVALID_SAGA_STATE"
+
+    @property
+    def state(self) -> str:
+        """The saga's state as the server named it (``COMPENSATING``), or empty."""
+        return self.metadata.get("state", "")
+
+
+class StepNotFound(_StepIndexed, NotFound):
+    reason = "STEP_NOT_FOUND"
+
+
+class StepConflict(_StepIndexed, FailedPrecondition):
+    """The step record conflicts with the log: another name at this index, or a status the
+    step cannot move to."""
+
+    reason = "STEP_CONFLICT"
+
+
+class CompensationOutOfOrder(FailedPrecondition):
+    reason = "COMPENSATION_OUT_OF_ORDER"
+
+    @property
+    def next_step_index(self) -> int | None:
+        """The step whose compensation must be reported first."""
+        try:
+            return int(self.metadata["next_step_index"])
+        except (KeyError, ValueError):
+            return None
+
+
+class SagaClaimed(FailedPrecondition):
+    """Another worker's live claim holds the saga."""
+
+    reason = "SAGA_CLAIMED"
+
+    @property
+    def holder(self) -> str:
+        return self.metadata.get("holder", "")
+
+
 # --- raised by the client itself ----------------------------------------------------------
 
 

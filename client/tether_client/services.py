@@ -18,15 +18,21 @@ once.** That holds for
 - creates that carry an id the client chose: ``CreateSaga`` with a ``saga_id``,
   ``CreateObject`` (its ``request_id``, generated when empty);
 - compare-and-set writes: ``UpdateObject`` with a ``resource_version``;
-- writes idempotent by design (per the proto): ``HeartbeatSaga`` (a renewal that stores the
-  same progress), ``DeleteObject``, ``RemoveFinalizer`` unless it records a refusal
-  (each refusal is appended to the object's history), and ``RunSweep`` with ``dry_run``.
+- writes idempotent by design (per the proto and docs/sagas.md): ``HeartbeatSaga`` (a
+  renewal that stores the same progress), ``RecordStep`` (idempotent on saga, step, status
+  and attempt: a repeat answers the step as it is), ``RecordCompensation`` when it names
+  its ``attempt`` (a report for an attempt already recorded changes nothing; with 0, "the
+  next one", a repeat would count another attempt), ``CompleteSaga`` and ``FailSaga`` (a
+  repeat with the claim's fence answers the saga as it is), ``DeleteObject``,
+  ``RemoveFinalizer`` unless it records a refusal (each refusal is appended to the
+  object's history), and ``RunSweep`` with ``dry_run``.
 
-Everything else (claims, step/compensation records, state transitions, annotations,
-``AddFinalizer``, real sweeps, an unconditional update) is tried once: a repeat after a
-lost answer could act twice. ``WatchSagas`` and ``WatchObjects`` stream responses; a
-broken stream raises (moving later calls to the next target on ``UNAVAILABLE``) and the
-caller re-opens it from the revision after the last event it saw.
+Everything else (``ClaimSaga``, ``CancelSaga``, ``QuarantineSaga``, ``RedriveSaga``,
+``MarkStepCompensated``, ``AnnotateSaga``, ``AddFinalizer``, real sweeps, an unconditional
+update) is tried once: a repeat after a lost answer could act twice. ``WatchSagas`` and
+``WatchObjects`` stream responses; a broken stream raises (moving later calls to the next
+target on ``UNAVAILABLE``) and the caller re-opens it from the revision after the last
+event it saw.
 """
 
 from __future__ import annotations
@@ -131,7 +137,8 @@ class SagasClient(_ServiceClient):
     async def record_step(
         self, request: saga_pb2.RecordStepRequest, *, timeout: float | None = None
     ) -> saga_pb2.RecordStepResponse:
-        return await self._unary(lambda e: e.saga.RecordStep, request, safe=False, timeout=timeout)
+        """Record a step (idempotent per step, status and attempt, so retried)."""
+        return await self._unary(lambda e: e.saga.RecordStep, request, safe=True, timeout=timeout)
 
     async def heartbeat_saga(
         self, request: saga_pb2.HeartbeatSagaRequest, *, timeout: float | None = None
@@ -144,20 +151,24 @@ class SagasClient(_ServiceClient):
     async def complete_saga(
         self, request: saga_pb2.CompleteSagaRequest, *, timeout: float | None = None
     ) -> saga_pb2.CompleteSagaResponse:
-        return await self._unary(
-            lambda e: e.saga.CompleteSaga, request, safe=False, timeout=timeout
-        )
+        """RUNNING → COMPLETED; a repeat with the same fence answers the saga (retried)."""
+        return await self._unary(lambda e: e.saga.CompleteSaga, request, safe=True, timeout=timeout)
 
     async def fail_saga(
         self, request: saga_pb2.FailSagaRequest, *, timeout: float | None = None
     ) -> saga_pb2.FailSagaResponse:
-        return await self._unary(lambda e: e.saga.FailSaga, request, safe=False, timeout=timeout)
+        """Fail the claimed saga; a repeat with the same fence answers the saga (retried)."""
+        return await self._unary(lambda e: e.saga.FailSaga, request, safe=True, timeout=timeout)
 
     async def record_compensation(
         self, request: saga_pb2.RecordCompensationRequest, *, timeout: float | None = None
     ) -> saga_pb2.RecordCompensationResponse:
+        """Report one compensation attempt; retried only when it names its ``attempt``."""
         return await self._unary(
-            lambda e: e.saga.RecordCompensation, request, safe=False, timeout=timeout
+            lambda e: e.saga.RecordCompensation,
+            request,
+            safe=request.attempt > 0,
+            timeout=timeout,
         )
 
     async def cancel_saga(
@@ -170,6 +181,20 @@ class SagasClient(_ServiceClient):
     ) -> saga_pb2.QuarantineSagaResponse:
         return await self._unary(
             lambda e: e.saga.QuarantineSaga, request, safe=False, timeout=timeout
+        )
+
+    async def redrive_saga(
+        self, request: saga_pb2.RedriveSagaRequest, *, timeout: float | None = None
+    ) -> saga_pb2.RedriveSagaResponse:
+        """Operator: a QUARANTINED saga retries its compensations or resumes (not retried)."""
+        return await self._unary(lambda e: e.saga.RedriveSaga, request, safe=False, timeout=timeout)
+
+    async def mark_step_compensated(
+        self, request: saga_pb2.MarkStepCompensatedRequest, *, timeout: float | None = None
+    ) -> saga_pb2.MarkStepCompensatedResponse:
+        """Operator: a step's compensation was done by hand (not retried)."""
+        return await self._unary(
+            lambda e: e.saga.MarkStepCompensated, request, safe=False, timeout=timeout
         )
 
     async def annotate_saga(

@@ -156,6 +156,8 @@ class SagasClientSync(_Facade[SagasClient]):
     record_compensation = _blocking(SagasClient.record_compensation)
     cancel_saga = _blocking(SagasClient.cancel_saga)
     quarantine_saga = _blocking(SagasClient.quarantine_saga)
+    redrive_saga = _blocking(SagasClient.redrive_saga)
+    mark_step_compensated = _blocking(SagasClient.mark_step_compensated)
     annotate_saga = _blocking(SagasClient.annotate_saga)
     get_saga = _blocking(SagasClient.get_saga)
     list_sagas = _blocking(SagasClient.list_sagas)

@@ -29,9 +29,12 @@ REASONS = [
 
 
 def documented_codes() -> dict[str, grpc.StatusCode]:
-    """reason → the status code common.proto documents for it (``// CODE: …`` above it)."""
+    """reason → the status code common.proto documents for it (``// CODE: …`` opening the
+    comment above it, which may go on over more lines)."""
     text = COMMON_PROTO.read_text()
-    found = re.findall(r"//\s*([A-Z_]+):[^\n]*\n\s*" + PREFIX + r"([A-Z_]+)\s*=", text)
+    found = re.findall(
+        r"//\s*([A-Z_]+):[^\n]*\n(?:\s*//[^\n]*\n)*\s*" + PREFIX + r"([A-Z_]+)\s*=", text
+    )
     return {reason: grpc.StatusCode[code] for code, reason in found}
 
 
@@ -187,3 +190,22 @@ async def test_invalid_field_from_the_server(
     with pytest.raises(errors.InvalidField) as caught:
         await client.acquire("jobs/a", ttl=0)
     assert caught.value.field == "ttl"
+
+
+def test_saga_refusals_read_their_facts() -> None:
+    failed = grpc.StatusCode.FAILED_PRECONDITION
+    state = errors.error_for(failed, "INVALID_SAGA_STATE", "no", {"state": "COMPENSATING"})
+    assert isinstance(state, errors.InvalidSagaState)
+    assert state.state == "COMPENSATING"
+    conflict = errors.error_for(failed, "STEP_CONFLICT", "no", {"step_index": "2"})
+    assert isinstance(conflict, errors.StepConflict)
+    assert conflict.step_index == 2
+    missing = errors.error_for(grpc.StatusCode.NOT_FOUND, "STEP_NOT_FOUND", "no", {})
+    assert isinstance(missing, errors.StepNotFound)
+    assert missing.step_index is None
+    order = errors.error_for(failed, "COMPENSATION_OUT_OF_ORDER", "no", {"next_step_index": "4"})
+    assert isinstance(order, errors.CompensationOutOfOrder)
+    assert order.next_step_index == 4
+    claimed = errors.error_for(failed, "SAGA_CLAIMED", "no", {"holder": "w1"})
+    assert isinstance(claimed, errors.SagaClaimed)
+    assert claimed.holder == "w1"

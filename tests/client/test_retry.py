@@ -91,6 +91,12 @@ class ScriptedSagas(saga_pb2_grpc.SagaServiceServicer):
         self.script.answer("CompleteSaga", request, context)
         return saga_pb2.CompleteSagaResponse(saga=saga_pb2.Saga(saga_id=request.saga_id))
 
+    def CancelSaga(
+        self, request: saga_pb2.CancelSagaRequest, context: grpc.ServicerContext
+    ) -> saga_pb2.CancelSagaResponse:
+        self.script.answer("CancelSaga", request, context)
+        return saga_pb2.CancelSagaResponse(saga=saga_pb2.Saga(saga_id=request.saga_id))
+
     def GetSaga(
         self, request: saga_pb2.GetSagaRequest, context: grpc.ServicerContext
     ) -> saga_pb2.GetSagaResponse:
@@ -182,8 +188,8 @@ async def test_separate_acquires_get_separate_request_ids(
 async def test_an_unsafe_saga_call_is_tried_once(client: TetherClient, script: Script) -> None:
     script.reset(failures=1)
     with pytest.raises(Unavailable):
-        await client.sagas.complete_saga(saga_pb2.CompleteSagaRequest(saga_id="s1"))
-    assert script.count("CompleteSaga") == 1
+        await client.sagas.cancel_saga(saga_pb2.CancelSagaRequest(saga_id="s1"))
+    assert script.count("CancelSaga") == 1
     # The same failure on a safe saga call is retried.
     script.reset(failures=1)
     response = await client.sagas.get_saga(saga_pb2.GetSagaRequest(saga_id="s1"))

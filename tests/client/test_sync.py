@@ -20,9 +20,10 @@ from tether_client.errors import (
     LeaseHeld,
     LeaseRevoked,
     NotImplementedYet,
+    SagaNotFound,
     Unavailable,
 )
-from tether_client.pb import lease_pb2, saga_pb2
+from tether_client.pb import lease_pb2, owner_ref_pb2, saga_pb2
 
 ACTIVE = lease_pb2.LEASE_STATE_ACTIVE
 RELEASED = lease_pb2.LEASE_STATE_RELEASED
@@ -155,10 +156,10 @@ def test_closing_a_watch_cancels_its_stream(client: TetherClientSync) -> None:
 
 
 def test_service_clients_raise_typed_errors(client: TetherClientSync) -> None:
-    with pytest.raises(NotImplementedYet):
+    with pytest.raises(SagaNotFound):
         client.sagas.get_saga(saga_pb2.GetSagaRequest(saga_id="s1"))
     with pytest.raises(NotImplementedYet):
-        next(client.sagas.watch_sagas(saga_pb2.WatchSagasRequest()))
+        next(client.objects.watch_objects(owner_ref_pb2.WatchObjectsRequest()))
 
 
 # --- no server needed -----------------------------------------------------------------
