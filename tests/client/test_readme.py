@@ -1,4 +1,4 @@
-"""The README's worker example type-checks under ``mypy --strict`` and actually works."""
+"""The README's worker and saga examples type-check under ``mypy --strict`` and actually work."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import ServerFactory
 from tether_client import TetherClient
-from tether_client.pb import lease_pb2
+from tether_client.pb import lease_pb2, saga_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 MYPY = Path(sys.executable).with_name("mypy")
@@ -66,3 +66,58 @@ async def test_readme_example_runs(
     async with TetherClient(server.target) as client:
         lease = await client.get_lease(key="tasks/168")
     assert lease.state == lease_pb2.LEASE_STATE_RELEASED
+
+
+def readme_saga_example() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    sagas = [block for block in blocks if "client.run_saga(" in block]
+    assert len(sagas) == 1, "the README should show exactly one run_saga() example"
+    return sagas[0]
+
+
+def test_readme_saga_example_passes_mypy_strict(tmp_path: Path) -> None:
+    example = tmp_path / "saga.py"
+    example.write_text(readme_saga_example())
+    (tmp_path / "mypy.ini").write_text(
+        "[mypy]\n[mypy-google.rpc.*]\nignore_missing_imports = True\n"
+    )
+    result = subprocess.run(
+        [str(MYPY), "--strict", "--no-incremental", "--config-file", "mypy.ini", str(example)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "MYPYPATH": str(ROOT / "client")},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.e2e
+async def test_readme_saga_example_runs(
+    tmp_path: Path, db_url: str, server_factory: ServerFactory
+) -> None:
+    server = server_factory(db_url)
+    example = tmp_path / "saga.py"
+    example.write_text(readme_saga_example())
+    work = tmp_path / "work"
+    work.mkdir()
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(example), str(work)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TETHER_TARGET": server.target},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "compensated: removed worktree-168",
+        "compensated: removed branch-168",
+        "saga failed: the agent gave up",
+    ]
+    assert list(work.iterdir()) == []
+    async with TetherClient(server.target) as client:
+        saga = (await client.sagas.get_saga(saga_pb2.GetSagaRequest(saga_id="task-168"))).saga
+    assert saga.state == saga_pb2.SAGA_STATE_COMPENSATED
+    assert [c.step_index for c in saga.compensations] == [1, 0]
+    assert all(c.status == saga_pb2.COMPENSATION_STATUS_SUCCEEDED for c in saga.compensations)
