@@ -27,10 +27,11 @@ from tether_server.services.convert import (
     to_timestamp,
 )
 from tether_server.services.errors import to_error_detail
-from tether_server.services.streaming import count_fitting, first_of
+from tether_server.services.streaming import Follow, count_fitting, first_of, follow_events
 from tether_server.store.leases import (
     AcquireParams,
     AcquireResult,
+    LeaseEventRecord,
     LeaseStore,
     ListLeasesParams,
     ReleaseParams,
@@ -411,49 +412,36 @@ class LeaseService:
         self._metrics.watch_streams_open += 1
         self._open_streams.add(asyncio.current_task())
         try:
-            next_revision = start
-            batch = self._config.watch_batch_size
             with self._changes.watch_prefix(AREA, namespace, prefix) as changed:
-                while True:
-                    changed.clear()
-                    page = await self._store.lease_events_since(
-                        namespace, prefix, next_revision, limit=batch
-                    )
-                    if page.events:
-                        next_revision = page.events[-1].revision + 1
-                        events = [
-                            lease_pb2.LeaseEvent(
-                                revision=event.revision,
-                                type=EVENT_TYPE_TO_PB[event.type],
-                                lease=lease_to_pb(event.lease),
-                                occurred_at=to_timestamp(event.occurred_at_us),
-                            )
-                            for event in page.events
-                        ]
-                        # Split so no message outgrows what clients accept (events carry
-                        # the lease's progress details, up to 64 KiB each).
-                        while events:
-                            fits = count_fitting(events, self._config.max_response_bytes)
-                            yield lease_pb2.WatchResponse(
-                                header_revision=page.header_revision,
-                                compact_revision=page.compact_revision,
-                                events=events[:fits],
-                            )
-                            events = events[fits:]
-                    if len(page.events) == batch:
-                        continue
-                    # Every event up to the header revision was visible to this read
-                    # (revisions commit in order), so nothing below it can still appear.
-                    next_revision = max(next_revision, page.header_revision + 1)
-                    await first_of(
-                        changed.wait(),
-                        self._draining.wait(),
-                        asyncio.sleep(self._config.poll_interval_s),
-                    )
-                    self._check_draining()
+                follow = Follow(
+                    read=lambda rev, limit: self._store.lease_events_since(
+                        namespace, prefix, rev, limit
+                    ),
+                    convert=_lease_event_to_pb,
+                    respond=lambda head, compact, events: lease_pb2.WatchResponse(
+                        header_revision=head, compact_revision=compact, events=events
+                    ),
+                    changed=changed,
+                    draining=self._draining,
+                    check_draining=self._check_draining,
+                    batch_size=self._config.watch_batch_size,
+                    poll_interval_s=self._config.poll_interval_s,
+                    max_response_bytes=self._config.max_response_bytes,
+                )
+                async for response in follow_events(follow, start):
+                    yield response
         finally:
             self._metrics.watch_streams_open -= 1
             self._open_streams.discard(asyncio.current_task())
+
+
+def _lease_event_to_pb(event: LeaseEventRecord) -> lease_pb2.LeaseEvent:
+    return lease_pb2.LeaseEvent(
+        revision=event.revision,
+        type=EVENT_TYPE_TO_PB[event.type],
+        lease=lease_to_pb(event.lease),
+        occurred_at=to_timestamp(event.occurred_at_us),
+    )
 
 
 def _renewal(

@@ -18,7 +18,7 @@ from tether_server.domain.validation import Limits
 from tether_server.notify import ChangeHub
 from tether_server.services import saga_convert as conv
 from tether_server.services.convert import duration_us, lease_to_pb, to_duration, to_timestamp
-from tether_server.services.streaming import count_fitting, first_of
+from tether_server.services.streaming import Follow, count_fitting, first_of, follow_events
 from tether_server.store.sagas import (
     Claimed,
     ClaimParams,
@@ -400,32 +400,23 @@ class SagaService:
         yield saga_pb2.WatchSagasResponse(
             header_revision=page.header_revision, compact_revision=page.compact_revision
         )
-        next_revision = start
-        batch = self._config.watch_batch_size
-        with self._changes.watch_prefix(AREA, namespace, f"{kind}/" if kind else "") as changed:
-            while True:
-                changed.clear()
-                page = await self._store.events_since(namespace, kind, next_revision, batch)
-                events = [_event_to_pb(e) for e in page.events]
-                if page.events:
-                    next_revision = page.events[-1].revision + 1
-                while events:
-                    fits = count_fitting(events, self._config.max_response_bytes)
-                    yield saga_pb2.WatchSagasResponse(
-                        header_revision=page.header_revision,
-                        compact_revision=page.compact_revision,
-                        events=events[:fits],
-                    )
-                    events = events[fits:]
-                if len(page.events) == batch:
-                    continue
-                next_revision = max(next_revision, page.header_revision + 1)
-                await first_of(
-                    changed.wait(),
-                    self._draining.wait(),
-                    asyncio.sleep(self._config.poll_interval_s),
-                )
-                self._check_draining()
+        prefix = f"{kind}/" if kind else ""
+        with self._changes.watch_prefix(AREA, namespace, prefix) as changed:
+            follow = Follow(
+                read=lambda rev, limit: self._store.events_since(namespace, kind, rev, limit),
+                convert=_event_to_pb,
+                respond=lambda head, compact, events: saga_pb2.WatchSagasResponse(
+                    header_revision=head, compact_revision=compact, events=events
+                ),
+                changed=changed,
+                draining=self._draining,
+                check_draining=self._check_draining,
+                batch_size=self._config.watch_batch_size,
+                poll_interval_s=self._config.poll_interval_s,
+                max_response_bytes=self._config.max_response_bytes,
+            )
+            async for response in follow_events(follow, start):
+                yield response
 
 
 # ---- helpers ---------------------------------------------------------------------------

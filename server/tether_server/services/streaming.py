@@ -3,10 +3,67 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 from google.protobuf.message import Message
+
+R = TypeVar("R", bound=Message)
+
+
+class EventPage(Protocol):
+    """What a store's ``*_events_since`` read returns."""
+
+    @property
+    def events(self) -> Sequence[Any]: ...
+    @property
+    def header_revision(self) -> int: ...
+    @property
+    def compact_revision(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Follow(Generic[R]):
+    """How a Watch RPC follows its area of the event log."""
+
+    # (start revision, limit) -> the events from there, oldest first.
+    read: Callable[[int, int], Awaitable[EventPage]]
+    # Converts one event of a page to its protobuf message.
+    convert: Callable[[Any], Message]
+    # (header revision, compact revision, events) -> one response message.
+    respond: Callable[[int, int, list[Any]], R]
+    # Set by a change in the watched area; cleared before each read of the store.
+    changed: asyncio.Event
+    draining: asyncio.Event
+    check_draining: Callable[[], None]
+    batch_size: int
+    poll_interval_s: float
+    max_response_bytes: int
+
+
+async def follow_events(f: Follow[R], start: int) -> AsyncIterator[R]:
+    """Every event from ``start`` on, in revision order, forever (until draining)."""
+    next_revision = start
+    while True:
+        f.changed.clear()
+        page = await f.read(next_revision, f.batch_size)
+        if page.events:
+            next_revision = page.events[-1].revision + 1
+        events = [f.convert(event) for event in page.events]
+        # Split so no message outgrows what clients accept (events carry progress details
+        # and outputs, up to 64 KiB each).
+        while events:
+            fits = count_fitting(events, f.max_response_bytes)
+            yield f.respond(page.header_revision, page.compact_revision, events[:fits])
+            events = events[fits:]
+        if len(page.events) == f.batch_size:
+            continue
+        # Every event up to the header revision was visible to this read (revisions
+        # commit in order), so nothing below it can still appear.
+        next_revision = max(next_revision, page.header_revision + 1)
+        await first_of(f.changed.wait(), f.draining.wait(), asyncio.sleep(f.poll_interval_s))
+        f.check_draining()
 
 
 def count_fitting(messages: Sequence[Message], max_bytes: int) -> int:

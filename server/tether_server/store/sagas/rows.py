@@ -335,8 +335,22 @@ def saga_from_dict(d: Mapping[str, Any]) -> Saga:
     )
 
 
+def _claim_values(c: Claim | None) -> tuple[Any, ...]:
+    """claim_lease_id .. claim_owns_lease, in column order."""
+    if c is None:
+        return (None, None, None, None, None, 0, 0)
+    return (
+        c.lease_id,
+        c.fencing_token,
+        c.purpose.value,
+        c.holder,
+        c.principal,
+        int(c.active),
+        int(c.owns_lease),
+    )
+
+
 def saga_values(s: Saga) -> tuple[Any, ...]:
-    c = s.claim
     return (
         s.namespace,
         s.saga_id,
@@ -349,13 +363,7 @@ def saga_values(s: Saga) -> tuple[Any, ...]:
         s.max_attempts,
         s.attempt,
         s.attempt_base,
-        c.lease_id if c else None,
-        c.fencing_token if c else None,
-        c.purpose.value if c else None,
-        c.holder if c else None,
-        c.principal if c else None,
-        int(c.active) if c else 0,
-        int(c.owns_lease) if c else 0,
+        *_claim_values(s.claim),
         s.progress,
         _json(s.output),
         s.failure_reason,
@@ -375,7 +383,6 @@ async def insert(tx: Tx, saga: Saga) -> None:
 
 
 async def update(tx: Tx, s: Saga) -> None:
-    c = s.claim
     await tx.execute(
         _UPDATE,
         s.namespace,
@@ -383,13 +390,7 @@ async def update(tx: Tx, s: Saga) -> None:
         s.state.value,
         s.attempt,
         s.attempt_base,
-        c.lease_id if c else None,
-        c.fencing_token if c else None,
-        c.purpose.value if c else None,
-        c.holder if c else None,
-        c.principal if c else None,
-        int(c.active) if c else 0,
-        int(c.owns_lease) if c else 0,
+        *_claim_values(s.claim),
         s.progress,
         _json(s.output),
         s.failure_reason,
