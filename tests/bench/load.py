@@ -39,6 +39,11 @@ the machine's cores):
   acknowledgement p99, server RSS, CPU per renewal.
 - ``client_loss`` (tether only): a held lease, then the server is SIGKILLed: how long before
   the server's deadline the client declared the loss.
+- ``saga`` / ``saga_failing`` (tether and noop; :mod:`tests.bench.saga`): 16 workers running
+  five-step sagas end to end through ``client.run_saga`` (one compensation registered per
+  step); ``saga_failing`` fails every 10th saga at step 4 and compensates it. sagas/s,
+  RPCs per saga, claim latency p50/p99. noop: 16 callers of unary ``Acquire``, the RPC/s
+  reference for "saga RPC/s ÷ noop RPC/s".
 
 Output: one JSON line per scenario and target on stdout (also appended to ``--out``), then
 a table with the ratios tether/etcd and tether/noop. Progress goes to stderr. Every run is
@@ -77,7 +82,10 @@ ALL_SCENARIOS = (
     "replicas",
     "scale",
     "client_loss",
+    "saga",
+    "saga_failing",
 )
+SAGA_TARGETS = ("noop", "tether-sqlite", "tether-pg")
 # Cores used by processes outside the benchmark above which a run is flagged as noisy.
 NOISE_CORES = 0.25
 BASE: dict[str, Any] = {
@@ -138,6 +146,8 @@ def build_specs(args: argparse.Namespace) -> list[Spec]:
         "etcd_tick": 0.5,
         "etcd_coalesce_fraction": 0.0,
     }
+    # Sagas: 16 workers (2 processes) through client.run_saga; noop: 16 unary callers.
+    saga = {**throughput, "concurrency": 16, "fail_every": 0}
     small = 100 if quick else 500
     large = 500 if quick else 10_000
     k_ka = keepalive["leases"] // keepalive["streams"]
@@ -169,12 +179,22 @@ def build_specs(args: argparse.Namespace) -> list[Spec]:
             scale,
         ),
         Spec("client_loss", "client_loss", "client loss lead", {}, ("tether-sqlite", "tether-pg")),
+        Spec("saga", "saga", "sagas, 5 steps (16 workers)", saga, SAGA_TARGETS),
+        Spec(
+            "saga_failing",
+            "saga",
+            "sagas, 10% fail at step 4",
+            {**saga, "fail_every": 10},
+            SAGA_TARGETS,
+        ),
     ]
 
 
 def run_config(spec: Spec, running: Running, targets: list[str]) -> dict[str, Any]:
     cfg = {**BASE, **spec.cfg}
-    cfg.update(scenario=spec.name, kind=spec.kind, api=running.api, targets=targets)
+    cfg.update(
+        scenario=spec.name, kind=spec.kind, api=running.api, targets=targets, target=running.name
+    )
     if spec.kind == "expiry":
         cfg["measure_timeout"] = cfg["setup_timeout"] + cfg["lead_s"] + 1 + cfg["expiry_timeout"]
     else:
@@ -328,6 +348,11 @@ def checks(records: dict[tuple[str, str], Record]) -> list[str]:
             out.append(
                 f"SPREAD   {scenario} / {target}: {record['outside_window']} deadlines outside "
                 f"the 1 s window (setup slower than estimated)"
+            )
+        if scenario.startswith("saga") and record.get("other_end"):
+            out.append(
+                f"STATE    {scenario} / {target}: {record['other_end']} sagas ended neither "
+                f"COMPLETED nor COMPENSATED"
             )
         if record.get("errors"):
             out.append(f"ERRORS   {scenario} / {target}: {record['errors']}")

@@ -111,10 +111,43 @@ def shape(kind: str, run: dict[str, Any]) -> Record:
         record["requests_sent"] = sum_field(run, "requests_sent")
         record["unary_renewals"] = sum_field(run, "unary_renewals")
         _cpu(record, run, ok)
+    elif kind == "saga":
+        _saga(record, run, ok, elapsed, lat)
     for key in ("rss_at_start_mb", "rss_max_mb", "rss_end_mb", "wall_s"):
         if key in run:
             record[key] = run[key]
     return record
+
+
+def _saga(record: Record, run: dict[str, Any], ok: int, elapsed: float, lat: list[float]) -> None:
+    """Saga runs (tether) or the noop server's unary calls at the same concurrency."""
+    rpcs = sum_field(run, "rpcs")
+    record["rpcs"] = rpcs
+    record["rpcs_per_s"] = round(rpcs / elapsed, 1)
+    if any(w.get("noop") for w in run.get("workers", [])):
+        record["latency_ms"] = ms_summary(lat)
+        _cpu(record, run, rpcs)
+        # Per RPC only: a noop "operation" is one RPC, not a saga.
+        record["service_us_per_rpc"] = record.pop("service_us_per_op", None)
+        return
+    claim_lat = array("d")
+    for worker in run.get("workers", []):
+        claim_lat.frombytes(worker.pop("claim_lat", b""))
+    record["sagas"] = ok
+    record["sagas_per_s"] = round(ok / elapsed, 1)
+    record["completed"] = sum_field(run, "completed")
+    record["compensated"] = sum_field(run, "compensated")
+    record["other_end"] = sum_field(run, "other_end")
+    record["rpcs_per_saga"] = round(sum_field(run, "saga_rpcs") / ok, 2) if ok else None
+    record["keepalive_msgs"] = sum_field(run, "keepalive_msgs")
+    record["claim_ms"] = ms_summary(list(claim_lat))
+    record["saga_ms"] = ms_summary(lat)
+    _cpu(record, run, ok)
+    per_rpc = per_op_us(run.get("cpu") or {}, rpcs)
+    if "server_us_per_op" in per_rpc:
+        record["service_us_per_rpc"] = round(
+            per_rpc["server_us_per_op"] + per_rpc.get("store_us_per_op", 0.0), 1
+        )
 
 
 # --- the table --------------------------------------------------------------------------
@@ -172,6 +205,25 @@ METRICS: list[Metric] = [
     Metric("scale", "ack p99 ms", "low", "ack_ms.p99"),
     Metric("scale", "server RSS max MB", "low", "rss_max_mb"),
     Metric("scale", "cpu us/renewal", "low", "service_us_per_op"),
+    # Sagas: etcd has none; the noop column is its unary RPC rate at the same concurrency.
+    Metric("saga", "sagas/s", "high", "sagas_per_s"),
+    Metric("saga", "RPCs per saga", "low", "rpcs_per_saga"),
+    Metric("saga", "RPC/s (noop: unary RPC/s)", "high", "rpcs_per_s"),
+    Metric("saga", "cpu us/RPC", "low", "service_us_per_rpc"),
+    Metric("saga", "cpu us/saga", "low", "service_us_per_op"),
+    Metric("saga", "claim p50 ms", "low", "claim_ms.p50"),
+    Metric("saga", "claim p99 ms", "low", "claim_ms.p99"),
+    Metric("saga", "saga p50 ms", "low", "saga_ms.p50"),
+    Metric("saga", "saga p99 ms", "low", "saga_ms.p99"),
+    Metric("saga_failing", "sagas/s", "high", "sagas_per_s"),
+    Metric("saga_failing", "of which compensated", "-", "compensated"),
+    Metric("saga_failing", "RPCs per saga", "low", "rpcs_per_saga"),
+    Metric("saga_failing", "RPC/s (noop: unary RPC/s)", "high", "rpcs_per_s"),
+    Metric("saga_failing", "cpu us/RPC", "low", "service_us_per_rpc"),
+    Metric("saga_failing", "claim p50 ms", "low", "claim_ms.p50"),
+    Metric("saga_failing", "claim p99 ms", "low", "claim_ms.p99"),
+    Metric("saga_failing", "saga p50 ms", "low", "saga_ms.p50"),
+    Metric("saga_failing", "saga p99 ms", "low", "saga_ms.p99"),
 ]
 
 TETHER = ("tether-sqlite", "tether-pg")

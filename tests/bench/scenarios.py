@@ -733,4 +733,8 @@ SCENARIOS: dict[str, type[Scenario]] = {
 
 
 def scenario_for(cfg: Config, wid: int) -> Scenario:
+    if cfg["kind"] == "saga":
+        from tests.bench.saga import SagaScenario  # it builds on this module
+
+        return SagaScenario(cfg, wid)
     return SCENARIOS[cfg["kind"]](cfg, wid)
