@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from tether_server.domain.errors import InvalidField
 
@@ -61,19 +59,6 @@ def step_name(value: str, limits: SagaLimits, field_name: str = "name") -> str:
 def index(value: int, limits: SagaLimits, field_name: str = "index") -> int:
     if not 0 <= value < limits.max_steps:
         raise InvalidField(field_name, f"must be between 0 and {limits.max_steps - 1}")
-    return value
-
-
-def json_value(value: Any, max_bytes: int, field_name: str) -> Any:
-    """A JSON-compatible value within the size bound (NaN and infinities refused)."""
-    try:
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
-    except ValueError as exc:
-        raise InvalidField(field_name, "must not contain NaN or infinite numbers") from exc
-    if len(text.encode()) > max_bytes:
-        raise InvalidField(
-            field_name, f"is {len(text.encode())} bytes as JSON; at most {max_bytes}"
-        )
     return value
 
 

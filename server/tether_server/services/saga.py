@@ -88,9 +88,7 @@ class SagaService:
             kind=sv.kind(request.kind),
             principal=self._auth.principal_of(context).name,
             labels=validation.labels(request.labels, self._config.limits),
-            input=sv.json_value(
-                conv.struct_to_dict(request.input, "input"), limits.max_input_bytes, "input"
-            ),
+            input=conv.struct_to_dict(request.input, "input", limits.max_input_bytes),
             owner=_owner(request),
             on_stale=domain.OnStale.REQUEUE
             if request.on_stale == saga_pb2.ON_STALE_POLICY_UNSPECIFIED
@@ -196,9 +194,7 @@ class SagaService:
             status=conv.enum_value(
                 conv.STEP_STATUS_FROM_PB, request.status, "status", "step status"
             ),
-            output=sv.json_value(
-                conv.value_to_python(request.output, "output"), limits.max_output_bytes, "output"
-            ),
+            output=conv.value_to_python(request.output, "output", limits.max_output_bytes),
             error=sv.text(request.error, limits.max_error_bytes, "error"),
             compensation=compensation,
         )
@@ -227,11 +223,7 @@ class SagaService:
         fenced = self._fenced(request, context)
         output = None
         if request.HasField("output"):
-            output = sv.json_value(
-                conv.struct_to_dict(request.output, "output"),
-                self._limits.max_output_bytes,
-                "output",
-            )
+            output = conv.struct_to_dict(request.output, "output", self._limits.max_output_bytes)
         view = await self._store.complete(fenced, output)
         return saga_pb2.CompleteSagaResponse(saga=conv.view_to_pb(view))
 
@@ -434,10 +426,8 @@ def _fence(message: common_pb2.Fence, field_name: str) -> domain.Fence:
 def _compensation(message: saga_pb2.Compensation, limits: SagaLimits) -> domain.CompensationSpec:
     return domain.CompensationSpec(
         name=sv.step_name(message.name, limits, "compensation.name"),
-        payload=sv.json_value(
-            conv.value_to_python(message.payload, "compensation.payload"),
-            limits.max_output_bytes,
-            "compensation.payload",
+        payload=conv.value_to_python(
+            message.payload, "compensation.payload", limits.max_output_bytes
         ),
         max_attempts=sv.attempts(
             message.max_attempts,

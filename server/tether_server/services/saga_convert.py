@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from tether_client.pb import common_pb2, saga_pb2
 from tether_server.domain import saga as domain
@@ -80,28 +81,49 @@ def enum_value(table: dict[Any, Any], value: int, field_name: str, what: str) ->
     return found
 
 
-def struct_to_dict(message: struct_pb2.Struct, field_name: str) -> dict[str, Any]:
-    try:
-        result = json_format.MessageToDict(message)
-    except (ValueError, json_format.Error) as exc:
-        raise InvalidField(field_name, f"is not valid JSON data: {exc}") from exc
-    assert isinstance(result, dict)
-    return result
+def struct_to_dict(message: struct_pb2.Struct, field_name: str, max_bytes: int) -> dict[str, Any]:
+    """The Struct as Python data, bounded by its encoded size; NaN and infinities refused
+    (JSON has none)."""
+    _check_size(message, field_name, max_bytes)
+    return {key: _python(item, field_name) for key, item in message.fields.items()}
 
 
-def value_to_python(message: struct_pb2.Value, field_name: str) -> Any:
+def value_to_python(message: struct_pb2.Value, field_name: str, max_bytes: int) -> Any:
+    """The Value as Python data (None when unset), bounded like ``struct_to_dict``."""
     if message.WhichOneof("kind") is None:
         return None
-    try:
-        return json_format.MessageToDict(message)
-    except (ValueError, json_format.Error) as exc:
-        raise InvalidField(field_name, f"is not valid JSON data: {exc}") from exc
+    _check_size(message, field_name, max_bytes)
+    return _python(message, field_name)
+
+
+def _check_size(message: struct_pb2.Struct | struct_pb2.Value, field_name: str, limit: int) -> None:
+    size = message.ByteSize()
+    if size > limit:
+        raise InvalidField(field_name, f"is {size} bytes encoded; at most {limit}")
+
+
+def _python(value: struct_pb2.Value, field_name: str) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise InvalidField(field_name, "must not contain NaN or infinite numbers")
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {k: _python(v, field_name) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_python(v, field_name) for v in value.list_value.values]
+    return None
 
 
 def to_value(value: Any) -> struct_pb2.Value:
-    message = struct_pb2.Value()
-    json_format.ParseDict(value, message)
-    return message
+    holder = struct_pb2.Struct()
+    holder.update({"v": value})
+    return holder.fields["v"]
 
 
 def to_struct(value: Any) -> struct_pb2.Struct:
