@@ -335,7 +335,7 @@ async def test_exhausted_compensation_quarantines_and_redrive_retries(
             timeout=WAIT_S,
         ),
         FP,
-        "INVALID_SAGA_STATE",
+        "SAGA_TERMINAL",
     )
     manual = {c.step_index: c for c in marked.saga.compensations}[0]
     assert manual.status == saga_pb2.COMPENSATION_STATUS_MANUAL

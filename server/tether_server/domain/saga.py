@@ -86,6 +86,8 @@ class SagaEventType(StrEnum):
     STATE_CHANGED = "STATE_CHANGED"
     ANNOTATED = "ANNOTATED"
     COMPENSATION_RECORDED = "COMPENSATION_RECORDED"
+    # A claim ended without a change of state (its lease ended: the saga is requeued).
+    CLAIM_ENDED = "CLAIM_ENDED"
 
 
 @dataclass(frozen=True)
@@ -401,10 +403,11 @@ def apply_stale_policy(saga: Saga, steps: Sequence[Step], now_us: int) -> Change
     who = f"the claim of {saga.claim.holder!r} (lease {saga.claim.lease_id}) went stale"
     if saga.on_stale is OnStale.QUARANTINE:
         return _quarantine(saga, f"{who}; policy QUARANTINE", now_us)
-    if saga.state is SagaState.COMPENSATING:
-        return Change(_touch(saga, now_us, claim=_end_claim(saga)))
-    if saga.on_stale is OnStale.REQUEUE and attempts_left(saga):
-        return Change(_touch(saga, now_us, claim=_end_claim(saga)))
+    if saga.state is SagaState.COMPENSATING or (
+        saga.on_stale is OnStale.REQUEUE and attempts_left(saga)
+    ):
+        ended = _touch(saga, now_us, claim=_end_claim(saga))
+        return Change(ended, events=(SagaEventType.CLAIM_ENDED,))
     if saga.on_stale is OnStale.REQUEUE:
         why = f"{who} after {saga.attempt - saga.attempt_base} of {saga.max_attempts} attempts"
     else:
@@ -585,7 +588,9 @@ def is_repeat_of_end(saga: Saga, fence: Fence, *, completing: bool, reason: str 
         return False
     if completing:
         return saga.state is SagaState.COMPLETED
-    return saga.state is not SagaState.RUNNING and saga.failure_reason == reason
+    return (
+        saga.state not in (SagaState.RUNNING, SagaState.COMPLETED) and saga.failure_reason == reason
+    )
 
 
 # ---- compensations -------------------------------------------------------------------------
@@ -701,11 +706,15 @@ def redrive(
     now_us: int,
 ) -> Change:
     if saga.state is not SagaState.QUARANTINED:
+        if saga.terminal:
+            raise terminal_error(saga)
         raise state_error(saga, "only a QUARANTINED saga is redriven")
     note = (author, f"redrive {mode.value}: {reason}")
-    reopened = replace(saga, ended_at_us=None, claim=_end_claim(saga))
+    # The fence of the claim before the quarantine is forgotten: no retry of that worker's
+    # CompleteSaga or FailSaga can be mistaken for a repeat now.
+    reopened = replace(saga, ended_at_us=None, claim=None)
     if mode is RedriveMode.RESUME:
-        if any(r.done for r in records):
+        if any(r.done or r.attempts > 0 for r in records):
             raise state_error(saga, "compensations have run; it cannot resume forward")
         new = _touch(
             reopened,

@@ -71,6 +71,9 @@ def attempts(value: int, default: int, maximum: int, field_name: str) -> int:
 
 
 def text(value: str, max_bytes: int, field_name: str) -> str:
+    # PostgreSQL text cannot hold U+0000; refused on both backends alike.
+    if "\x00" in value:
+        raise InvalidField(field_name, "must not contain NUL characters")
     if len(value.encode()) > max_bytes:
         raise InvalidField(field_name, f"is {len(value.encode())} bytes; at most {max_bytes}")
     return value

@@ -482,6 +482,7 @@ EVENT_CODES = {
     SagaEventType.STATE_CHANGED: "STATE",
     SagaEventType.ANNOTATED: "ANNOTATED",
     SagaEventType.COMPENSATION_RECORDED: "COMPENSATION",
+    SagaEventType.CLAIM_ENDED: "CLAIM_ENDED",
 }
 EVENT_TYPES = {code: t for t, code in EVENT_CODES.items()}
 

@@ -193,6 +193,10 @@ class _SagaEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SagaEve
     SAGA_EVENT_TYPE_STATE_CHANGED: _SagaEventType.ValueType  # 4
     SAGA_EVENT_TYPE_ANNOTATED: _SagaEventType.ValueType  # 5
     SAGA_EVENT_TYPE_COMPENSATION_RECORDED: _SagaEventType.ValueType  # 6
+    SAGA_EVENT_TYPE_CLAIM_ENDED: _SagaEventType.ValueType  # 7
+    """A claim ended without a change of state: its lease ended and the saga was requeued
+    (or, COMPENSATING, left for a compensation worker).
+    """
 
 class SagaEventType(_SagaEventType, metaclass=_SagaEventTypeEnumTypeWrapper): ...
 
@@ -203,6 +207,10 @@ SAGA_EVENT_TYPE_STEP_RECORDED: SagaEventType.ValueType  # 3
 SAGA_EVENT_TYPE_STATE_CHANGED: SagaEventType.ValueType  # 4
 SAGA_EVENT_TYPE_ANNOTATED: SagaEventType.ValueType  # 5
 SAGA_EVENT_TYPE_COMPENSATION_RECORDED: SagaEventType.ValueType  # 6
+SAGA_EVENT_TYPE_CLAIM_ENDED: SagaEventType.ValueType  # 7
+"""A claim ended without a change of state: its lease ended and the saga was requeued
+(or, COMPENSATING, left for a compensation worker).
+"""
 Global___SagaEventType: _TypeAlias = SagaEventType  # noqa: Y015
 
 @_typing.final
@@ -392,13 +400,15 @@ class Saga(_message.Message):
     on_stale: Global___OnStalePolicy.ValueType
     max_attempts: _builtins.int
     attempt: _builtins.int
-    """Claims so far (1 for the first run)."""
+    """Claims for execution so far (1 for the first run); compensation claims do not count."""
     claim_purpose: Global___ClaimPurpose.ValueType
     holder: _builtins.str
     stale: _builtins.bool
     """RUNNING or COMPENSATING with a claim whose lease is no longer live."""
     overdue: _builtins.bool
-    """Past its deadline and not terminal."""
+    """PLANNED or RUNNING past its deadline, not yet sent to compensation (a COMPENSATING
+    saga runs its compensations to the end whatever the deadline).
+    """
     progress: _builtins.bytes
     """The latest progress details sent with HeartbeatSaga, readable by the next worker."""
     failure_reason: _builtins.str
