@@ -233,10 +233,14 @@ async def test_safe_deadline_is_send_time_plus_granted_ttl_minus_margin(rig: Rig
     start = rig.clock.monotonic()
     async with rig.client.hold("jobs/a", ttl=TTL) as lease:
         assert lease.safe_until == pytest.approx(start + TTL - MARGIN)
-        # The first renewal goes out at a third of the ttl.
-        await rig.advance_until(lambda: rig.client.keeper.stats.renewals_sent >= 1)
+        # The first renewal goes out at a third of the ttl: move the clock just past it
+        # and hold it there, so a slow machine cannot let it run on before the send.
+        rig.clock.advance(max(0.0, start + TTL / 3 + 0.05 - rig.clock.monotonic()))
+        await eventually(lambda: rig.client.keeper.stats.renewals_sent >= 1, "the renewal")
         sent_at = rig.seen.requests[-1][0]
         assert sent_at == pytest.approx(start + TTL / 3, abs=0.11)
+        # Not before a third of the ttl either.
+        assert sent_at >= start + TTL / 3 - 0.11
         await _acked_requests(rig, 1)
         assert lease.safe_until == pytest.approx(sent_at + TTL - MARGIN)
         assert lease.alive
@@ -262,9 +266,11 @@ async def test_shorter_granted_ttl_shortens_the_deadline_and_the_renew_interval(
         await rig.advance_until(lambda: rig.client.keeper.stats.renewals_acked >= 1)
         first = rig.seen.requests[-1][0]
         assert lease.safe_until == pytest.approx(first + 3.0 - MARGIN)
-        await rig.advance_until(lambda: rig.client.keeper.stats.renewals_acked >= 2)
+        # Renewed after a third of the granted 3 s, not of the asked-for 9 s: just past
+        # that moment the second renewal goes out (the clock waits there for it).
+        rig.clock.advance(max(0.0, first + 1.0 + 0.05 - rig.clock.monotonic()))
+        await _acked_requests(rig, 2)
         second = [t for t, ids in rig.seen.requests if ids][1]
-        # Renewed after a third of the granted 3 s, not of the asked-for 9 s.
         assert second - first == pytest.approx(1.0, abs=0.11)
         assert lease.alive
 
