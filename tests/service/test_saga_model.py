@@ -1407,7 +1407,7 @@ class SagaMachine(RuleBasedStateMachine):
 
 # TETHER_SAGA_MODEL_EXAMPLES=500 explores longer (minutes) than the suite's default.
 MACHINE_SETTINGS = settings(
-    max_examples=int(os.environ.get("TETHER_SAGA_MODEL_EXAMPLES", "40")),
+    max_examples=int(os.environ.get("TETHER_SAGA_MODEL_EXAMPLES", "30")),
     stateful_step_count=50,
     deadline=None,
     database=None,
