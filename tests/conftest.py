@@ -1,8 +1,11 @@
 """Fixtures shared by every test.
 
 - ``db_url``: runs a test once per backend (ids ``sqlite`` and ``postgres``) with the URL
-  of a fresh, empty, un-migrated database.
-- ``db_factory``: more fresh databases inside one test (``db_factory("postgres")``).
+  of a fresh database of its own, already at the current schema (a copy of a template
+  migrated once per session: see tests/support/templates.py).
+- ``empty_db_url``: the same, but empty (un-migrated): for tests of the migrations.
+- ``db_factory``: more fresh databases inside one test (``db_factory("postgres")``;
+  ``empty=True`` for an un-migrated one).
 - ``pg_admin_url``: the PostgreSQL admin URL (skips locally / fails under CI when unset).
 - ``fake_clock``: a ``FakeClock`` for in-process tests.
 - ``file_clock`` and ``server_factory``: drive real server processes.
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tests.support import postgres as pg
+from tests.support import templates
 from tests.support.server_process import FileClockDriver, ServerProcess
 
 if TYPE_CHECKING:
@@ -34,7 +38,7 @@ def pg_admin_url() -> str:
 
 
 @pytest.fixture
-def db_factory(tmp_path: Path) -> Iterator[DbFactory]:
+def db_factory(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DbFactory]:
     """``db_factory(backend)`` returns the URL of another fresh, empty database.
 
     PostgreSQL databases are dropped (``WITH (FORCE)``) when the test ends.
@@ -42,15 +46,17 @@ def db_factory(tmp_path: Path) -> Iterator[DbFactory]:
     created: list[tuple[str, str]] = []
     sqlite_count = 0
 
-    def make(backend: str = "sqlite") -> str:
+    def make(backend: str = "sqlite", *, empty: bool = False) -> str:
         nonlocal sqlite_count
         if backend == "sqlite":
             sqlite_count += 1
-            name = "tether.db" if sqlite_count == 1 else f"tether-{sqlite_count}.db"
-            return f"sqlite:///{tmp_path / name}"
+            path = tmp_path / ("tether.db" if sqlite_count == 1 else f"tether-{sqlite_count}.db")
+            if not empty:
+                templates.sqlite_copy(tmp_path_factory.getbasetemp(), path)
+            return f"sqlite:///{path}"
         if backend == "postgres":
             admin = pg.pg_admin_url()
-            url = pg.create_database(admin)
+            url = pg.create_database(admin) if empty else templates.pg_copy(admin)
             created.append((admin, url))
             return url
         raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
@@ -74,9 +80,27 @@ def db_factory(tmp_path: Path) -> Iterator[DbFactory]:
     ]
 )
 def db_url(request: pytest.FixtureRequest, db_factory: DbFactory) -> str:
-    """URL of a fresh, empty (un-migrated) database, once per backend."""
+    """URL of a fresh database at the current schema, once per backend."""
     backend: str = request.param
     return db_factory(backend)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+    ]
+)
+def empty_db_url(request: pytest.FixtureRequest, db_factory: DbFactory) -> str:
+    """URL of a fresh, empty (un-migrated) database, once per backend."""
+    backend: str = request.param
+    return db_factory(backend, empty=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_template_databases() -> Iterator[None]:
+    yield
+    templates.drop_templates()
 
 
 @pytest.fixture

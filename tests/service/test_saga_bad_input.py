@@ -868,7 +868,7 @@ async def _call(call: Any) -> Any:
 
 
 @settings(
-    max_examples=60,
+    max_examples=30,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -883,7 +883,7 @@ _step_counter = iter(range(10**9))
 
 
 @settings(
-    max_examples=60,
+    max_examples=30,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -1002,7 +1002,7 @@ _FENCED = {"HeartbeatSaga", "CompleteSaga", "FailSaga", "RecordCompensation"}
 
 
 @settings(
-    max_examples=80,
+    max_examples=25,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -1070,7 +1070,7 @@ async def test_garbage_bytes_are_malformed(seeded: Seeded) -> None:
 
 
 @settings(
-    max_examples=40,
+    max_examples=25,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -1407,8 +1407,8 @@ class SagaMachine(RuleBasedStateMachine):
 
 # TETHER_SAGA_MODEL_EXAMPLES=500 explores longer (minutes) than the suite's default.
 MACHINE_SETTINGS = settings(
-    max_examples=int(os.environ.get("TETHER_SAGA_MODEL_EXAMPLES", "30")),
-    stateful_step_count=50,
+    max_examples=int(os.environ.get("TETHER_SAGA_MODEL_EXAMPLES", "20")),
+    stateful_step_count=40,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

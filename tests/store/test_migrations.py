@@ -66,8 +66,8 @@ async def schema_state(db: Database) -> tuple[set[str], str | None]:
         return await conn.run_sync(_state)
 
 
-async def test_fresh_database_has_no_tables(db_url: str, fake_clock: FakeClock) -> None:
-    db = Database(db_url, fake_clock)
+async def test_fresh_database_has_no_tables(empty_db_url: str, fake_clock: FakeClock) -> None:
+    db = Database(empty_db_url, fake_clock)
     try:
         tables, version = await schema_state(db)
         assert tables == set()
@@ -95,8 +95,10 @@ async def test_migrate_is_idempotent(database: Database) -> None:
     assert await store.lease_get("default", result.lease.lease_id) == result.lease
 
 
-async def test_concurrent_migrations_from_two_processes(db_url: str, fake_clock: FakeClock) -> None:
-    dbs = [Database(db_url, fake_clock) for _ in range(3)]
+async def test_concurrent_migrations_from_two_processes(
+    empty_db_url: str, fake_clock: FakeClock
+) -> None:
+    dbs = [Database(empty_db_url, fake_clock) for _ in range(3)]
     try:
         await asyncio.gather(*(db.migrate() for db in dbs))
         tables, version = await schema_state(dbs[0])

@@ -59,7 +59,7 @@ def _asyncpg_dsn(url: str) -> str:
     return urlunsplit(("postgresql", parts.netloc, parts.path, parts.query, ""))
 
 
-def _run_isolated(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+def run_isolated(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine on a private event loop in its own thread.
 
     Safe from sync fixtures, from async tests (a loop is already running on this thread)
@@ -94,10 +94,14 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def create_database(admin_url: str) -> str:
-    """Create a new empty database ``tether_t_<hex>``; return its URL."""
+def create_database(admin_url: str, template: str | None = None) -> str:
+    """Create a new database ``tether_t_<hex>`` (empty, or a copy of the ``template``
+    database's URL); return its URL."""
     dbname = DB_PREFIX + secrets.token_hex(8)
-    _run_isolated(lambda: _execute(admin_url, f"CREATE DATABASE {_quote_ident(dbname)}"))
+    statement = f"CREATE DATABASE {_quote_ident(dbname)}"
+    if template is not None:
+        statement += f" TEMPLATE {_quote_ident(urlsplit(template).path.lstrip('/'))}"
+    run_isolated(lambda: _execute(admin_url, statement))
     return database_url(admin_url, dbname)
 
 
@@ -106,7 +110,7 @@ def drop_database(admin_url: str, url_or_name: str) -> None:
     dbname = urlsplit(url_or_name).path.lstrip("/") if "://" in url_or_name else url_or_name
     if not dbname.startswith(DB_PREFIX):
         raise ValueError(f"refusing to drop {dbname!r}: not a test database ({DB_PREFIX}*)")
-    _run_isolated(
+    run_isolated(
         lambda: _execute(admin_url, f"DROP DATABASE IF EXISTS {_quote_ident(dbname)} WITH (FORCE)")
     )
 
