@@ -241,8 +241,14 @@ def report(error: TetherError) -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
-def _lease_handler(call: LeaseCall, *, holder: Callable[[], str] = cli_holder) -> Handler:
-    """An ``args -> exit status`` handler that runs ``call`` with a client, reporting errors."""
+def _lease_handler(
+    call: LeaseCall,
+    *,
+    holder: Callable[[], str] = cli_holder,
+    report_error: Callable[[TetherError], None] = report,
+) -> Handler:
+    """An ``args -> exit status`` handler that runs ``call`` with a client, reporting errors
+    (``tether saga`` uses it too, with its own ``report_error``)."""
 
     def handler(args: argparse.Namespace) -> int:
         _configure_logging(args.verbose)
@@ -254,7 +260,7 @@ def _lease_handler(call: LeaseCall, *, holder: Callable[[], str] = cli_holder) -
         try:
             return asyncio.run(main())
         except TetherError as exc:
-            report(exc)
+            report_error(exc)
         except CliError as exc:
             print(f"tether: {exc}", file=sys.stderr, flush=True)
         return EXIT_ERROR

@@ -8,7 +8,6 @@ command, text for people (tables, ``name: value`` blocks), JSON with ``--json``;
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable, Iterable
@@ -16,19 +15,15 @@ from typing import Any
 
 from tether_client import cli_format as fmt
 from tether_client.cli_lease import (
-    EXIT_ERROR,
-    CliError,
     SubParsers,
     _add_connection_options,
     _add_json_option,
     _add_verbose_option,
-    _configure_logging,
     _emit,
     _label,
     _leaf,
+    _lease_handler,
     _positive_int,
-    cli_holder,
-    make_client,
 )
 from tether_client.client import TetherClient
 from tether_client.errors import TetherError
@@ -283,25 +278,6 @@ def report(error: TetherError) -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
-def _saga_handler(call: SagaCall) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        _configure_logging(args.verbose)
-
-        async def main() -> int:
-            async with make_client(args, holder=args.holder or cli_holder()) as client:
-                return await call(client, args)
-
-        try:
-            return asyncio.run(main())
-        except TetherError as exc:
-            report(exc)
-        except CliError as exc:
-            print(f"tether: {exc}", file=sys.stderr, flush=True)
-        return EXIT_ERROR
-
-    return handler
-
-
 # --- the parser ---------------------------------------------------------------------------
 
 SAGA_HELP = """\
@@ -327,7 +303,7 @@ exit status:
 
 
 def _command(sub: SubParsers, name: str, help: str, call: SagaCall) -> argparse.ArgumentParser:
-    parser = _leaf(sub, name, help=help, handler=_saga_handler(call))
+    parser = _leaf(sub, name, help=help, handler=_lease_handler(call, report_error=report))
     parser.epilog = SAGA_EXIT_CODES
     return parser
 

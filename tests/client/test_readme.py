@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,16 +20,25 @@ ROOT = Path(__file__).resolve().parents[2]
 MYPY = Path(sys.executable).with_name("mypy")
 
 
-def readme_example() -> str:
+def _readme_block(marker: str) -> str:
+    """The one Python block of the README that contains ``marker``."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
-    workers = [block for block in blocks if "client.hold(" in block]
-    assert len(workers) == 1, "the README should show exactly one hold() worker example"
-    return workers[0]
+    found = [block for block in blocks if marker in block]
+    assert len(found) == 1, f"the README should show exactly one {marker} example"
+    return found[0]
 
 
-def test_readme_example_passes_mypy_strict(tmp_path: Path) -> None:
-    example = tmp_path / "worker.py"
-    example.write_text(readme_example())
+def readme_example() -> str:
+    return _readme_block("client.hold(")
+
+
+def readme_saga_example() -> str:
+    return _readme_block("client.run_saga(")
+
+
+def _mypy_strict(tmp_path: Path, source: str) -> None:
+    example = tmp_path / "example.py"
+    example.write_text(source)
     # googleapis-common-protos ships no types; from an installed (not editable) client
     # mypy would not look inside tether_client at all.
     (tmp_path / "mypy.ini").write_text(
@@ -44,6 +54,11 @@ def test_readme_example_passes_mypy_strict(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("example", [readme_example, readme_saga_example], ids=["hold", "saga"])
+def test_readme_examples_pass_mypy_strict(tmp_path: Path, example: Any) -> None:
+    _mypy_strict(tmp_path, example())
 
 
 @pytest.mark.e2e
@@ -66,30 +81,6 @@ async def test_readme_example_runs(
     async with TetherClient(server.target) as client:
         lease = await client.get_lease(key="tasks/168")
     assert lease.state == lease_pb2.LEASE_STATE_RELEASED
-
-
-def readme_saga_example() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
-    sagas = [block for block in blocks if "client.run_saga(" in block]
-    assert len(sagas) == 1, "the README should show exactly one run_saga() example"
-    return sagas[0]
-
-
-def test_readme_saga_example_passes_mypy_strict(tmp_path: Path) -> None:
-    example = tmp_path / "saga.py"
-    example.write_text(readme_saga_example())
-    (tmp_path / "mypy.ini").write_text(
-        "[mypy]\n[mypy-google.rpc.*]\nignore_missing_imports = True\n"
-    )
-    result = subprocess.run(
-        [str(MYPY), "--strict", "--no-incremental", "--config-file", "mypy.ini", str(example)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "MYPYPATH": str(ROOT / "client")},
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.e2e
