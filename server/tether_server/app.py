@@ -256,7 +256,7 @@ class TetherServer:
         done = await self.sagas.enforce_deadlines()
         if done.backlog:
             return 0
-        upcoming = await self.sagas.next_deadline()
+        upcoming = done.next_deadline_us
         if upcoming is None:
             return None
         wait_s = (upcoming - self.db.clock.now_us()) / 1_000_000

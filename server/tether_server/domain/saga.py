@@ -226,10 +226,6 @@ class Change:
     events: Sequence[SagaEventType] = ()
     note: tuple[str, str] | None = None  # (author, text) for an annotation
 
-    @property
-    def state_changed(self) -> bool:
-        return SagaEventType.STATE_CHANGED in self.events
-
 
 @dataclass(frozen=True)
 class NoChange:

@@ -102,10 +102,6 @@ class SagaStore:
     async def counts(self) -> read.SagaCounts:
         return await self.db.read(read.counts)
 
-    async def next_deadline(self) -> int | None:
-        value = await self.db.read(lambda tx: tx.fetchval(units.NEXT_DEADLINE), snapshot=False)
-        return int(value) if value is not None else None
-
     # ---- reads ----------------------------------------------------------------------
 
     async def get(self, namespace: str, saga_id: str) -> SagaView:

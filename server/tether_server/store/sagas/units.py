@@ -523,6 +523,8 @@ class DeadlinePass:
     moved: int
     # More overdue sagas than the pass took: run again at once.
     backlog: bool
+    # The earliest deadline still ahead, read in the same transaction.
+    next_deadline_us: int | None = None
 
 
 async def enforce_deadlines(tx: Tx, limit: int) -> DeadlinePass:
@@ -532,4 +534,9 @@ async def enforce_deadlines(tx: Tx, limit: int) -> DeadlinePass:
         loaded = rows.row_to_loaded(row)
         steps = await rows.load_steps(tx, loaded.saga)
         await _write(tx, loaded.saga, domain.apply_deadline(loaded.saga, steps, tx.now_us))
-    return DeadlinePass(len(found), backlog=len(found) >= limit)
+    upcoming = await tx.fetchval(NEXT_DEADLINE)
+    return DeadlinePass(
+        len(found),
+        backlog=len(found) >= limit,
+        next_deadline_us=int(upcoming) if upcoming is not None else None,
+    )
