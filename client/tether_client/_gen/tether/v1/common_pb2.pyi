@@ -92,6 +92,22 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: compensations run in reverse step order; metadata "next_step_index"."""
     ERROR_REASON_SAGA_CLAIMED: _ErrorReason.ValueType  # 30
     """FAILED_PRECONDITION: the saga is claimed by a live lease; metadata "holder"."""
+    ERROR_REASON_OBJECT_EXISTS: _ErrorReason.ValueType  # 31
+    """ALREADY_EXISTS: an object of this kind and name exists (possibly terminating: a name
+    is free again only once the object is gone); metadata "uid", "terminating".
+    """
+    ERROR_REASON_OBJECT_TERMINATING: _ErrorReason.ValueType  # 32
+    """FAILED_PRECONDITION: the object is terminating; no finalizer can be added and the
+    deletion cannot be undone; metadata "uid", "deletion_timestamp".
+    """
+    ERROR_REASON_OWNER_NOT_FOUND: _ErrorReason.ValueType  # 33
+    """FAILED_PRECONDITION: an owner reference names no live owner in this namespace
+    (absent uid, an ended lease, another namespace); metadata "owner_uid", "owner_kind".
+    """
+    ERROR_REASON_UID_MISMATCH: _ErrorReason.ValueType  # 34
+    """FAILED_PRECONDITION: the object's uid is not the one the request expected (it was
+    deleted and recreated); metadata "uid", "expected_uid".
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every reason tether puts in google.rpc.ErrorInfo (domain "tether.dev").
@@ -164,6 +180,22 @@ ERROR_REASON_COMPENSATION_OUT_OF_ORDER: ErrorReason.ValueType  # 29
 """FAILED_PRECONDITION: compensations run in reverse step order; metadata "next_step_index"."""
 ERROR_REASON_SAGA_CLAIMED: ErrorReason.ValueType  # 30
 """FAILED_PRECONDITION: the saga is claimed by a live lease; metadata "holder"."""
+ERROR_REASON_OBJECT_EXISTS: ErrorReason.ValueType  # 31
+"""ALREADY_EXISTS: an object of this kind and name exists (possibly terminating: a name
+is free again only once the object is gone); metadata "uid", "terminating".
+"""
+ERROR_REASON_OBJECT_TERMINATING: ErrorReason.ValueType  # 32
+"""FAILED_PRECONDITION: the object is terminating; no finalizer can be added and the
+deletion cannot be undone; metadata "uid", "deletion_timestamp".
+"""
+ERROR_REASON_OWNER_NOT_FOUND: ErrorReason.ValueType  # 33
+"""FAILED_PRECONDITION: an owner reference names no live owner in this namespace
+(absent uid, an ended lease, another namespace); metadata "owner_uid", "owner_kind".
+"""
+ERROR_REASON_UID_MISMATCH: ErrorReason.ValueType  # 34
+"""FAILED_PRECONDITION: the object's uid is not the one the request expected (it was
+deleted and recreated); metadata "uid", "expected_uid".
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

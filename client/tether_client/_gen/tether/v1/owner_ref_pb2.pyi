@@ -30,6 +30,7 @@ class _PropagationPolicy:
 class _PropagationPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PropagationPolicy.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     PROPAGATION_POLICY_UNSPECIFIED: _PropagationPolicy.ValueType  # 0
+    """Background."""
     PROPAGATION_POLICY_BACKGROUND: _PropagationPolicy.ValueType  # 1
     """The owner goes now; dependents are collected after."""
     PROPAGATION_POLICY_FOREGROUND: _PropagationPolicy.ValueType  # 2
@@ -40,6 +41,7 @@ class _PropagationPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Pro
 class PropagationPolicy(_PropagationPolicy, metaclass=_PropagationPolicyEnumTypeWrapper): ...
 
 PROPAGATION_POLICY_UNSPECIFIED: PropagationPolicy.ValueType  # 0
+"""Background."""
 PROPAGATION_POLICY_BACKGROUND: PropagationPolicy.ValueType  # 1
 """The owner goes now; dependents are collected after."""
 PROPAGATION_POLICY_FOREGROUND: PropagationPolicy.ValueType  # 2
@@ -66,6 +68,106 @@ OBJECT_EVENT_TYPE_ADDED: ObjectEventType.ValueType  # 1
 OBJECT_EVENT_TYPE_MODIFIED: ObjectEventType.ValueType  # 2
 OBJECT_EVENT_TYPE_DELETED: ObjectEventType.ValueType  # 3
 Global___ObjectEventType: _TypeAlias = ObjectEventType  # noqa: Y015
+
+@_typing.final
+class ObjectRef(_message.Message):
+    """Names one object."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    name: _builtins.str
+    uid: _builtins.str
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        name: _builtins.str = ...,
+        uid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObjectRef: _TypeAlias = ObjectRef  # noqa: Y015
+
+@_typing.final
+class FinalizerRefusal(_message.Message):
+    """A finalizer handler's latest refusal to let an object go."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINALIZER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_FIELD_NUMBER: _builtins.int
+    RECORDED_BY_FIELD_NUMBER: _builtins.int
+    finalizer: _builtins.str
+    reason: _builtins.str
+    recorded_by: _builtins.str
+    @_builtins.property
+    def recorded_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        finalizer: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        recorded_at: _timestamp_pb2.Timestamp | None = ...,
+        recorded_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["recorded_at", b"recorded_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finalizer", b"finalizer", "reason", b"reason", "recorded_at", b"recorded_at", "recorded_by", b"recorded_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinalizerRefusal: _TypeAlias = FinalizerRefusal  # noqa: Y015
+
+@_typing.final
+class TerminationStatus(_message.Message):
+    """Why a terminating object is still here. Set only while deletion_timestamp is set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PENDING_FINALIZERS_FIELD_NUMBER: _builtins.int
+    BLOCKING_DEPENDENTS_FIELD_NUMBER: _builtins.int
+    BLOCKING_EXAMPLES_FIELD_NUMBER: _builtins.int
+    REFUSALS_FIELD_NUMBER: _builtins.int
+    blocking_dependents: _builtins.int
+    """With Foreground deletion: dependents with block_owner_deletion that still exist."""
+    @_builtins.property
+    def pending_finalizers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Finalizers still to be removed, including the server's own "foregroundDeletion" and
+        "orphan".
+        """
+
+    @_builtins.property
+    def blocking_examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___ObjectRef]:
+        """The first few of them (at most 10)."""
+
+    @_builtins.property
+    def refusals(self) -> _containers.RepeatedCompositeFieldContainer[Global___FinalizerRefusal]:
+        """The latest refusal of each finalizer that refused."""
+
+    def __init__(
+        self,
+        *,
+        pending_finalizers: _abc.Iterable[_builtins.str] | None = ...,
+        blocking_dependents: _builtins.int = ...,
+        blocking_examples: _abc.Iterable[Global___ObjectRef] | None = ...,
+        refusals: _abc.Iterable[Global___FinalizerRefusal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocking_dependents", b"blocking_dependents", "blocking_examples", b"blocking_examples", "pending_finalizers", b"pending_finalizers", "refusals", b"refusals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TerminationStatus: _TypeAlias = TerminationStatus  # noqa: Y015
 
 @_typing.final
 class Object(_message.Message):
@@ -125,13 +227,17 @@ class Object(_message.Message):
     RESOURCE_VERSION_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    TERMINATION_FIELD_NUMBER: _builtins.int
+    CREATE_REVISION_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     kind: _builtins.str
     name: _builtins.str
     uid: _builtins.str
     """Server generated; a recreated object of the same name has a new uid."""
     resource_version: _builtins.int
-    """Bumped by every write."""
+    """The store revision of the object's latest write; every write changes it."""
+    create_revision: _builtins.int
+    """The store revision of the object's creation."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -152,7 +258,11 @@ class Object(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def history(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Annotation]:
-        """Why the object is still here after deletion, e.g. a finalizer's refusal."""
+        """Audit entries: finalizer refusals, forced finalizer removals (newest last, at most 50)."""
+
+    @_builtins.property
+    def termination(self) -> Global___TerminationStatus:
+        """Why the object is still terminating; unset while it is not."""
 
     def __init__(
         self,
@@ -171,10 +281,12 @@ class Object(_message.Message):
         resource_version: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         history: _abc.Iterable[_common_pb2.Annotation] | None = ...,
+        termination: Global___TerminationStatus | None = ...,
+        create_revision: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deletion_timestamp", b"deletion_timestamp", "spec", b"spec", "status", b"status"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deletion_timestamp", b"deletion_timestamp", "spec", b"spec", "status", b"status", "termination", b"termination"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "created_at", b"created_at", "deletion_timestamp", b"deletion_timestamp", "finalizers", b"finalizers", "history", b"history", "kind", b"kind", "labels", b"labels", "name", b"name", "namespace", b"namespace", "owner_references", b"owner_references", "resource_version", b"resource_version", "spec", b"spec", "status", b"status", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "create_revision", b"create_revision", "created_at", b"created_at", "deletion_timestamp", b"deletion_timestamp", "finalizers", b"finalizers", "history", b"history", "kind", b"kind", "labels", b"labels", "name", b"name", "namespace", b"namespace", "owner_references", b"owner_references", "resource_version", b"resource_version", "spec", b"spec", "status", b"status", "termination", b"termination", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -190,7 +302,11 @@ class CreateObjectRequest(_message.Message):
     namespace: _builtins.str
     request_id: _builtins.str
     @_builtins.property
-    def object(self) -> Global___Object: ...
+    def object(self) -> Global___Object:
+        """kind and name are required; uid, resource_version, deletion_timestamp, created_at,
+        history and termination must be unset.
+        """
+
     def __init__(
         self,
         *,
@@ -289,14 +405,18 @@ class ListObjectsRequest(_message.Message):
     LABEL_SELECTOR_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TERMINATING_ONLY_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     kind: _builtins.str
+    """All kinds when empty."""
     owner_uid: _builtins.str
     """Only dependents of this owner uid."""
     label_selector: _builtins.str
-    """Kubernetes label selector syntax, e.g. "app=agent,tier!=cache"."""
+    """Kubernetes label selector syntax: "app=agent,tier!=cache,env in (a,b),!legacy"."""
     page_size: _builtins.int
     page_token: _builtins.str
+    terminating_only: _builtins.bool
+    """Only objects with a deletion timestamp (what is stuck terminating, and why)."""
     def __init__(
         self,
         *,
@@ -306,10 +426,11 @@ class ListObjectsRequest(_message.Message):
         label_selector: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        terminating_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "label_selector", b"label_selector", "namespace", b"namespace", "owner_uid", b"owner_uid", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "label_selector", b"label_selector", "namespace", b"namespace", "owner_uid", b"owner_uid", "page_size", b"page_size", "page_token", b"page_token", "terminating_only", b"terminating_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -347,7 +468,9 @@ class UpdateObjectRequest(_message.Message):
     namespace: _builtins.str
     @_builtins.property
     def object(self) -> Global___Object:
-        """kind, name and resource_version identify the object and the expected version."""
+        """kind, name and resource_version identify the object and the expected version; uid,
+        when set, must match too.
+        """
 
     def __init__(
         self,
@@ -368,16 +491,21 @@ class UpdateObjectResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OBJECT_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.bool
     @_builtins.property
-    def object(self) -> Global___Object: ...
+    def object(self) -> Global___Object:
+        """Unset when the update removed the last finalizer of a terminating object."""
+
     def __init__(
         self,
         *,
         object: Global___Object | None = ...,
+        deleted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "object", b"object"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -391,10 +519,13 @@ class AddFinalizerRequest(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     FINALIZER_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     kind: _builtins.str
     name: _builtins.str
     finalizer: _builtins.str
+    uid: _builtins.str
+    """Precondition: the object must have this uid."""
     def __init__(
         self,
         *,
@@ -402,10 +533,11 @@ class AddFinalizerRequest(_message.Message):
         kind: _builtins.str = ...,
         name: _builtins.str = ...,
         finalizer: _builtins.str = ...,
+        uid: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finalizer", b"finalizer", "kind", b"kind", "name", b"name", "namespace", b"namespace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finalizer", b"finalizer", "kind", b"kind", "name", b"name", "namespace", b"namespace", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -440,12 +572,17 @@ class RemoveFinalizerRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     FINALIZER_FIELD_NUMBER: _builtins.int
     REFUSAL_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     kind: _builtins.str
     name: _builtins.str
     finalizer: _builtins.str
     refusal: _builtins.str
-    """Recorded in the object's history when the finalizer refuses instead of removing."""
+    """The handler refuses: the finalizer stays and this reason is recorded in the object's
+    termination status and history.
+    """
+    uid: _builtins.str
+    """Precondition: the object must have this uid. An absent object is answered deleted."""
     def __init__(
         self,
         *,
@@ -454,10 +591,11 @@ class RemoveFinalizerRequest(_message.Message):
         name: _builtins.str = ...,
         finalizer: _builtins.str = ...,
         refusal: _builtins.str = ...,
+        uid: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finalizer", b"finalizer", "kind", b"kind", "name", b"name", "namespace", b"namespace", "refusal", b"refusal"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finalizer", b"finalizer", "kind", b"kind", "name", b"name", "namespace", b"namespace", "refusal", b"refusal", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -608,6 +746,7 @@ class Dependent(_message.Message):
     depth: _builtins.int
     """Distance from the owner: 1 for direct dependents."""
     owner_uid: _builtins.str
+    """The owner through which it was reached."""
     @_builtins.property
     def object(self) -> Global___Object: ...
     def __init__(
@@ -649,6 +788,198 @@ class ListDependentsResponse(_message.Message):
 Global___ListDependentsResponse: _TypeAlias = ListDependentsResponse  # noqa: Y015
 
 @_typing.final
+class GetOwnerGraphRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    MAX_OBJECTS_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    kind: _builtins.str
+    name: _builtins.str
+    uid: _builtins.str
+    max_objects: _builtins.int
+    """At most this many nodes (default 1000, at most 10000)."""
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        name: _builtins.str = ...,
+        uid: _builtins.str = ...,
+        max_objects: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "selector", b"selector", "uid", b"uid"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "max_objects", b"max_objects", "name", b"name", "namespace", b"namespace", "selector", b"selector", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["name", "uid"]  # noqa: Y015
+    _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_selector) -> _WhichOneofReturnType_selector | None: ...
+
+Global___GetOwnerGraphRequest: _TypeAlias = GetOwnerGraphRequest  # noqa: Y015
+
+@_typing.final
+class OwnerGraphNode(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REF_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
+    DELETION_TIMESTAMP_FIELD_NUMBER: _builtins.int
+    FINALIZERS_FIELD_NUMBER: _builtins.int
+    depth: _builtins.int
+    """0 for the object asked about, negative for owners (-1 its owners), positive for
+    dependents (1 its dependents).
+    """
+    @_builtins.property
+    def ref(self) -> Global___ObjectRef: ...
+    @_builtins.property
+    def deletion_timestamp(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finalizers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        ref: Global___ObjectRef | None = ...,
+        depth: _builtins.int = ...,
+        deletion_timestamp: _timestamp_pb2.Timestamp | None = ...,
+        finalizers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deletion_timestamp", b"deletion_timestamp", "ref", b"ref"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletion_timestamp", b"deletion_timestamp", "depth", b"depth", "finalizers", b"finalizers", "ref", b"ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OwnerGraphNode: _TypeAlias = OwnerGraphNode  # noqa: Y015
+
+@_typing.final
+class OwnerGraphEdge(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_UID_FIELD_NUMBER: _builtins.int
+    DEPENDENT_UID_FIELD_NUMBER: _builtins.int
+    CONTROLLER_FIELD_NUMBER: _builtins.int
+    BLOCK_OWNER_DELETION_FIELD_NUMBER: _builtins.int
+    owner_uid: _builtins.str
+    dependent_uid: _builtins.str
+    controller: _builtins.bool
+    block_owner_deletion: _builtins.bool
+    def __init__(
+        self,
+        *,
+        owner_uid: _builtins.str = ...,
+        dependent_uid: _builtins.str = ...,
+        controller: _builtins.bool = ...,
+        block_owner_deletion: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_owner_deletion", b"block_owner_deletion", "controller", b"controller", "dependent_uid", b"dependent_uid", "owner_uid", b"owner_uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OwnerGraphEdge: _TypeAlias = OwnerGraphEdge  # noqa: Y015
+
+@_typing.final
+class GetOwnerGraphResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    EDGES_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """More nodes exist than max_objects allowed."""
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___OwnerGraphNode]: ...
+    @_builtins.property
+    def edges(self) -> _containers.RepeatedCompositeFieldContainer[Global___OwnerGraphEdge]: ...
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[Global___OwnerGraphNode] | None = ...,
+        edges: _abc.Iterable[Global___OwnerGraphEdge] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edges", b"edges", "nodes", b"nodes", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOwnerGraphResponse: _TypeAlias = GetOwnerGraphResponse  # noqa: Y015
+
+@_typing.final
+class ForceRemoveFinalizersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    FINALIZERS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    kind: _builtins.str
+    name: _builtins.str
+    reason: _builtins.str
+    """Why; required, recorded with the caller's principal."""
+    uid: _builtins.str
+    """Precondition: the object must have this uid."""
+    @_builtins.property
+    def finalizers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Which finalizers; all of them when empty."""
+
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        name: _builtins.str = ...,
+        finalizers: _abc.Iterable[_builtins.str] | None = ...,
+        reason: _builtins.str = ...,
+        uid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finalizers", b"finalizers", "kind", b"kind", "name", b"name", "namespace", b"namespace", "reason", b"reason", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForceRemoveFinalizersRequest: _TypeAlias = ForceRemoveFinalizersRequest  # noqa: Y015
+
+@_typing.final
+class ForceRemoveFinalizersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.bool
+    @_builtins.property
+    def object(self) -> Global___Object:
+        """Unset when the object went away with its last finalizer."""
+
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        object: Global___Object | None = ...,
+        deleted: _builtins.bool = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "object", b"object", "removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForceRemoveFinalizersResponse: _TypeAlias = ForceRemoveFinalizersResponse  # noqa: Y015
+
+@_typing.final
 class ObjectEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -659,7 +990,9 @@ class ObjectEvent(_message.Message):
     revision: _builtins.int
     type: Global___ObjectEventType.ValueType
     @_builtins.property
-    def object(self) -> Global___Object: ...
+    def object(self) -> Global___Object:
+        """The object as of this revision (for DELETED: as it was last)."""
+
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -688,8 +1021,10 @@ class WatchObjectsRequest(_message.Message):
     START_REVISION_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     kind: _builtins.str
+    """All kinds when empty."""
     label_selector: _builtins.str
     start_revision: _builtins.int
+    """Resume from this revision (inclusive); 0 = from now."""
     def __init__(
         self,
         *,
@@ -715,6 +1050,7 @@ class WatchObjectsResponse(_message.Message):
     COMPACT_REVISION_FIELD_NUMBER: _builtins.int
     header_revision: _builtins.int
     compact_revision: _builtins.int
+    """Set (with no events) when start_revision was purged: resume from after it."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ObjectEvent]: ...
     def __init__(

@@ -28,7 +28,9 @@ if _version_not_supported:
 
 class OwnerRefServiceStub:
     """OwnerRefService answers: what belongs to what, and what must be deleted, orphaned or
-    kept when an owner goes away? The Kubernetes garbage collector, generalised.
+    kept when an owner goes away? The Kubernetes garbage collector, generalised: objects,
+    owner references, finalizers and Foreground / Background / Orphan propagation, with
+    leases and sagas as owners. Semantics: docs/objects.md.
     """
 
     def __init__(self, channel):
@@ -77,6 +79,16 @@ class OwnerRefServiceStub:
                 request_serializer=tether_dot_v1_dot_owner__ref__pb2.ListDependentsRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_owner__ref__pb2.ListDependentsResponse.FromString,
                 _registered_method=True)
+        self.GetOwnerGraph = channel.unary_unary(
+                '/tether.v1.OwnerRefService/GetOwnerGraph',
+                request_serializer=tether_dot_v1_dot_owner__ref__pb2.GetOwnerGraphRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_owner__ref__pb2.GetOwnerGraphResponse.FromString,
+                _registered_method=True)
+        self.ForceRemoveFinalizers = channel.unary_unary(
+                '/tether.v1.OwnerRefService/ForceRemoveFinalizers',
+                request_serializer=tether_dot_v1_dot_owner__ref__pb2.ForceRemoveFinalizersRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_owner__ref__pb2.ForceRemoveFinalizersResponse.FromString,
+                _registered_method=True)
         self.WatchObjects = channel.unary_stream(
                 '/tether.v1.OwnerRefService/WatchObjects',
                 request_serializer=tether_dot_v1_dot_owner__ref__pb2.WatchObjectsRequest.SerializeToString,
@@ -86,7 +98,9 @@ class OwnerRefServiceStub:
 
 class OwnerRefServiceServicer:
     """OwnerRefService answers: what belongs to what, and what must be deleted, orphaned or
-    kept when an owner goes away? The Kubernetes garbage collector, generalised.
+    kept when an owner goes away? The Kubernetes garbage collector, generalised: objects,
+    owner references, finalizers and Foreground / Background / Orphan propagation, with
+    leases and sagas as owners. Semantics: docs/objects.md.
     """
 
     def CreateObject(self, request, context):
@@ -109,20 +123,23 @@ class OwnerRefServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateObject(self, request, context):
-        """Compare-and-set on resource_version (ABORTED / RESOURCE_VERSION_CONFLICT).
+        """Compare-and-set on resource_version (ABORTED / RESOURCE_VERSION_CONFLICT). Replaces
+        labels, annotations, spec, status, owner references and finalizers.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AddFinalizer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Idempotent; refused on a terminating object (OBJECT_TERMINATING).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RemoveFinalizer(self, request, context):
-        """Idempotent; removing the last finalizer of a deleted object removes the object.
+        """Idempotent; removing the last finalizer of a terminating object removes the object.
+        With a refusal, the finalizer stays and the refusal is recorded on the object.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +154,22 @@ class OwnerRefServiceServicer:
 
     def ListDependents(self, request, context):
         """The dependents of an owner, optionally recursively, for debugging.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOwnerGraph(self, request, context):
+        """The tree around an object: its owners up to the roots and its dependents down to the
+        leaves, as nodes and edges (bounded by max_objects).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForceRemoveFinalizers(self, request, context):
+        """Admin: removes finalizers whatever their handlers say, recorded in the object's
+        annotations and history with who and why.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,6 +224,16 @@ def add_OwnerRefServiceServicer_to_server(servicer, server):
                     request_deserializer=tether_dot_v1_dot_owner__ref__pb2.ListDependentsRequest.FromString,
                     response_serializer=tether_dot_v1_dot_owner__ref__pb2.ListDependentsResponse.SerializeToString,
             ),
+            'GetOwnerGraph': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOwnerGraph,
+                    request_deserializer=tether_dot_v1_dot_owner__ref__pb2.GetOwnerGraphRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_owner__ref__pb2.GetOwnerGraphResponse.SerializeToString,
+            ),
+            'ForceRemoveFinalizers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForceRemoveFinalizers,
+                    request_deserializer=tether_dot_v1_dot_owner__ref__pb2.ForceRemoveFinalizersRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_owner__ref__pb2.ForceRemoveFinalizersResponse.SerializeToString,
+            ),
             'WatchObjects': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchObjects,
                     request_deserializer=tether_dot_v1_dot_owner__ref__pb2.WatchObjectsRequest.FromString,
@@ -206,7 +249,9 @@ def add_OwnerRefServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class OwnerRefService:
     """OwnerRefService answers: what belongs to what, and what must be deleted, orphaned or
-    kept when an owner goes away? The Kubernetes garbage collector, generalised.
+    kept when an owner goes away? The Kubernetes garbage collector, generalised: objects,
+    owner references, finalizers and Foreground / Background / Orphan propagation, with
+    leases and sagas as owners. Semantics: docs/objects.md.
     """
 
     @staticmethod
@@ -415,6 +460,60 @@ class OwnerRefService:
             '/tether.v1.OwnerRefService/ListDependents',
             tether_dot_v1_dot_owner__ref__pb2.ListDependentsRequest.SerializeToString,
             tether_dot_v1_dot_owner__ref__pb2.ListDependentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOwnerGraph(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.OwnerRefService/GetOwnerGraph',
+            tether_dot_v1_dot_owner__ref__pb2.GetOwnerGraphRequest.SerializeToString,
+            tether_dot_v1_dot_owner__ref__pb2.GetOwnerGraphResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForceRemoveFinalizers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.OwnerRefService/ForceRemoveFinalizers',
+            tether_dot_v1_dot_owner__ref__pb2.ForceRemoveFinalizersRequest.SerializeToString,
+            tether_dot_v1_dot_owner__ref__pb2.ForceRemoveFinalizersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,7 +29,9 @@ GRPC_VERSION: str
 
 class OwnerRefServiceStub:
     """OwnerRefService answers: what belongs to what, and what must be deleted, orphaned or
-    kept when an owner goes away? The Kubernetes garbage collector, generalised.
+    kept when an owner goes away? The Kubernetes garbage collector, generalised: objects,
+    owner references, finalizers and Foreground / Background / Orphan propagation, with
+    leases and sagas as owners. Semantics: docs/objects.md.
     """
 
     @_typing.overload
@@ -41,20 +43,35 @@ class OwnerRefServiceStub:
     GetObject: _grpc.UnaryUnaryMultiCallable[_owner_ref_pb2.GetObjectRequest, _owner_ref_pb2.GetObjectResponse]
     ListObjects: _grpc.UnaryUnaryMultiCallable[_owner_ref_pb2.ListObjectsRequest, _owner_ref_pb2.ListObjectsResponse]
     UpdateObject: _grpc.UnaryUnaryMultiCallable[_owner_ref_pb2.UpdateObjectRequest, _owner_ref_pb2.UpdateObjectResponse]
-    """Compare-and-set on resource_version (ABORTED / RESOURCE_VERSION_CONFLICT)."""
+    """Compare-and-set on resource_version (ABORTED / RESOURCE_VERSION_CONFLICT). Replaces
+    labels, annotations, spec, status, owner references and finalizers.
+    """
     AddFinalizer: _grpc.UnaryUnaryMultiCallable[_owner_ref_pb2.AddFinalizerRequest, _owner_ref_pb2.AddFinalizerResponse]
+    """Idempotent; refused on a terminating object (OBJECT_TERMINATING)."""
     RemoveFinalizer: _grpc.UnaryUnaryMultiCallable[_owner_ref_pb2.RemoveFinalizerRequest, _owner_ref_pb2.RemoveFinalizerResponse]
-    """Idempotent; removing the last finalizer of a deleted object removes the object."""
+    """Idempotent; removing the last finalizer of a terminating object removes the object.
+    With a refusal, the finalizer stays and the refusal is recorded on the object.
+    """
     DeleteObject: _grpc.UnaryUnaryMultiCallable[_owner_ref_pb2.DeleteObjectRequest, _owner_ref_pb2.DeleteObjectResponse]
     """Deletes with a propagation policy and optional preconditions. Idempotent."""
     ListDependents: _grpc.UnaryUnaryMultiCallable[_owner_ref_pb2.ListDependentsRequest, _owner_ref_pb2.ListDependentsResponse]
     """The dependents of an owner, optionally recursively, for debugging."""
+    GetOwnerGraph: _grpc.UnaryUnaryMultiCallable[_owner_ref_pb2.GetOwnerGraphRequest, _owner_ref_pb2.GetOwnerGraphResponse]
+    """The tree around an object: its owners up to the roots and its dependents down to the
+    leaves, as nodes and edges (bounded by max_objects).
+    """
+    ForceRemoveFinalizers: _grpc.UnaryUnaryMultiCallable[_owner_ref_pb2.ForceRemoveFinalizersRequest, _owner_ref_pb2.ForceRemoveFinalizersResponse]
+    """Admin: removes finalizers whatever their handlers say, recorded in the object's
+    annotations and history with who and why.
+    """
     WatchObjects: _grpc.UnaryStreamMultiCallable[_owner_ref_pb2.WatchObjectsRequest, _owner_ref_pb2.WatchObjectsResponse]
 
 @_typing.type_check_only
 class OwnerRefServiceAsyncStub(OwnerRefServiceStub):
     """OwnerRefService answers: what belongs to what, and what must be deleted, orphaned or
-    kept when an owner goes away? The Kubernetes garbage collector, generalised.
+    kept when an owner goes away? The Kubernetes garbage collector, generalised: objects,
+    owner references, finalizers and Foreground / Background / Orphan propagation, with
+    leases and sagas as owners. Semantics: docs/objects.md.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -63,19 +80,34 @@ class OwnerRefServiceAsyncStub(OwnerRefServiceStub):
     GetObject: _aio.UnaryUnaryMultiCallable[_owner_ref_pb2.GetObjectRequest, _owner_ref_pb2.GetObjectResponse]  # type: ignore[assignment]
     ListObjects: _aio.UnaryUnaryMultiCallable[_owner_ref_pb2.ListObjectsRequest, _owner_ref_pb2.ListObjectsResponse]  # type: ignore[assignment]
     UpdateObject: _aio.UnaryUnaryMultiCallable[_owner_ref_pb2.UpdateObjectRequest, _owner_ref_pb2.UpdateObjectResponse]  # type: ignore[assignment]
-    """Compare-and-set on resource_version (ABORTED / RESOURCE_VERSION_CONFLICT)."""
+    """Compare-and-set on resource_version (ABORTED / RESOURCE_VERSION_CONFLICT). Replaces
+    labels, annotations, spec, status, owner references and finalizers.
+    """
     AddFinalizer: _aio.UnaryUnaryMultiCallable[_owner_ref_pb2.AddFinalizerRequest, _owner_ref_pb2.AddFinalizerResponse]  # type: ignore[assignment]
+    """Idempotent; refused on a terminating object (OBJECT_TERMINATING)."""
     RemoveFinalizer: _aio.UnaryUnaryMultiCallable[_owner_ref_pb2.RemoveFinalizerRequest, _owner_ref_pb2.RemoveFinalizerResponse]  # type: ignore[assignment]
-    """Idempotent; removing the last finalizer of a deleted object removes the object."""
+    """Idempotent; removing the last finalizer of a terminating object removes the object.
+    With a refusal, the finalizer stays and the refusal is recorded on the object.
+    """
     DeleteObject: _aio.UnaryUnaryMultiCallable[_owner_ref_pb2.DeleteObjectRequest, _owner_ref_pb2.DeleteObjectResponse]  # type: ignore[assignment]
     """Deletes with a propagation policy and optional preconditions. Idempotent."""
     ListDependents: _aio.UnaryUnaryMultiCallable[_owner_ref_pb2.ListDependentsRequest, _owner_ref_pb2.ListDependentsResponse]  # type: ignore[assignment]
     """The dependents of an owner, optionally recursively, for debugging."""
+    GetOwnerGraph: _aio.UnaryUnaryMultiCallable[_owner_ref_pb2.GetOwnerGraphRequest, _owner_ref_pb2.GetOwnerGraphResponse]  # type: ignore[assignment]
+    """The tree around an object: its owners up to the roots and its dependents down to the
+    leaves, as nodes and edges (bounded by max_objects).
+    """
+    ForceRemoveFinalizers: _aio.UnaryUnaryMultiCallable[_owner_ref_pb2.ForceRemoveFinalizersRequest, _owner_ref_pb2.ForceRemoveFinalizersResponse]  # type: ignore[assignment]
+    """Admin: removes finalizers whatever their handlers say, recorded in the object's
+    annotations and history with who and why.
+    """
     WatchObjects: _aio.UnaryStreamMultiCallable[_owner_ref_pb2.WatchObjectsRequest, _owner_ref_pb2.WatchObjectsResponse]  # type: ignore[assignment]
 
 class OwnerRefServiceServicer(metaclass=_abc_1.ABCMeta):
     """OwnerRefService answers: what belongs to what, and what must be deleted, orphaned or
-    kept when an owner goes away? The Kubernetes garbage collector, generalised.
+    kept when an owner goes away? The Kubernetes garbage collector, generalised: objects,
+    owner references, finalizers and Foreground / Background / Orphan propagation, with
+    leases and sagas as owners. Semantics: docs/objects.md.
     """
 
     @_abc_1.abstractmethod
@@ -106,14 +138,17 @@ class OwnerRefServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _owner_ref_pb2.UpdateObjectRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_owner_ref_pb2.UpdateObjectResponse, _abc.Awaitable[_owner_ref_pb2.UpdateObjectResponse]]:
-        """Compare-and-set on resource_version (ABORTED / RESOURCE_VERSION_CONFLICT)."""
+        """Compare-and-set on resource_version (ABORTED / RESOURCE_VERSION_CONFLICT). Replaces
+        labels, annotations, spec, status, owner references and finalizers.
+        """
 
     @_abc_1.abstractmethod
     def AddFinalizer(
         self,
         request: _owner_ref_pb2.AddFinalizerRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_owner_ref_pb2.AddFinalizerResponse, _abc.Awaitable[_owner_ref_pb2.AddFinalizerResponse]]: ...
+    ) -> _typing.Union[_owner_ref_pb2.AddFinalizerResponse, _abc.Awaitable[_owner_ref_pb2.AddFinalizerResponse]]:
+        """Idempotent; refused on a terminating object (OBJECT_TERMINATING)."""
 
     @_abc_1.abstractmethod
     def RemoveFinalizer(
@@ -121,7 +156,9 @@ class OwnerRefServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _owner_ref_pb2.RemoveFinalizerRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_owner_ref_pb2.RemoveFinalizerResponse, _abc.Awaitable[_owner_ref_pb2.RemoveFinalizerResponse]]:
-        """Idempotent; removing the last finalizer of a deleted object removes the object."""
+        """Idempotent; removing the last finalizer of a terminating object removes the object.
+        With a refusal, the finalizer stays and the refusal is recorded on the object.
+        """
 
     @_abc_1.abstractmethod
     def DeleteObject(
@@ -138,6 +175,26 @@ class OwnerRefServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_owner_ref_pb2.ListDependentsResponse, _abc.Awaitable[_owner_ref_pb2.ListDependentsResponse]]:
         """The dependents of an owner, optionally recursively, for debugging."""
+
+    @_abc_1.abstractmethod
+    def GetOwnerGraph(
+        self,
+        request: _owner_ref_pb2.GetOwnerGraphRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_ref_pb2.GetOwnerGraphResponse, _abc.Awaitable[_owner_ref_pb2.GetOwnerGraphResponse]]:
+        """The tree around an object: its owners up to the roots and its dependents down to the
+        leaves, as nodes and edges (bounded by max_objects).
+        """
+
+    @_abc_1.abstractmethod
+    def ForceRemoveFinalizers(
+        self,
+        request: _owner_ref_pb2.ForceRemoveFinalizersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_owner_ref_pb2.ForceRemoveFinalizersResponse, _abc.Awaitable[_owner_ref_pb2.ForceRemoveFinalizersResponse]]:
+        """Admin: removes finalizers whatever their handlers say, recorded in the object's
+        annotations and history with who and why.
+        """
 
     @_abc_1.abstractmethod
     def WatchObjects(
