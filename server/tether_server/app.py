@@ -23,11 +23,14 @@ from tether_server.runtime import AlwaysLeader, Leadership, PgAdvisoryLeader, Ru
 from tether_server.services.handlers import build_generic_handler
 from tether_server.services.interceptor import RpcMetricsInterceptor
 from tether_server.services.lease import LeaseService
+from tether_server.services.objects import ObjectService
 from tether_server.services.saga import SagaService
 from tether_server.services.unimplemented import Unimplemented
 from tether_server.store.batch import BatchResult
 from tether_server.store.database import Database, describe_url
 from tether_server.store.leases import LeaseStore
+from tether_server.store.objects import ObjectStore
+from tether_server.store.objects import rows as object_rows
 from tether_server.store.pg_backend import CHANNEL as CHANGES_CHANNEL
 from tether_server.store.pg_backend import PgBackend
 from tether_server.store.replicas import ReplicaStore
@@ -40,7 +43,12 @@ SAGA_SERVICE = saga_pb2.DESCRIPTOR.services_by_name["SagaService"]
 OWNER_REF_SERVICE = owner_ref_pb2.DESCRIPTOR.services_by_name["OwnerRefService"]
 SWEEP_SERVICE = sweep_pb2.DESCRIPTOR.services_by_name["SweepService"]
 # Health reports the whole server ("") and each implemented service.
-SERVING_SERVICES = ("", LEASE_SERVICE.full_name)
+SERVING_SERVICES = (
+    "",
+    LEASE_SERVICE.full_name,
+    SAGA_SERVICE.full_name,
+    OWNER_REF_SERVICE.full_name,
+)
 # The advisory lock whose holder runs the leader-only tasks (PostgreSQL).
 LEADER_LOCK_KEY = 0x7E7E_1EAD
 
@@ -72,6 +80,7 @@ class TetherServer:
         self.db.after_commit(self._on_commit)
         self.leases = LeaseStore(self.db)
         self.sagas = SagaStore(self.db, max_steps=config.saga.saga_limits.max_steps)
+        self.objects = ObjectStore(self.db, batch_size=config.gc_batch_size)
         self.replicas = ReplicaStore(self.db)
         # Unique per process start; names this process's heartbeat streams in the store.
         self.instance_id = secrets.token_hex(8)
@@ -80,6 +89,7 @@ class TetherServer:
         self.replica_name = config.replica
         self._lease_service: LeaseService | None = None
         self._saga_service: SagaService | None = None
+        self._object_service: ObjectService | None = None
         self.leadership: Leadership
         if isinstance(self.db.backend_impl, PgBackend):
             # Leader-only tasks run on one replica at a time: the one holding this lock.
@@ -137,10 +147,12 @@ class TetherServer:
         self._lease_service = lease_service
         saga_service = SagaService(self.sagas, self.clock, self.changes, self.config.saga)
         self._saga_service = saga_service
+        object_service = ObjectService(self.objects, self.changes, self.config.objects)
+        self._object_service = object_service
         services: list[tuple[Any, object]] = [
             (LEASE_SERVICE, lease_service),
             (SAGA_SERVICE, saga_service),
-            (OWNER_REF_SERVICE, Unimplemented(OWNER_REF_SERVICE, "owner references")),
+            (OWNER_REF_SERVICE, object_service),
             (SWEEP_SERVICE, Unimplemented(SWEEP_SERVICE, "sweeps")),
         ]
         server.add_generic_rpc_handlers(
@@ -191,6 +203,8 @@ class TetherServer:
             self._lease_service.drain()
         if self._saga_service is not None:
             self._saga_service.drain()
+        if self._object_service is not None:
+            self._object_service.drain()
         if self._server is not None:
             await self._server.stop(grace)
         if self._lease_service is not None:
@@ -233,13 +247,24 @@ class TetherServer:
             expired += len(result.expired)
             if not result.backlog:
                 break
-        log.info("recovery sweep done", extra={"leases_expired": expired})
+        # A cascade a crash interrupted finishes before serving (its queue is durable).
+        collected = 0
+        while True:
+            collect_pass = await self.objects.collect()
+            collected += collect_pass.deleted
+            if not collect_pass.backlog:
+                break
+        log.info(
+            "recovery sweep done", extra={"leases_expired": expired, "objects_collected": collected}
+        )
 
     def _on_commit(self, result: BatchResult) -> None:
         if result.events:
             self.changes.publish({(e.area, e.namespace, e.key) for e in result.events})
         if result.deadlines:
             self.expiry.deadline_created(min(result.deadlines))
+        if any(_may_queue_gc(e.area, e.type) for e in result.events):
+            self.runner.wake("garbage-collector")
 
     async def _set_health(self, status: Any) -> None:
         for service in SERVING_SERVICES:
@@ -292,6 +317,16 @@ class TetherServer:
                 interval_s=self.config.saga_deadline_interval_s,
             )
         )
+        self.runner.add(
+            TaskSpec(
+                "garbage-collector",
+                self._collect_garbage,
+                interval_s=self.config.gc_interval_s,
+                leader_only=True,
+                backoff_initial_s=0.5,
+                backoff_max_s=30.0,
+            )
+        )
         if self.db.db_clock is not None:
             self.runner.add(TaskSpec("clock-sync", self._sync_clock, interval_s=10.0))
 
@@ -324,6 +359,23 @@ class TetherServer:
         self.metrics.sagas_stale = counts.stale
         self.metrics.sagas_overdue = counts.overdue
 
+    async def _collect_garbage(self) -> float | None:
+        done = await self.objects.collect()
+        m = self.metrics
+        m.gc_deleted += done.deleted
+        m.gc_orphaned += done.orphaned
+        m.gc_failures += done.failures
+        if done.backlog:
+            return 0
+        state = await self.objects.collector_state()
+        m.gc_queue_depth = state.stats.depth
+        m.gc_queue_failing = state.stats.failing
+        oldest = state.stats.oldest_enqueued_us
+        m.gc_oldest_item_age_s = (
+            0.0 if oldest is None else max(0.0, (self.db.clock.now_us() - oldest) / 1e6)
+        )
+        return None
+
     async def _sync_clock(self) -> None:
         await self.db.sync_clock()
 
@@ -341,3 +393,10 @@ class TetherServer:
             if healthy
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+
+
+def _may_queue_gc(area: str, event_type: str) -> bool:
+    """Commits that can queue work for the collector: an object written, a lease ended."""
+    if area == object_rows.AREA:
+        return True
+    return area == "lease" and event_type in ("RELEASED", "EXPIRED", "REVOKED")

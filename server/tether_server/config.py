@@ -8,6 +8,7 @@ from tether_server.defaults import DEFAULT_DB, DEFAULT_LISTEN
 from tether_server.domain.validation import Limits
 from tether_server.expiry import ExpiryConfig
 from tether_server.services.lease import LeaseServiceConfig
+from tether_server.services.objects import ObjectServiceConfig
 from tether_server.services.saga import SagaServiceConfig
 
 __all__ = ["DEFAULT_DB", "DEFAULT_LISTEN", "ServerConfig"]
@@ -35,6 +36,12 @@ class ServerConfig:
     saga: SagaServiceConfig = field(default_factory=SagaServiceConfig)
     # How often overdue sagas are looked for (a created deadline also wakes the task).
     saga_deadline_interval_s: float = 1.0
+    objects: ObjectServiceConfig = field(default_factory=ObjectServiceConfig)
+    # The garbage collector looks at its queue this often when nothing woke it (work queued
+    # through another replica, an owner parked waiting for terminating dependents).
+    gc_interval_s: float = 1.0
+    # Dependents per collector transaction.
+    gc_batch_size: int = 1000
 
     @property
     def limits(self) -> Limits:

@@ -143,6 +143,14 @@ class Metrics:
     sagas_overdue: int = 0
     # Whether this replica currently leads (runs the singleton background work).
     leader: bool = False
+    # The garbage collector: what it did, what failed, and what waits (queue refreshed by
+    # each pass).
+    gc_deleted: int = 0
+    gc_orphaned: int = 0
+    gc_failures: int = 0
+    gc_queue_depth: int = 0
+    gc_queue_failing: int = 0
+    gc_oldest_item_age_s: float = 0.0
 
     registry: CollectorRegistry = field(init=False, repr=False)
     _store_batch_size: Histogram = field(init=False, repr=False)
@@ -261,6 +269,36 @@ class _Collector:
         )
         yield GaugeMetricFamily(
             "tether_leader", "1 if this replica is the leader, else 0.", value=int(m.leader)
+        )
+        yield CounterMetricFamily(
+            "tether_gc_deleted_objects",
+            "Dependents the garbage collector deleted (removed or marked terminating).",
+            value=m.gc_deleted,
+        )
+        yield CounterMetricFamily(
+            "tether_gc_orphaned_references",
+            "Owner references the garbage collector removed from dependents that stay.",
+            value=m.gc_orphaned,
+        )
+        yield CounterMetricFamily(
+            "tether_gc_failures",
+            "Garbage collection batches that failed (each is retried with backoff).",
+            value=m.gc_failures,
+        )
+        yield GaugeMetricFamily(
+            "tether_gc_queue_depth",
+            "Owners queued for the garbage collector.",
+            value=m.gc_queue_depth,
+        )
+        yield GaugeMetricFamily(
+            "tether_gc_queue_failing",
+            "Queued owners whose last collection failed (waiting to retry).",
+            value=m.gc_queue_failing,
+        )
+        yield GaugeMetricFamily(
+            "tether_gc_oldest_item_age_seconds",
+            "Age of the oldest queued owner: grows when the collector falls behind or stops.",
+            value=m.gc_oldest_item_age_s,
         )
         yield _histogram(
             "tether_store_batch_size",

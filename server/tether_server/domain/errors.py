@@ -134,3 +134,31 @@ class CompensationOutOfOrder(TetherError):
 
 class SagaClaimed(TetherError):
     reason = "SAGA_CLAIMED"
+
+
+class ObjectNotFound(TetherError):
+    reason = "OBJECT_NOT_FOUND"
+
+
+class ObjectExists(TetherError):
+    reason = "OBJECT_EXISTS"
+
+
+class ObjectTerminating(TetherError):
+    reason = "OBJECT_TERMINATING"
+
+
+class OwnerNotFound(TetherError):
+    reason = "OWNER_NOT_FOUND"
+
+
+class OwnerCycle(TetherError):
+    reason = "OWNER_CYCLE"
+
+
+class UidMismatch(TetherError):
+    reason = "UID_MISMATCH"
+
+
+class ResourceVersionConflict(TetherError):
+    reason = "RESOURCE_VERSION_CONFLICT"

@@ -45,6 +45,13 @@ _CODES: dict[type[errors.TetherError], grpc.StatusCode] = {
     errors.StepConflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.CompensationOutOfOrder: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SagaClaimed: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ObjectNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ObjectExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.ObjectTerminating: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.OwnerNotFound: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.OwnerCycle: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.UidMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceVersionConflict: grpc.StatusCode.ABORTED,
 }
 
 

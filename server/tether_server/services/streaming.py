@@ -40,6 +40,8 @@ class Follow(Generic[R]):
     batch_size: int
     poll_interval_s: float
     max_response_bytes: int
+    # Which events of the area to send (a label selector); all when None.
+    keep: Callable[[Any], bool] | None = None
 
 
 async def follow_events(f: Follow[R], start: int) -> AsyncIterator[R]:
@@ -50,7 +52,7 @@ async def follow_events(f: Follow[R], start: int) -> AsyncIterator[R]:
         page = await f.read(next_revision, f.batch_size)
         if page.events:
             next_revision = page.events[-1].revision + 1
-        events = [f.convert(event) for event in page.events]
+        events = [f.convert(e) for e in page.events if f.keep is None or f.keep(e)]
         # Split so no message outgrows what clients accept (events carry progress details
         # and outputs, up to 64 KiB each).
         while events:

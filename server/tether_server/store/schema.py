@@ -202,3 +202,58 @@ saga_annotations = Table(
     Column("text", Text, nullable=False),
     Column("attributes", Text, nullable=False),
 )
+
+
+# Objects (see domain/objects.py). A terminating object keeps its name taken until it is
+# gone. ``owner_refs`` is the object's own list (read with it); ``object_owners`` indexes the
+# same references from the owner's side, which is how the collector finds dependents.
+objects = Table(
+    "objects",
+    metadata,
+    Column("uid", String(64), primary_key=True),
+    Column("namespace", String(63), nullable=False),
+    Column("kind", String(63), nullable=False),
+    Column("name", String(253), nullable=False),
+    Column("labels", Text, nullable=False),
+    Column("annotations", Text, nullable=False),
+    Column("spec", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("owner_refs", Text, nullable=False),
+    Column("finalizers", Text, nullable=False),
+    Column("refusals", Text, nullable=False),
+    Column("history", Text, nullable=False),
+    Column("deletion_ts_us", BigInteger, nullable=True),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("create_revision", BigInteger, nullable=False),
+    Column("mod_revision", BigInteger, nullable=False),
+    Column("request_id", String(128), nullable=True),
+    Column("fingerprint", String(64), nullable=False),
+    UniqueConstraint("namespace", "kind", "name", name="uq_objects_name"),
+    Index("ix_objects_terminating", "namespace", "deletion_ts_us"),
+)
+
+object_owners = Table(
+    "object_owners",
+    metadata,
+    Column("dependent_uid", String(64), primary_key=True),
+    # An object's uid, a lease id or a saga id.
+    Column("owner_uid", String(256), primary_key=True),
+    Column("namespace", String(63), nullable=False),
+    Column("owner_kind", String(63), nullable=False),
+    Column("block_owner_deletion", Integer, nullable=False),
+    Index("ix_object_owners_owner", "owner_uid", "dependent_uid"),
+)
+
+# Owners whose dependents the collector must look at (gone, waiting in the foreground,
+# orphaning). A failed pass stays queued with its error and a later next attempt.
+gc_queue = Table(
+    "gc_queue",
+    metadata,
+    Column("namespace", String(63), primary_key=True),
+    Column("uid", String(256), primary_key=True),
+    Column("enqueued_at_us", BigInteger, nullable=False),
+    Column("next_attempt_us", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text, nullable=False),
+    Index("ix_gc_queue_next", "next_attempt_us"),
+)

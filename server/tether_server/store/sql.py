@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 _ANY = re.compile(r"= ANY\(\$(\d+)(?:::\w+\[\])?\)")
 _PLACEHOLDER = re.compile(r"\$(\d+)")
-_LOCKS = re.compile(r"\s+FOR UPDATE(?: OF \w+)?(?: SKIP LOCKED)?")
+_LOCKS = re.compile(r"\s+FOR (?:UPDATE|SHARE)(?: OF \w+)?(?: SKIP LOCKED)?")
 _CAST = re.compile(r"::\w+(?:\[\])?")
 _WRITES = ("INSERT", "UPDATE", "DELETE", "WITH")
 

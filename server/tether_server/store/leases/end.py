@@ -18,6 +18,7 @@ from tether_server.domain.lease import (
     lock_delay_after_end,
 )
 from tether_server.store.leases import rows
+from tether_server.store.objects import rows as object_rows
 from tether_server.store.sql import sql
 from tether_server.store.tx import Tx
 
@@ -124,6 +125,8 @@ async def end_leases(tx: Tx, candidates: Sequence[Lease], state: LeaseState) -> 
         )
     for lease in ended:
         await rows.record(tx, lease.mod_revision, state.value, lease)
+    # Objects owned by these leases are the collector's now (like keys of an etcd lease).
+    await object_rows.enqueue_owning(tx, [x.lease_id for x in ended])
     return ended
 
 

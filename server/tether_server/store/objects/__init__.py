@@ -1,0 +1,169 @@
+"""Object units of work and ``ObjectStore``, which runs each through the group committer,
+and the collector's passes (see collector.py)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+from tether_server.domain.errors import StoreUnavailable
+from tether_server.domain.objects import Obj
+from tether_server.store.database import Database
+from tether_server.store.objects import collector, read, units
+from tether_server.store.objects.read import (
+    CollectorState,
+    DependentView,
+    Graph,
+    ListParams,
+    ObjectEventPage,
+    ObjectEventRecord,
+    ObjectView,
+)
+from tether_server.store.objects.units import (
+    Created,
+    CreateParams,
+    DeleteParams,
+    Forced,
+    ForceParams,
+    RemoveFinalizerParams,
+    UpdateParams,
+    Written,
+)
+from tether_server.store.tx import Tx
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CollectPass",
+    "CollectorState",
+    "CreateParams",
+    "Created",
+    "DeleteParams",
+    "DependentView",
+    "ForceParams",
+    "Forced",
+    "Graph",
+    "ListParams",
+    "ObjectEventPage",
+    "ObjectEventRecord",
+    "ObjectStore",
+    "ObjectView",
+    "RemoveFinalizerParams",
+    "UpdateParams",
+    "Written",
+]
+
+
+@dataclass(frozen=True)
+class CollectPass:
+    items: int = 0
+    deleted: int = 0
+    orphaned: int = 0
+    failures: int = 0
+    # More work is due now: run the next pass straight away.
+    backlog: bool = False
+
+
+class ObjectStore:
+    def __init__(self, db: Database, batch_size: int = 1000, items_per_pass: int = 64) -> None:
+        self.db = db
+        self.batch_size = batch_size
+        self.items_per_pass = items_per_pass
+
+    async def create(self, p: CreateParams) -> Created:
+        return await self.db.write(lambda tx: units.create(tx, p))
+
+    async def update(self, p: UpdateParams) -> Written:
+        return await self.db.write(lambda tx: units.update(tx, p))
+
+    async def add_finalizer(
+        self, namespace: str, kind: str, name: str, finalizer: str, uid: str
+    ) -> Obj:
+        return await self.db.write(
+            lambda tx: units.add_finalizer(tx, namespace, kind, name, finalizer, uid)
+        )
+
+    async def remove_finalizer(self, p: RemoveFinalizerParams) -> Written | None:
+        return await self.db.write(lambda tx: units.remove_finalizer(tx, p))
+
+    async def force_remove_finalizers(self, p: ForceParams) -> Forced:
+        return await self.db.write(lambda tx: units.force_remove_finalizers(tx, p))
+
+    async def delete(self, p: DeleteParams) -> Written:
+        return await self.db.write(lambda tx: units.delete(tx, p))
+
+    # ---- the collector ----------------------------------------------------------------
+
+    async def collect(self) -> CollectPass:
+        """Work on the due queue items, one bounded batch each. A failed item is recorded
+        (error, attempts, next attempt) and the pass goes on with the others."""
+        due = await self.db.read(lambda tx: collector.due(tx, self.items_per_pass), snapshot=False)
+        deleted = orphaned = failures = 0
+        unsettled = False
+        for namespace, uid in due:
+            try:
+                result = await self.db.write(
+                    partial(
+                        collector.collect_item, namespace=namespace, uid=uid, batch=self.batch_size
+                    )
+                )
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                failures += 1
+                log.warning(
+                    "garbage collection of an owner failed; retrying with backoff",
+                    extra={"namespace": namespace, "uid": uid, "error": repr(exc)},
+                )
+                await self.db.write(
+                    partial(
+                        collector.record_failure, namespace=namespace, uid=uid, error=repr(exc)
+                    ),
+                    emits=False,
+                )
+                continue
+            deleted += result.deleted
+            orphaned += result.orphaned
+            unsettled = unsettled or not result.settled
+        backlog = unsettled or len(due) == self.items_per_pass
+        return CollectPass(len(due), deleted, orphaned, failures, backlog)
+
+    async def collector_state(self) -> CollectorState:
+        return await self.db.read(read.collector_state, snapshot=False)
+
+    # ---- reads ----------------------------------------------------------------------
+
+    async def get(self, namespace: str, kind: str, name: str = "", uid: str = "") -> ObjectView:
+        return await self.db.read(lambda tx: read.get(tx, namespace, kind, name, uid))
+
+    async def list_objects(self, p: ListParams) -> list[ObjectView]:
+        return await self.db.read(lambda tx: read.list_objects(tx, p))
+
+    async def dependents(
+        self,
+        namespace: str,
+        owner_uid: str,
+        recursive: bool,
+        limit: int,
+        after: tuple[int, str] | None,
+    ) -> list[DependentView]:
+        return await self.db.read(
+            lambda tx: read.dependents(tx, namespace, owner_uid, recursive, limit, after)
+        )
+
+    async def graph(
+        self, namespace: str, kind: str, name: str, uid: str, max_objects: int
+    ) -> tuple[ObjectView, Graph]:
+        async def unit(tx: Tx) -> tuple[ObjectView, Graph]:
+            root = await read.get(tx, namespace, kind, name, uid)
+            return root, await read.graph(tx, namespace, root.obj, max_objects)
+
+        return await self.db.read(unit)
+
+    async def events_since(
+        self, namespace: str, kind: str, start_revision: int, limit: int = 500
+    ) -> ObjectEventPage:
+        return await self.db.read(
+            lambda tx: read.events_since(tx, namespace, kind, start_revision, limit)
+        )

@@ -1,0 +1,263 @@
+"""The garbage collector's units: one queued owner at a time, in bounded, set-based batches.
+
+A queue item names an owner whose dependents need a look:
+- GONE (no such object, an ended lease, a purged saga): each dependent with another solid
+  owner loses its references to owners that are not solid; the others are deleted
+  (background, or foreground when a waiting owner asked and they have dependents);
+- WAITING (terminating with ``foregroundDeletion``): the same for its dependents, then,
+  once no dependent with block_owner_deletion remains, the finalizer goes;
+- orphaning (terminating with ``orphan``): every dependent loses its reference to it, then
+  the finalizer goes.
+
+Each batch reads its dependents with one query, judges all their owners with one query per
+owner kind, and writes with a few statements, so a cascade costs batches, not round trips
+per object. A failed item stays queued with its error and a later next attempt (backoff).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tether_server.domain import objects as domain
+from tether_server.domain.objects import (
+    LEASE_KIND,
+    ORPHAN_FINALIZER,
+    SAGA_KIND,
+    Collect,
+    Keep,
+    Obj,
+    OwnerState,
+    Policy,
+)
+from tether_server.store.objects import rows, units
+from tether_server.store.sql import sql
+from tether_server.store.tx import Tx
+
+# How long an owner waiting for terminating dependents stays parked before a recheck
+# (removals and dropped references wake it sooner).
+PARK_US = 60_000_000
+_BACKOFF_INITIAL_US = 1_000_000
+_BACKOFF_MAX_US = 300_000_000
+
+_DUE = sql(
+    "SELECT namespace, uid FROM gc_queue WHERE next_attempt_us <= $1"
+    " ORDER BY next_attempt_us, namespace, uid LIMIT $2"
+)
+_LOCK_ITEM = sql(
+    "SELECT attempts FROM gc_queue WHERE namespace = $1 AND uid = $2 FOR UPDATE SKIP LOCKED"
+)
+_DONE = sql("DELETE FROM gc_queue WHERE namespace = $1 AND uid = $2")
+_PARK = sql(
+    "UPDATE gc_queue SET next_attempt_us = $3, attempts = 0, last_error = ''"
+    " WHERE namespace = $1 AND uid = $2"
+)
+_ATTEMPTS = sql("SELECT attempts FROM gc_queue WHERE namespace = $1 AND uid = $2 FOR UPDATE")
+_FAILED = sql(
+    "UPDATE gc_queue SET last_error = $3, attempts = $4, next_attempt_us = $5"
+    " WHERE namespace = $1 AND uid = $2"
+)
+_LIVE_LEASE = sql("SELECT 1 FROM leases WHERE lease_id = $1 AND state = 'ACTIVE'")
+_LIVE_SAGA = sql("SELECT 1 FROM sagas WHERE namespace = $1 AND saga_id = $2")
+_DEPENDENTS = sql(
+    f"SELECT {', '.join('o.' + c.strip() for c in rows.COLUMNS.split(','))}"
+    " FROM object_owners oo JOIN objects o ON o.uid = oo.dependent_uid"
+    " WHERE oo.owner_uid = $1 AND o.namespace = $2 AND o.deletion_ts_us IS NULL"
+    " ORDER BY oo.dependent_uid LIMIT $3 FOR UPDATE OF o"
+)
+_ALL_DEPENDENTS = sql(
+    f"SELECT {', '.join('o.' + c.strip() for c in rows.COLUMNS.split(','))}"
+    " FROM object_owners oo JOIN objects o ON o.uid = oo.dependent_uid"
+    " WHERE oo.owner_uid = $1 AND o.namespace = $2"
+    " ORDER BY oo.dependent_uid LIMIT $3 FOR UPDATE OF o"
+)
+_OBJECT_OWNERS = sql(
+    "SELECT uid, deletion_ts_us, finalizers FROM objects"
+    " WHERE namespace = $1 AND uid = ANY($2::text[])"
+)
+_LIVE_LEASES = sql(
+    "SELECT lease_id FROM leases WHERE lease_id = ANY($1::text[]) AND state = 'ACTIVE'"
+)
+_LIVE_SAGAS = sql("SELECT saga_id FROM sagas WHERE namespace = $1 AND saga_id = ANY($2::text[])")
+_BLOCKING = sql(
+    "SELECT count(*) FROM object_owners WHERE owner_uid = $1 AND block_owner_deletion = 1"
+)
+QUEUE_STATS = sql(
+    "SELECT count(*) AS depth, min(enqueued_at_us) AS oldest,"
+    " sum(CASE WHEN attempts > 0 THEN 1 ELSE 0 END) AS failing FROM gc_queue"
+)
+_FAILING = sql(
+    "SELECT namespace, uid, attempts, last_error, next_attempt_us FROM gc_queue"
+    " WHERE attempts > 0 ORDER BY namespace, uid LIMIT $1"
+)
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    # Dependents deleted (removed now or marked terminating), and references dropped.
+    deleted: int = 0
+    orphaned: int = 0
+    # The item is finished (removed from the queue) or parked; False means more batches.
+    settled: bool = True
+
+
+async def due(tx: Tx, limit: int) -> list[tuple[str, str]]:
+    return [(row[0], row[1]) for row in await tx.fetch(_DUE, tx.now_us, limit)]
+
+
+async def collect_item(tx: Tx, namespace: str, uid: str, batch: int) -> ItemResult:
+    """One bounded batch of work on one queued owner."""
+    if await tx.fetchrow(_LOCK_ITEM, namespace, uid) is None:
+        return ItemResult()  # done meanwhile, or another replica holds it
+    owner = await rows.by_uid(tx, namespace, uid, lock=True)
+    tx.refresh_now()
+    if owner is not None and owner.terminating and ORPHAN_FINALIZER in owner.finalizers:
+        return await _orphan(tx, owner, batch)
+    if owner is not None:
+        state = owner.owner_state()
+    elif await _builtin_alive(tx, namespace, uid):
+        state = OwnerState.SOLID
+    else:
+        state = OwnerState.GONE
+    if state is OwnerState.SOLID:
+        await tx.execute(_DONE, namespace, uid)
+        return ItemResult()
+    found = [rows.row_to_obj(r) for r in await tx.fetch(_DEPENDENTS, uid, namespace, batch)]
+    deleted, orphaned = await _settle_dependents(tx, namespace, uid, state, found)
+    if len(found) == batch:
+        return ItemResult(deleted, orphaned, settled=False)
+    if state is OwnerState.GONE:
+        await tx.execute(_DONE, namespace, uid)
+        return ItemResult(deleted, orphaned)
+    assert owner is not None
+    if int(await tx.fetchval(_BLOCKING, uid)) > 0:
+        # Blocking dependents are terminating (their finalizers, or their own foreground
+        # wait): their removal wakes this item again.
+        await tx.execute(_PARK, namespace, uid, tx.now_us + PARK_US)
+        return ItemResult(deleted, orphaned)
+    # Settle the item first: removing the owner may queue its uid again, and that must stay.
+    await tx.execute(_DONE, namespace, uid)
+    after = domain.without_finalizers(owner, [domain.FOREGROUND_FINALIZER])
+    await units.write(tx, owner, after)
+    return ItemResult(deleted, orphaned)
+
+
+async def _builtin_alive(tx: Tx, namespace: str, uid: str) -> bool:
+    if await tx.fetchrow(_LIVE_LEASE, uid) is not None:
+        return True
+    return await tx.fetchrow(_LIVE_SAGA, namespace, uid) is not None
+
+
+async def _orphan(tx: Tx, owner: Obj, batch: int) -> ItemResult:
+    found = [
+        rows.row_to_obj(r)
+        for r in await tx.fetch(_ALL_DEPENDENTS, owner.uid, owner.namespace, batch)
+    ]
+    await _strip(tx, [(d, frozenset({owner.uid})) for d in found])
+    if len(found) == batch:
+        return ItemResult(orphaned=len(found), settled=False)
+    await tx.execute(_DONE, owner.namespace, owner.uid)
+    await units.write(tx, owner, domain.without_finalizers(owner, [ORPHAN_FINALIZER]))
+    return ItemResult(orphaned=len(found))
+
+
+async def _settle_dependents(
+    tx: Tx, namespace: str, owner_uid: str, owner_state: OwnerState, found: Sequence[Obj]
+) -> tuple[int, int]:
+    if not found:
+        return 0, 0
+    states = await _owner_states(tx, namespace, found, {owner_uid: owner_state})
+    owning = await rows.owning(tx, [d.uid for d in found])
+    keep: list[tuple[Obj, frozenset[str]]] = []
+    remove: list[Obj] = []
+    mark: list[tuple[Obj, Policy]] = []
+    for dependent in found:
+        action = domain.decide_dependent(dependent.owner_refs, states, dependent.uid in owning)
+        if isinstance(action, Keep):
+            if action.strip:
+                keep.append((dependent, action.strip))
+            continue
+        assert isinstance(action, Collect)
+        if action.policy is Policy.FOREGROUND or dependent.finalizers:
+            mark.append((dependent, action.policy))
+        else:
+            remove.append(dependent)
+    await _strip(tx, keep)
+    await units.remove(tx, remove)
+    for dependent, policy in mark:
+        await units.delete_locked(tx, dependent, policy)
+    return len(remove) + len(mark), len(keep)
+
+
+async def _owner_states(
+    tx: Tx, namespace: str, found: Sequence[Obj], known: dict[str, OwnerState]
+) -> dict[str, OwnerState]:
+    by_kind: dict[str, set[str]] = defaultdict(set)
+    for dependent in found:
+        for ref in dependent.owner_refs:
+            if ref.uid not in known:
+                by_kind[ref.kind].add(ref.uid)
+    states = dict(known)
+    leases = sorted(by_kind.pop(LEASE_KIND, set()))
+    sagas = sorted(by_kind.pop(SAGA_KIND, set()))
+    others = sorted(set().union(*by_kind.values())) if by_kind else []
+    for uid in (*leases, *sagas, *others):
+        states[uid] = OwnerState.GONE
+    if leases:
+        for row in await tx.fetch(_LIVE_LEASES, leases):
+            states[row[0]] = OwnerState.SOLID
+    if sagas:
+        for row in await tx.fetch(_LIVE_SAGAS, namespace, sagas):
+            states[row[0]] = OwnerState.SOLID
+    if others:
+        for row in await tx.fetch(_OBJECT_OWNERS, namespace, others):
+            waiting = row[1] is not None and domain.FOREGROUND_FINALIZER in rows.finalizers_of(
+                row[2]
+            )
+            states[row[0]] = OwnerState.WAITING if waiting else OwnerState.SOLID
+    return states
+
+
+async def _strip(tx: Tx, items: Sequence[tuple[Obj, frozenset[str]]]) -> None:
+    for dependent, uids in items:
+        await units.write(tx, dependent, domain.strip_owners(dependent, uids))
+
+
+async def record_failure(tx: Tx, namespace: str, uid: str, error: str) -> int:
+    """Back off a failed item; returns its attempts so far (0: it is no longer queued)."""
+    before = await tx.fetchval(_ATTEMPTS, namespace, uid)
+    if before is None:
+        return 0
+    attempts = int(before) + 1
+    delay = min(_BACKOFF_MAX_US, _BACKOFF_INITIAL_US * 2 ** min(attempts - 1, 20))
+    await tx.execute(_FAILED, namespace, uid, error[:2000], attempts, tx.now_us + delay)
+    return attempts
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    depth: int
+    oldest_enqueued_us: int | None
+    failing: int
+
+
+async def queue_stats(tx: Tx) -> QueueStats:
+    row = await tx.fetchrow(QUEUE_STATS)
+    assert row is not None
+    return QueueStats(int(row["depth"]), row["oldest"], int(row["failing"] or 0))
+
+
+@dataclass(frozen=True)
+class FailingItem:
+    namespace: str
+    uid: str
+    attempts: int
+    last_error: str
+    next_attempt_us: int
+
+
+async def failing(tx: Tx, limit: int = 100) -> list[FailingItem]:
+    return [
+        FailingItem(r[0], r[1], int(r[2]), r[3], int(r[4])) for r in await tx.fetch(_FAILING, limit)
+    ]
