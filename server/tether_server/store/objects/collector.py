@@ -169,11 +169,35 @@ async def _settle_dependents(
         return 0, 0
     states = await _owner_states(tx, namespace, found, {owner_uid: owner_state})
     owning = await rows.owning(tx, [d.uid for d in found])
+    # A dependent's solid owner may be another dependent that this batch deletes: judge
+    # again with the batch's own decisions until none changes, so the result does not
+    # depend on the order of the batch. Owners are acyclic, so this settles within as many
+    # rounds as the batch is deep; the bound only guards against a bug looping forever.
+    actions: dict[str, domain.DependentAction] = {}
+    for _ in range(len(found) + 1):
+        for dependent in found:
+            actions[dependent.uid] = domain.decide_dependent(
+                dependent.owner_refs, states, dependent.uid in owning
+            )
+        moved = False
+        for dependent in found:
+            action = actions[dependent.uid]
+            if not isinstance(action, Collect):
+                continue
+            if action.policy is Policy.FOREGROUND:
+                after = OwnerState.WAITING
+            else:
+                after = OwnerState.SOLID if dependent.finalizers else OwnerState.GONE
+            if states.get(dependent.uid, OwnerState.SOLID) is not after:
+                states[dependent.uid] = after
+                moved = moved or after is not OwnerState.SOLID
+        if not moved:
+            break
     keep: list[tuple[Obj, frozenset[str]]] = []
     remove: list[Obj] = []
     mark: list[tuple[Obj, Policy]] = []
     for dependent in found:
-        action = domain.decide_dependent(dependent.owner_refs, states, dependent.uid in owning)
+        action = actions[dependent.uid]
         if isinstance(action, Keep):
             if action.strip:
                 keep.append((dependent, action.strip))
