@@ -191,10 +191,14 @@ async def test_collector_converges_to_the_kubernetes_model(
         if action == "delete" and name in model.objs:
             await api.delete(name, policy)
             model.delete(name, POLICIES[policy])
-        elif action == "finish" and name in model.objs and model.objs[name].deleting:
-            if FIN in model.objs[name].finalizers:
-                await api.remove_finalizer(name)
-                model.objs[name].finalizers.remove(FIN)
+        elif (
+            action == "finish"
+            and name in model.objs
+            and model.objs[name].deleting
+            and FIN in model.objs[name].finalizers
+        ):
+            await api.remove_finalizer(name)
+            model.objs[name].finalizers.remove(FIN)
         await api.converge()
         model.settle()
         assert await server_view(api) == model.view(), (forest, steps)
