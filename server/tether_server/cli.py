@@ -114,6 +114,14 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (env TETHER_METRICS_LISTEN;"
         " default: off)",
     )
+    serve.add_argument(
+        "--gc-batch-size",
+        type=int,
+        default=int(_env("TETHER_GC_BATCH_SIZE", "1000")),
+        metavar="N",
+        help="dependents the garbage collector handles per transaction"
+        " (env TETHER_GC_BATCH_SIZE; default %(default)s)",
+    )
     _add_log_options(serve)
     serve.set_defaults(handler=_run_serve)
 
@@ -147,6 +155,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         replica=args.replica,
         leader_check_interval_s=args.leader_check_interval,
         metrics_listen=args.metrics_listen,
+        gc_batch_size=max(1, args.gc_batch_size),
         lease=dataclasses.replace(
             LeaseServiceConfig(),
             limits=limits,
