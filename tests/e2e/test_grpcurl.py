@@ -213,3 +213,66 @@ def test_saga_json_round_trip_and_terminal_refusal(server: ServerProcess) -> Non
     refused = grpcurl(target, "tether.v1.SagaService/RecordStep", data=step)
     assert refused.returncode == GRPCURL_FAILED_PRECONDITION
     assert "SAGA_TERMINAL" in refused.stderr + refused.stdout
+
+
+def test_objects_tree_and_stuck_deletion_with_grpcurl(server: ServerProcess) -> None:
+    """An operator builds a small tree with JSON, deletes its root in the foreground, sees
+    why it is stuck (GetObject, GetOwnerGraph), and unsticks it (ForceRemoveFinalizers)."""
+    target = server.target
+    service = "tether.v1.OwnerRefService"
+
+    def call(method: str, body: dict[str, object]) -> dict[str, object]:
+        result: dict[str, object] = json.loads(
+            ok(grpcurl(target, f"{service}/{method}", data=json.dumps(body)))
+        )
+        return result
+
+    task = call("CreateObject", {"object": {"kind": "Task", "name": "t1"}})["object"]
+    assert isinstance(task, dict)
+    worktree = {
+        "kind": "Worktree",
+        "name": "t1-wt",
+        "ownerReferences": [
+            {"kind": "Task", "name": "t1", "uid": task["uid"], "blockOwnerDeletion": True}
+        ],
+        "finalizers": ["example.com/worktree"],
+        "spec": {"path": "/work/t1"},
+    }
+    call("CreateObject", {"object": worktree})
+    deleting = call(
+        "DeleteObject",
+        {"kind": "Task", "name": "t1", "propagationPolicy": "PROPAGATION_POLICY_FOREGROUND"},
+    )
+    # grpcurl prints the proto field names.
+    assert "deletion_timestamp" in deleting["object"]  # type: ignore[operator]
+    graph = call("GetOwnerGraph", {"kind": "Task", "name": "t1"})
+    assert {n["ref"]["name"] for n in graph["nodes"]} == {"t1", "t1-wt"}  # type: ignore[attr-defined,index]
+
+    def stuck() -> dict[str, object]:
+        got = call("GetObject", {"kind": "Task", "name": "t1"})["object"]
+        assert isinstance(got, dict)
+        return got
+
+    # The collector marks the worktree terminating; the task waits for it.
+    for _ in range(200):
+        termination = stuck().get("termination", {})
+        if termination.get("blocking_dependents") == "1":
+            break
+    assert termination["blocking_examples"][0]["name"] == "t1-wt"
+    forced = call(
+        "ForceRemoveFinalizers",
+        {"kind": "Worktree", "name": "t1-wt", "reason": "worktree deleted by hand"},
+    )
+    assert forced["deleted"] is True
+    refused = grpcurl(
+        target,
+        f"{service}/AddFinalizer",
+        data=json.dumps({"kind": "Task", "name": "t1", "finalizer": "example.com/x"}),
+    )
+    assert refused.returncode in (
+        GRPCURL_FAILED_PRECONDITION,
+        64 + grpc.StatusCode.NOT_FOUND.value[0],
+    )
+    assert "OBJECT_TERMINATING" in refused.stderr + refused.stdout or "OBJECT_NOT_FOUND" in (
+        refused.stderr + refused.stdout
+    )
