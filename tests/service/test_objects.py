@@ -9,7 +9,7 @@ import asyncio
 import grpc
 import pytest
 
-from tether_client.pb import common_pb2, lease_pb2, owner_ref_pb2
+from tether_client.pb import common_pb2, lease_pb2, owner_ref_pb2, saga_pb2, saga_pb2_grpc
 from tether_server.store.objects import collector
 
 from .conftest import WAIT_S, Harness, dur, expect_error
@@ -533,3 +533,23 @@ async def test_watch_sends_added_modified_deleted_and_resumes(api: ObjApi) -> No
             break
     stream.cancel()
     await asyncio.sleep(0)
+
+
+# ---- sagas as owners ----------------------------------------------------------------------------
+
+
+async def test_objects_owned_by_a_saga_go_when_it_is_purged(tether: Harness, api: ObjApi) -> None:
+    sagas = saga_pb2_grpc.SagaServiceStub(tether.channel)
+    await sagas.CreateSaga(saga_pb2.CreateSagaRequest(saga_id="pr-7", kind="agent"))
+    owner = common_pb2.OwnerReference(kind="tether.v1/Saga", name="pr-7", uid="pr-7")
+    await api.create("preview", owners=[owner])
+    await api.converge()
+    # A live saga is a solid owner, and only a terminal saga can be purged.
+    assert not await tether.server.sagas.purge("default", "pr-7")
+    await sagas.CancelSaga(saga_pb2.CancelSagaRequest(saga_id="pr-7", reason="done"))
+    await api.converge()
+    assert await api.names() == {"preview"}
+    assert await tether.server.sagas.purge("default", "pr-7")
+    await api.converge()
+    assert await api.names() == set()
+    await expect_error(api.create("late", owners=[owner]), FP, "OWNER_NOT_FOUND")

@@ -99,6 +99,9 @@ class SagaStore:
     async def enforce_deadlines(self, limit: int = 200) -> DeadlinePass:
         return await self.db.write(lambda tx: units.enforce_deadlines(tx, limit))
 
+    async def purge(self, namespace: str, saga_id: str) -> bool:
+        return await self.db.write(lambda tx: units.purge(tx, namespace, saga_id))
+
     async def counts(self) -> read.SagaCounts:
         return await self.db.read(read.counts)
 

@@ -44,6 +44,7 @@ from tether_server.store.leases import rows as lease_rows
 from tether_server.store.leases.acquire import AcquireParams, AcquireResult, acquire
 from tether_server.store.leases.end import end_leases
 from tether_server.store.leases.renew import Renewal, RenewUnit
+from tether_server.store.objects import rows as object_rows
 from tether_server.store.sagas import rows
 from tether_server.store.sagas.rows import FROM_SAGAS, Loaded
 from tether_server.store.sql import sql
@@ -540,3 +541,25 @@ async def enforce_deadlines(tx: Tx, limit: int) -> DeadlinePass:
         backlog=len(found) >= limit,
         next_deadline_us=int(upcoming) if upcoming is not None else None,
     )
+
+
+# ---- purge (the sweeps' retention runs it) ----------------------------------------------------
+
+_PURGE = [
+    sql(f"DELETE FROM {table} WHERE namespace = $1 AND saga_id = $2")
+    for table in ("saga_annotations", "saga_compensations", "saga_steps")
+]
+_PURGE_SAGA = sql("DELETE FROM sagas WHERE namespace = $1 AND saga_id = $2")
+
+
+async def purge(tx: Tx, namespace: str, saga_id: str) -> bool:
+    """Remove a terminal saga and its logs; what it owns goes to the garbage collector in
+    the same transaction. False when there is no such terminal saga."""
+    loaded = await rows.load(tx, namespace, saga_id, lock=True)
+    if loaded is None or not loaded.saga.terminal:
+        return False
+    for statement in _PURGE:
+        await tx.execute(statement, namespace, saga_id)
+    await tx.execute(_PURGE_SAGA, namespace, saga_id)
+    await object_rows.enqueue_owning(tx, [saga_id])
+    return True
