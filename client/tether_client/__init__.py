@@ -9,6 +9,11 @@ Sagas run step by step under a claim, compensated when they fail (:mod:`tether_c
     async with client.run_saga("open-pr", "task-168", {"repo": "tether"}) as saga:
         branch = await saga.step("branch", make_branch, compensate=delete_branch)
 
+Objects with finalizers go once a ``FinalizerWorker`` lets them (:mod:`tether_client.objects`)::
+
+    worker = client.finalizer_worker("example.com/worktree", "Worktree", remove_worktree)
+    await worker.run()
+
 Scripts without asyncio use ``TetherClientSync`` (same methods, blocking).
 """
 
@@ -16,6 +21,7 @@ from tether_client.client import OnLost, TetherClient, default_holder
 from tether_client.clock import Clock, ManualClock, SystemClock
 from tether_client.errors import LeaseLost, LeaseNotHeld, TetherError
 from tether_client.keeper import HeldLease, KeeperConfig, KeeperStats
+from tether_client.objects import FinalizerWorker, RefuseFinalization
 from tether_client.retry import RetryPolicy
 from tether_client.saga import CompensationWorker, SagaRun
 from tether_client.sync import TetherClientSync
@@ -25,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Clock",
     "CompensationWorker",
+    "FinalizerWorker",
     "HeldLease",
     "KeeperConfig",
     "KeeperStats",
@@ -32,6 +39,7 @@ __all__ = [
     "LeaseNotHeld",
     "ManualClock",
     "OnLost",
+    "RefuseFinalization",
     "RetryPolicy",
     "SagaRun",
     "SystemClock",

@@ -1,7 +1,8 @@
 """The ``tether`` command.
 
-``tether lease ...`` (:mod:`tether_client.cli_lease`) and ``tether saga ...``
-(:mod:`tether_client.cli_saga`) talk to a tether server. Other installed distributions add
+``tether lease ...`` (:mod:`tether_client.cli_lease`), ``tether saga ...``
+(:mod:`tether_client.cli_saga`) and ``tether object ...`` (:mod:`tether_client.cli_object`)
+talk to a tether server. Other installed distributions add
 commands through the ``tether.commands`` entry-point group: each entry point names a
 function ``register(subparsers) -> None`` that adds subparsers whose parsed namespace
 carries ``handler`` (``args -> exit status``). tether-server adds
@@ -20,6 +21,7 @@ from importlib.metadata import entry_points
 
 from tether_client import __version__
 from tether_client.cli_lease import EXIT_CODES, SubParsers, register_lease
+from tether_client.cli_object import register_object
 from tether_client.cli_saga import register_saga
 
 PLUGIN_GROUP = "tether.commands"
@@ -58,6 +60,7 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_lease(commands)
     register_saga(commands)
+    register_object(commands)
     if plugins:
         load_plugins(commands)
     return parser

@@ -4,7 +4,8 @@ Lease calls take keyword arguments and return the generated messages (typed by t
 ``.pyi`` stubs); ``hold()`` is the lease keeper. Saga, owner-reference and sweep calls live
 on ``client.sagas``, ``client.objects`` and ``client.sweeps`` and take request messages;
 ``run_saga()`` and ``compensation_worker()`` run sagas on top of them
-(:mod:`tether_client.saga`).
+(:mod:`tether_client.saga`), ``finalizer_worker()`` finalizes objects
+(:mod:`tether_client.objects`).
 Every failure is raised as a :class:`tether_client.errors.TetherError` subclass.
 """
 
@@ -28,6 +29,7 @@ from tether_client.connection import Connection, Endpoint, TokenSource
 from tether_client.convert import Seconds, seconds, to_duration
 from tether_client.errors import RevisionCompacted, TetherError, from_rpc_error
 from tether_client.keeper import HeldLease, Keeper, KeeperConfig, LostCallback
+from tether_client.objects import FinalizerHandler, FinalizerWorker
 from tether_client.pb import lease_pb2
 from tether_client.retry import Attempt, RetryPolicy, Unary, invoke, is_transient
 from tether_client.saga import (
@@ -471,6 +473,51 @@ class TetherClient:
             namespace=namespace,
             wait=wait,
             poll_interval=poll_interval,
+            stop=stop,
+        )
+
+    # --- objects ----------------------------------------------------------------------
+
+    def finalizer_worker(
+        self,
+        finalizer: str,
+        kind: str,
+        handler: FinalizerHandler,
+        *,
+        namespace: str | None = None,
+        holder: str | None = None,
+        ttl: Seconds = 30,
+        refusal_retry: Seconds = 30,
+        max_refusal_retry: Seconds = 600,
+        initial_backoff: Seconds = 1,
+        max_backoff: Seconds = 60,
+        resync_interval: Seconds = 60,
+        concurrency: int = 1,
+        stop: asyncio.Event | None = None,
+    ) -> FinalizerWorker:
+        """A worker removing ``finalizer`` from terminating objects of ``kind`` once
+        ``handler(obj)`` returns (``RefuseFinalization(reason)`` keeps it, recorded on the
+        object, and retries after ``refusal_retry``): ``await worker.run()`` until ``stop``
+        is set, or ``await worker.run_once()`` for every object pending now.
+
+        Each object is handled under the lease ``finalizers/<finalizer>/<uid>`` (``ttl``),
+        so one worker at a time handles it; a failing handler is retried with backoff from
+        ``initial_backoff`` to ``max_backoff``. See :mod:`tether_client.objects`.
+        """
+        return FinalizerWorker(
+            self,
+            finalizer,
+            kind,
+            handler,
+            namespace=namespace,
+            holder=holder,
+            ttl=ttl,
+            refusal_retry=refusal_retry,
+            max_refusal_retry=max_refusal_retry,
+            initial_backoff=initial_backoff,
+            max_backoff=max_backoff,
+            resync_interval=resync_interval,
+            concurrency=concurrency,
             stop=stop,
         )
 

@@ -261,6 +261,64 @@ class NothingClaimable(FailedPrecondition):
     reason = "NOTHING_CLAIMABLE"
 
 
+class ObjectExists(AlreadyExists):
+    """An object of this kind and name exists; its name is free again only once it is gone
+    (a terminating one too)."""
+
+    reason = "OBJECT_EXISTS"
+
+    @property
+    def uid(self) -> str:
+        return self.metadata.get("uid", "")
+
+    @property
+    def terminating(self) -> bool:
+        return self.metadata.get("terminating", "").lower() == "true"
+
+
+class ObjectTerminating(FailedPrecondition):
+    """The object is terminating: no finalizer can be added and its deletion is final."""
+
+    reason = "OBJECT_TERMINATING"
+
+    @property
+    def uid(self) -> str:
+        return self.metadata.get("uid", "")
+
+    @property
+    def deletion_timestamp(self) -> datetime | None:
+        return _time(self.metadata, "deletion_timestamp")
+
+
+class OwnerNotFound(FailedPrecondition):
+    """An owner reference names no live owner in the namespace (an absent uid, an ended
+    lease)."""
+
+    reason = "OWNER_NOT_FOUND"
+
+    @property
+    def owner_uid(self) -> str:
+        return self.metadata.get("owner_uid", "")
+
+    @property
+    def owner_kind(self) -> str:
+        return self.metadata.get("owner_kind", "")
+
+
+class UidMismatch(FailedPrecondition):
+    """The object has another uid than the request expected: it was deleted and recreated."""
+
+    reason = "UID_MISMATCH"
+
+    @property
+    def uid(self) -> str:
+        return self.metadata.get("uid", "")
+
+    @property
+    def expected_uid(self) -> str:
+        return self.metadata.get("expected_uid", "")
+
+
 class _StepIndexed:
     """The facts of a refusal about one step of a saga."""
 

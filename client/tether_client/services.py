@@ -28,8 +28,9 @@ once.** That holds for
   object's history), and ``RunSweep`` with ``dry_run``.
 
 Everything else (``ClaimSaga``, ``CancelSaga``, ``QuarantineSaga``, ``RedriveSaga``,
-``MarkStepCompensated``, ``AnnotateSaga``, ``AddFinalizer``, real sweeps, an unconditional
-update) is tried once: a repeat after a lost answer could act twice. ``WatchSagas`` and
+``MarkStepCompensated``, ``AnnotateSaga``, ``AddFinalizer``, ``ForceRemoveFinalizers`` (each
+forced removal is recorded in the object's history), real sweeps, an unconditional update)
+is tried once: a repeat after a lost answer could act twice. ``WatchSagas`` and
 ``WatchObjects`` stream responses; a broken stream raises (moving later calls to the next
 target on ``UNAVAILABLE``) and the caller re-opens it from the revision after the last
 event it saw.
@@ -286,6 +287,23 @@ class ObjectsClient(_ServiceClient):
     ) -> owner_ref_pb2.ListDependentsResponse:
         return await self._unary(
             lambda e: e.owner_ref.ListDependents, request, safe=True, timeout=timeout
+        )
+
+    async def get_owner_graph(
+        self, request: owner_ref_pb2.GetOwnerGraphRequest, *, timeout: float | None = None
+    ) -> owner_ref_pb2.GetOwnerGraphResponse:
+        """An object's owners and dependents as nodes and edges (for debugging)."""
+        return await self._unary(
+            lambda e: e.owner_ref.GetOwnerGraph, request, safe=True, timeout=timeout
+        )
+
+    async def force_remove_finalizers(
+        self, request: owner_ref_pb2.ForceRemoveFinalizersRequest, *, timeout: float | None = None
+    ) -> owner_ref_pb2.ForceRemoveFinalizersResponse:
+        """Admin: remove finalizers whatever their handlers say (not retried: each removal is
+        recorded with its reason in the object's history)."""
+        return await self._unary(
+            lambda e: e.owner_ref.ForceRemoveFinalizers, request, safe=False, timeout=timeout
         )
 
     def watch_objects(

@@ -176,6 +176,8 @@ class ObjectsClientSync(_Facade[ObjectsClient]):
     remove_finalizer = _blocking(ObjectsClient.remove_finalizer)
     delete_object = _blocking(ObjectsClient.delete_object)
     list_dependents = _blocking(ObjectsClient.list_dependents)
+    get_owner_graph = _blocking(ObjectsClient.get_owner_graph)
+    force_remove_finalizers = _blocking(ObjectsClient.force_remove_finalizers)
     watch_objects = _blocking_iter(ObjectsClient.watch_objects)
 
 

@@ -20,10 +20,11 @@ from tether_client.errors import (
     LeaseHeld,
     LeaseRevoked,
     NotImplementedYet,
+    ObjectNotFound,
     SagaNotFound,
     Unavailable,
 )
-from tether_client.pb import lease_pb2, owner_ref_pb2, saga_pb2
+from tether_client.pb import lease_pb2, owner_ref_pb2, saga_pb2, sweep_pb2
 
 ACTIVE = lease_pb2.LEASE_STATE_ACTIVE
 RELEASED = lease_pb2.LEASE_STATE_RELEASED
@@ -158,8 +159,10 @@ def test_closing_a_watch_cancels_its_stream(client: TetherClientSync) -> None:
 def test_service_clients_raise_typed_errors(client: TetherClientSync) -> None:
     with pytest.raises(SagaNotFound):
         client.sagas.get_saga(saga_pb2.GetSagaRequest(saga_id="s1"))
+    with pytest.raises(ObjectNotFound):
+        client.objects.get_object(owner_ref_pb2.GetObjectRequest(kind="Thing", name="nope"))
     with pytest.raises(NotImplementedYet):
-        next(client.objects.watch_objects(owner_ref_pb2.WatchObjectsRequest()))
+        client.sweeps.get_sweep_report(sweep_pb2.GetSweepReportRequest())
 
 
 # --- no server needed -----------------------------------------------------------------

@@ -1050,7 +1050,9 @@ class WatchObjectsResponse(_message.Message):
     COMPACT_REVISION_FIELD_NUMBER: _builtins.int
     header_revision: _builtins.int
     compact_revision: _builtins.int
-    """Set (with no events) when start_revision was purged: resume from after it."""
+    """Revisions at or below this one have been purged (a start_revision among them is
+    refused with OUT_OF_RANGE / REVISION_COMPACTED).
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ObjectEvent]: ...
     def __init__(
