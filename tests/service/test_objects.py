@@ -124,6 +124,8 @@ async def test_foreground_waits_for_blocking_dependents_over_three_levels(api: O
     response = await api.delete("root", FOREGROUND)
     assert not response.deleted
     assert "foregroundDeletion" in response.object.finalizers
+    # The answer already says what it waits for, as a read would.
+    assert response.object.termination.blocking_dependents == 1
     await api.converge()
     # The non-blocking branch went; the blocking one waits for the leaf's finalizer.
     assert await api.names() == {"root", "blocking", "leaf"}

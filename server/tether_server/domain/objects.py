@@ -321,13 +321,18 @@ def decide_dependent(
     refs: Sequence[OwnerRef], states: Mapping[str, OwnerState], has_dependents: bool
 ) -> DependentAction:
     """What to do with a dependent one of whose owners is gone or waiting."""
-    solid = [r for r in refs if states.get(r.uid, OwnerState.GONE) is OwnerState.SOLID]
+    # A cascade asks this once per dependent: module constants, not Enum lookups.
+    solid = [r.uid for r in refs if states.get(r.uid, _GONE) is _SOLID]
     if solid:
-        return Keep(frozenset(r.uid for r in refs) - {r.uid for r in solid})
-    waiting = any(states.get(r.uid) is OwnerState.WAITING for r in refs)
-    if waiting and has_dependents:
-        return Collect(Policy.FOREGROUND)
-    return Collect(Policy.BACKGROUND)
+        return Keep(frozenset(r.uid for r in refs if r.uid not in solid))
+    if has_dependents and any(states.get(r.uid) is _WAITING for r in refs):
+        return _COLLECT_FOREGROUND
+    return _COLLECT_BACKGROUND
+
+
+_SOLID, _WAITING, _GONE = OwnerState.SOLID, OwnerState.WAITING, OwnerState.GONE
+_COLLECT_FOREGROUND = Collect(Policy.FOREGROUND)
+_COLLECT_BACKGROUND = Collect(Policy.BACKGROUND)
 
 
 def strip_owners(obj: Obj, uids: frozenset[str]) -> Obj:

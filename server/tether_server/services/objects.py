@@ -141,19 +141,19 @@ class ObjectService:
         written = await self._store.update(params)
         if written.deleted:
             return owner_ref_pb2.UpdateObjectResponse(deleted=True)
-        return owner_ref_pb2.UpdateObjectResponse(object=conv.object_to_pb(written.obj))
+        return owner_ref_pb2.UpdateObjectResponse(object=conv.written_to_pb(written))
 
     async def AddFinalizer(
         self, request: owner_ref_pb2.AddFinalizerRequest, context: Context
     ) -> owner_ref_pb2.AddFinalizerResponse:
-        obj = await self._store.add_finalizer(
+        written = await self._store.add_finalizer(
             validation.namespace(request.namespace),
             ov.kind(request.kind),
             ov.name(request.name),
             ov.finalizer(request.finalizer),
             ov.uid(request.uid),
         )
-        return owner_ref_pb2.AddFinalizerResponse(object=conv.object_to_pb(obj))
+        return owner_ref_pb2.AddFinalizerResponse(object=conv.written_to_pb(written))
 
     async def RemoveFinalizer(
         self, request: owner_ref_pb2.RemoveFinalizerRequest, context: Context
@@ -170,7 +170,7 @@ class ObjectService:
         written = await self._store.remove_finalizer(params)
         if written is None or written.deleted:
             return owner_ref_pb2.RemoveFinalizerResponse(deleted=True)
-        return owner_ref_pb2.RemoveFinalizerResponse(object=conv.object_to_pb(written.obj))
+        return owner_ref_pb2.RemoveFinalizerResponse(object=conv.written_to_pb(written))
 
     async def ForceRemoveFinalizers(
         self, request: owner_ref_pb2.ForceRemoveFinalizersRequest, context: Context
@@ -197,7 +197,7 @@ class ObjectService:
             deleted=forced.written.deleted, removed=list(forced.removed)
         )
         if not forced.written.deleted:
-            response.object.CopyFrom(conv.object_to_pb(forced.written.obj))
+            response.object.CopyFrom(conv.written_to_pb(forced.written))
         return response
 
     async def DeleteObject(
@@ -223,7 +223,7 @@ class ObjectService:
         written = await self._store.delete(params)
         if written.deleted:
             return owner_ref_pb2.DeleteObjectResponse(deleted=True)
-        return owner_ref_pb2.DeleteObjectResponse(object=conv.object_to_pb(written.obj))
+        return owner_ref_pb2.DeleteObjectResponse(object=conv.written_to_pb(written))
 
     # ---- reads ------------------------------------------------------------------------
 

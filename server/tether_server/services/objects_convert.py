@@ -6,7 +6,7 @@ from tether_client.pb import common_pb2, owner_ref_pb2
 from tether_server.domain.objects import EventType, Obj, OwnerRef, Policy, Termination
 from tether_server.services.convert import to_timestamp
 from tether_server.services.saga_convert import to_struct
-from tether_server.store.objects import ObjectEventRecord, ObjectView
+from tether_server.store.objects import ObjectEventRecord, ObjectView, Written
 from tether_server.store.objects.read import Graph
 
 POLICY_FROM_PB = {
@@ -92,6 +92,10 @@ def object_to_pb(obj: Obj, termination: Termination | None = None) -> owner_ref_
         why = termination or Termination(obj.finalizers, 0, (), obj.refusals)
         message.termination.CopyFrom(termination_to_pb(why))
     return message
+
+
+def written_to_pb(written: Written) -> owner_ref_pb2.Object:
+    return object_to_pb(written.obj, written.termination)
 
 
 def view_to_pb(view: ObjectView) -> owner_ref_pb2.Object:

@@ -4,11 +4,11 @@ and the collector's passes (see collector.py)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Awaitable
+from dataclasses import dataclass, replace
 from functools import partial
 
 from tether_server.domain.errors import StoreUnavailable
-from tether_server.domain.objects import Obj
 from tether_server.store.database import Database
 from tether_server.store.objects import collector, read, units
 from tether_server.store.objects.read import (
@@ -75,23 +75,33 @@ class ObjectStore:
         return await self.db.write(lambda tx: units.create(tx, p))
 
     async def update(self, p: UpdateParams) -> Written:
-        return await self.db.write(lambda tx: units.update(tx, p))
+        return await self.db.write(lambda tx: _explained(tx, units.update(tx, p)))
 
     async def add_finalizer(
         self, namespace: str, kind: str, name: str, finalizer: str, uid: str
-    ) -> Obj:
+    ) -> Written:
         return await self.db.write(
-            lambda tx: units.add_finalizer(tx, namespace, kind, name, finalizer, uid)
+            lambda tx: _explained(
+                tx, units.add_finalizer(tx, namespace, kind, name, finalizer, uid)
+            )
         )
 
     async def remove_finalizer(self, p: RemoveFinalizerParams) -> Written | None:
-        return await self.db.write(lambda tx: units.remove_finalizer(tx, p))
+        async def unit(tx: Tx) -> Written | None:
+            written = await units.remove_finalizer(tx, p)
+            return None if written is None else await _explain(tx, written)
+
+        return await self.db.write(unit)
 
     async def force_remove_finalizers(self, p: ForceParams) -> Forced:
-        return await self.db.write(lambda tx: units.force_remove_finalizers(tx, p))
+        async def unit(tx: Tx) -> Forced:
+            forced = await units.force_remove_finalizers(tx, p)
+            return replace(forced, written=await _explain(tx, forced.written))
+
+        return await self.db.write(unit)
 
     async def delete(self, p: DeleteParams) -> Written:
-        return await self.db.write(lambda tx: units.delete(tx, p))
+        return await self.db.write(lambda tx: _explained(tx, units.delete(tx, p)))
 
     # ---- the collector ----------------------------------------------------------------
 
@@ -167,3 +177,15 @@ class ObjectStore:
         return await self.db.read(
             lambda tx: read.events_since(tx, namespace, kind, start_revision, limit)
         )
+
+
+async def _explain(tx: Tx, written: Written) -> Written:
+    """Add why a terminating object is still here, as a read would say it."""
+    if written.deleted or not written.obj.terminating:
+        return written
+    why = await read.with_termination(tx, [written.obj])
+    return replace(written, termination=why.get(written.obj.uid))
+
+
+async def _explained(tx: Tx, writing: Awaitable[Written]) -> Written:
+    return await _explain(tx, await writing)

@@ -28,12 +28,13 @@ from tether_server.domain.objects import (
     Collect,
     Keep,
     Obj,
+    OwnerRef,
     OwnerState,
     Policy,
 )
 from tether_server.store.objects import rows, units
 from tether_server.store.sql import sql
-from tether_server.store.tx import Tx
+from tether_server.store.tx import Row, Tx
 
 # How long an owner waiting for terminating dependents stays parked before a recheck
 # (removals and dropped references wake it sooner).
@@ -123,7 +124,7 @@ async def collect_item(tx: Tx, namespace: str, uid: str, batch: int) -> ItemResu
     if state is OwnerState.SOLID:
         await tx.execute(_DONE, namespace, uid)
         return ItemResult()
-    found = [rows.row_to_obj(r) for r in await tx.fetch(_DEPENDENTS, uid, namespace, batch)]
+    found = [_Dependent.of(r) for r in await tx.fetch(_DEPENDENTS, uid, namespace, batch)]
     deleted, orphaned = await _settle_dependents(tx, namespace, uid, state, found)
     if len(found) == batch:
         return ItemResult(deleted, orphaned, settled=False)
@@ -162,8 +163,41 @@ async def _orphan(tx: Tx, owner: Obj, batch: int) -> ItemResult:
     return ItemResult(orphaned=len(found))
 
 
+@dataclass(frozen=True)
+class _Dependent:
+    """A dependent as its row came, with only what the decision needs parsed (a cascade
+    removes most dependents without ever building the whole object)."""
+
+    row: Row
+    uid: str
+    owner_refs: tuple[OwnerRef, ...]
+    finalizers: tuple[str, ...]
+
+    @classmethod
+    def of(cls, row: Row) -> _Dependent:
+        return cls(
+            row,
+            row["uid"],
+            rows.refs_from_json(row["owner_refs"]),
+            rows.finalizers_of(row["finalizers"]),
+        )
+
+    def obj(self) -> Obj:
+        return rows.row_to_obj(self.row)
+
+    def removal(self) -> units.Removal:
+        row = self.row
+        return units.Removal(
+            row["namespace"],
+            self.uid,
+            f"{row['kind']}/{row['name']}",
+            tuple(r.uid for r in self.owner_refs),
+            rows.snapshot_from_row(row),
+        )
+
+
 async def _settle_dependents(
-    tx: Tx, namespace: str, owner_uid: str, owner_state: OwnerState, found: Sequence[Obj]
+    tx: Tx, namespace: str, owner_uid: str, owner_state: OwnerState, found: Sequence[_Dependent]
 ) -> tuple[int, int]:
     if not found:
         return 0, 0
@@ -174,6 +208,7 @@ async def _settle_dependents(
     # depend on the order of the batch. Owners are acyclic, so this settles within as many
     # rounds as the batch is deep; the bound only guards against a bug looping forever.
     actions: dict[str, domain.DependentAction] = {}
+    owners_in_batch = {r.uid for d in found for r in d.owner_refs}
     for _ in range(len(found) + 1):
         for dependent in found:
             actions[dependent.uid] = domain.decide_dependent(
@@ -181,6 +216,8 @@ async def _settle_dependents(
             )
         moved = False
         for dependent in found:
+            if dependent.uid not in owners_in_batch:
+                continue
             action = actions[dependent.uid]
             if not isinstance(action, Collect):
                 continue
@@ -194,28 +231,28 @@ async def _settle_dependents(
         if not moved:
             break
     keep: list[tuple[Obj, frozenset[str]]] = []
-    remove: list[Obj] = []
+    remove: list[units.Removal] = []
     mark: list[tuple[Obj, Policy]] = []
+    foreground = Policy.FOREGROUND
     for dependent in found:
         action = actions[dependent.uid]
         if isinstance(action, Keep):
             if action.strip:
-                keep.append((dependent, action.strip))
+                keep.append((dependent.obj(), action.strip))
             continue
-        assert isinstance(action, Collect)
-        if action.policy is Policy.FOREGROUND or dependent.finalizers:
-            mark.append((dependent, action.policy))
+        if action.policy is foreground or dependent.finalizers:
+            mark.append((dependent.obj(), action.policy))
         else:
-            remove.append(dependent)
+            remove.append(dependent.removal())
     await _strip(tx, keep)
-    await units.remove(tx, remove)
-    for dependent, policy in mark:
-        await units.delete_locked(tx, dependent, policy)
+    await units.remove_all(tx, remove)
+    for marked, policy in mark:
+        await units.delete_locked(tx, marked, policy)
     return len(remove) + len(mark), len(keep)
 
 
 async def _owner_states(
-    tx: Tx, namespace: str, found: Sequence[Obj], known: dict[str, OwnerState]
+    tx: Tx, namespace: str, found: Sequence[_Dependent], known: dict[str, OwnerState]
 ) -> dict[str, OwnerState]:
     by_kind: dict[str, set[str]] = defaultdict(set)
     for dependent in found:

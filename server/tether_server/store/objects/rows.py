@@ -195,16 +195,20 @@ def _snapshot_values(o: Obj) -> list[Any]:
 
 def snapshot_from_row(row: Row) -> str:
     """Like ``snapshot`` but straight from a row: its JSON columns are spliced in as text,
-    so a cascade over many rows parses none of them."""
-    parts = []
-    for column in COLUMNS.split(","):
-        name = column.strip()
-        value = row[name]
-        if name in _JSON_COLUMNS:
-            parts.append(f'"{name}":{value}')
-        else:
-            parts.append(f'"{name}":{json.dumps(value)}')
-    return "{" + ",".join(parts) + "}"
+    so a cascade over many rows parses none of them. Namespaces, kinds, names, uids and
+    fingerprints are validated to need no JSON escaping; the request id may."""
+    deletion = row["deletion_ts_us"]
+    return (
+        f'{{"annotations":{row["annotations"]},"create_revision":{row["create_revision"]},'
+        f'"created_at_us":{row["created_at_us"]},'
+        f'"deletion_ts_us":{"null" if deletion is None else deletion},'
+        f'"finalizers":{row["finalizers"]},"fingerprint":"{row["fingerprint"]}",'
+        f'"history":{row["history"]},"kind":"{row["kind"]}","labels":{row["labels"]},'
+        f'"mod_revision":{row["mod_revision"]},"name":"{row["name"]}",'
+        f'"namespace":"{row["namespace"]}","owner_refs":{row["owner_refs"]},'
+        f'"refusals":{row["refusals"]},"request_id":{json.dumps(row["request_id"])},'
+        f'"spec":{row["spec"]},"status":{row["status"]},"uid":"{row["uid"]}"}}'
+    )
 
 
 _JSON_COLUMNS = frozenset(

@@ -54,10 +54,12 @@ _TERMINATING_AMONG = sql(
 
 @dataclass(frozen=True)
 class Written:
-    """An object after a write; ``obj`` is its last state when ``deleted``."""
+    """An object after a write; ``obj`` is its last state when ``deleted``. The store
+    adds why a terminating object is still here (``termination``) before answering."""
 
     obj: Obj
     deleted: bool = False
+    termination: domain.Termination | None = None
 
 
 async def _locked(tx: Tx, namespace: str, kind: str, name: str) -> Obj:
@@ -234,13 +236,13 @@ async def write(tx: Tx, before: Obj, after: Obj) -> Written:
 
 async def add_finalizer(
     tx: Tx, namespace: str, kind: str, name: str, finalizer: str, uid: str
-) -> Obj:
+) -> Written:
     current = await _locked(tx, namespace, kind, name)
     domain.check_uid(current, uid)
     after = domain.add_finalizer(current, finalizer)
     if after is None:
-        return current
-    return (await write(tx, current, after)).obj
+        return Written(current)
+    return await write(tx, current, after)
 
 
 @dataclass(frozen=True)
@@ -334,20 +336,49 @@ async def delete_locked(tx: Tx, current: Obj, policy: Policy) -> Written:
 # ---- removal (shared with the collector) ------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Removal:
+    """What removing one object needs: a cascade builds these straight from rows."""
+
+    namespace: str
+    uid: str
+    key: str
+    owner_uids: tuple[str, ...]
+    snapshot: str
+
+    @classmethod
+    def of(cls, obj: Obj) -> Removal:
+        owners = tuple(r.uid for r in obj.owner_refs)
+        return cls(obj.namespace, obj.uid, obj.key, owners, rows.snapshot(obj))
+
+
 async def remove(tx: Tx, gone: Sequence[Obj]) -> None:
+    await remove_all(tx, [Removal.of(o) for o in gone])
+
+
+async def remove_all(tx: Tx, gone: Sequence[Removal]) -> None:
     """Remove objects now: their dependents and their waiting owners go on the queue."""
     if not gone:
         return
     namespace = gone[0].namespace
     assert all(o.namespace == namespace for o in gone), "one namespace per removal"
     uids = [o.uid for o in gone]
-    owners = sorted({r.uid for o in gone for r in o.owner_refs})
+    owners = sorted({uid for o in gone for uid in o.owner_uids})
     if owners:
         await _enqueue_terminating(tx, namespace, owners)
     await rows.enqueue_owning(tx, uids)
     await rows.delete_rows(tx, uids)
-    for obj in gone:
-        rows.record(tx, await tx.next_revision(), EventType.DELETED, obj)
+    for item in gone:
+        revision = await tx.next_revision()
+        tx.record_event(
+            revision,
+            rows.AREA,
+            namespace,
+            item.key,
+            item.uid,
+            EventType.DELETED.value,
+            item.snapshot,
+        )
 
 
 async def _enqueue_terminating(tx: Tx, namespace: str, uids: Sequence[str]) -> None:
