@@ -27,7 +27,13 @@ from tether_server.services.convert import (
     to_timestamp,
 )
 from tether_server.services.errors import to_error_detail
-from tether_server.services.streaming import Follow, count_fitting, first_of, follow_events
+from tether_server.services.streaming import (
+    Drains,
+    Follow,
+    count_fitting,
+    first_of,
+    follow_events,
+)
 from tether_server.store.leases import (
     AcquireParams,
     AcquireResult,
@@ -60,7 +66,7 @@ class LeaseServiceConfig:
     max_response_bytes: int = 1 << 20
 
 
-class LeaseService:
+class LeaseService(Drains):
     def __init__(
         self,
         store: LeaseStore,
@@ -79,17 +85,8 @@ class LeaseService:
         self._auth = auth or AuthPolicy()
         # Stream ids start with this process's instance id (see store/replicas.py).
         self._instance_id = instance_id or secrets.token_hex(8)
-        self._draining = asyncio.Event()
+        super().__init__()
         self._open_streams: set[asyncio.Task[Any] | None] = set()
-
-    def drain(self) -> None:
-        """End every stream and wait now with UNAVAILABLE / SERVER_DRAINING, so clients
-        reconnect to another replica at once instead of at the end of the grace period."""
-        self._draining.set()
-
-    def _check_draining(self) -> None:
-        if self._draining.is_set():
-            raise self._drain_error()
 
     @property
     def _limits(self) -> Limits:

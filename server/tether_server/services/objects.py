@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,7 @@ from tether_server.domain.validation import Limits
 from tether_server.notify import ChangeHub
 from tether_server.services import objects_convert as conv
 from tether_server.services.saga_convert import enum_value, struct_to_dict
-from tether_server.services.streaming import Follow, count_fitting, follow_events
+from tether_server.services.streaming import Drains, Follow, count_fitting, follow_events
 from tether_server.store.objects import (
     CreateParams,
     DeleteParams,
@@ -54,7 +53,7 @@ class ObjectServiceConfig:
     max_response_bytes: int = 1 << 20
 
 
-class ObjectService:
+class ObjectService(Drains):
     def __init__(
         self,
         store: ObjectStore,
@@ -66,16 +65,7 @@ class ObjectService:
         self._changes = changes
         self._config = config or ObjectServiceConfig()
         self._auth = auth or AuthPolicy()
-        self._draining = asyncio.Event()
-
-    def drain(self) -> None:
-        self._draining.set()
-
-    def _check_draining(self) -> None:
-        if self._draining.is_set():
-            raise errors.ServerDraining(
-                "the server is shutting down; reconnect (to another replica)"
-            )
+        super().__init__()
 
     @property
     def _ol(self) -> ObjectLimits:

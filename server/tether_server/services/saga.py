@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,7 @@ from tether_server.domain.validation import Limits
 from tether_server.notify import ChangeHub
 from tether_server.services import saga_convert as conv
 from tether_server.services.convert import duration_us, lease_to_pb, to_duration, to_timestamp
-from tether_server.services.streaming import Follow, count_fitting, first_of, follow_events
+from tether_server.services.streaming import Drains, Follow, count_fitting, first_of, follow_events
 from tether_server.store.sagas import (
     Claimed,
     ClaimParams,
@@ -47,7 +46,7 @@ class SagaServiceConfig:
     max_response_bytes: int = 1 << 20
 
 
-class SagaService:
+class SagaService(Drains):
     def __init__(
         self,
         store: SagaStore,
@@ -61,16 +60,7 @@ class SagaService:
         self._changes = changes
         self._config = config or SagaServiceConfig()
         self._auth = auth or AuthPolicy()
-        self._draining = asyncio.Event()
-
-    def drain(self) -> None:
-        self._draining.set()
-
-    def _check_draining(self) -> None:
-        if self._draining.is_set():
-            raise errors.ServerDraining(
-                "the server is shutting down; reconnect (to another replica)"
-            )
+        super().__init__()
 
     @property
     def _limits(self) -> SagaLimits:

@@ -9,7 +9,28 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from google.protobuf.message import Message
 
+from tether_server.domain import errors
+
 R = TypeVar("R", bound=Message)
+
+
+class Drains:
+    """What every service does when the server starts shutting down: end each stream and
+    wait now with UNAVAILABLE / SERVER_DRAINING, so clients reconnect to another replica at
+    once instead of at the end of the grace period."""
+
+    def __init__(self) -> None:
+        self._draining = asyncio.Event()
+
+    def drain(self) -> None:
+        self._draining.set()
+
+    def _check_draining(self) -> None:
+        if self._draining.is_set():
+            raise self._drain_error()
+
+    def _drain_error(self) -> errors.TetherError:
+        return errors.ServerDraining("the server is shutting down; reconnect (to another replica)")
 
 
 class EventPage(Protocol):
