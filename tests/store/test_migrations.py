@@ -22,6 +22,9 @@ from tether_server.store.leases import AcquireParams, AcquireResult, LeaseStore
 from tether_server.store.schema import metadata, revisions
 
 TABLES = {
+    "objects",
+    "object_owners",
+    "gc_queue",
     "sagas",
     "saga_steps",
     "saga_compensations",
