@@ -26,6 +26,7 @@ from tether_server.domain.objects import (
     ORPHAN_FINALIZER,
     SAGA_KIND,
     Collect,
+    EventType,
     Keep,
     Obj,
     OwnerRef,
@@ -152,10 +153,9 @@ async def _builtin_alive(tx: Tx, namespace: str, uid: str) -> bool:
 
 async def _orphan(tx: Tx, owner: Obj, batch: int) -> ItemResult:
     found = [
-        rows.row_to_obj(r)
-        for r in await tx.fetch(_ALL_DEPENDENTS, owner.uid, owner.namespace, batch)
+        _Dependent.of(r) for r in await tx.fetch(_ALL_DEPENDENTS, owner.uid, owner.namespace, batch)
     ]
-    await _strip(tx, [(d, frozenset({owner.uid})) for d in found])
+    await _strip(tx, owner.namespace, [(d, frozenset({owner.uid})) for d in found])
     if len(found) == batch:
         return ItemResult(orphaned=len(found), settled=False)
     await tx.execute(_DONE, owner.namespace, owner.uid)
@@ -230,7 +230,7 @@ async def _settle_dependents(
                 moved = moved or after is not OwnerState.SOLID
         if not moved:
             break
-    keep: list[tuple[Obj, frozenset[str]]] = []
+    keep: list[tuple[_Dependent, frozenset[str]]] = []
     remove: list[units.Removal] = []
     mark: list[tuple[Obj, Policy]] = []
     foreground = Policy.FOREGROUND
@@ -238,14 +238,14 @@ async def _settle_dependents(
         action = actions[dependent.uid]
         if isinstance(action, Keep):
             if action.strip:
-                keep.append((dependent.obj(), action.strip))
+                keep.append((dependent, action.strip))
             continue
         if action.policy is foreground or dependent.finalizers:
             mark.append((dependent.obj(), action.policy))
         else:
             remove.append(dependent.removal())
-    await _strip(tx, keep)
-    await units.remove_all(tx, remove)
+    await _strip(tx, namespace, keep)
+    await units.remove_all(tx, remove, owning & {r.uid for r in remove})
     for marked, policy in mark:
         await units.delete_locked(tx, marked, policy)
     return len(remove) + len(mark), len(keep)
@@ -280,9 +280,35 @@ async def _owner_states(
     return states
 
 
-async def _strip(tx: Tx, items: Sequence[tuple[Obj, frozenset[str]]]) -> None:
+async def _strip(
+    tx: Tx, namespace: str, items: Sequence[tuple[_Dependent, frozenset[str]]]
+) -> None:
+    """Dependents that stay lose references, set-based: one UPDATE and one DELETE per
+    batch, one MODIFIED event each (snapshots spliced from the rows)."""
+    if not items:
+        return
+    updates = []
+    dropped: list[tuple[str, str]] = []
     for dependent, uids in items:
-        await units.write(tx, dependent, domain.strip_owners(dependent, uids))
+        revision = await tx.next_revision()
+        kept = [r for r in dependent.owner_refs if r.uid not in uids]
+        row = dict(dependent.row)
+        row["owner_refs"] = rows.refs_to_json(kept)
+        row["mod_revision"] = revision
+        updates.append((dependent.uid, row["owner_refs"], revision))
+        dropped.extend((dependent.uid, uid) for uid in sorted(uids))
+        key = f"{row['kind']}/{row['name']}"
+        snapshot = rows.snapshot_from_row(row)
+        tx.record_event(revision, rows.AREA, namespace, key, dependent.uid, _MODIFIED, snapshot)
+    await tx.executemany(_SET_OWNER_REFS, updates)
+    await tx.executemany(_DROP_REF, dropped)
+    # An owner waiting in the foreground, or orphaning, may be done now.
+    await units.enqueue_terminating(tx, namespace, sorted({uid for _, u in items for uid in u}))
+
+
+_MODIFIED = EventType.MODIFIED.value
+_SET_OWNER_REFS = sql("UPDATE objects SET owner_refs = $2, mod_revision = $3 WHERE uid = $1")
+_DROP_REF = sql("DELETE FROM object_owners WHERE dependent_uid = $1 AND owner_uid = $2")
 
 
 async def record_failure(tx: Tx, namespace: str, uid: str, error: str) -> int:

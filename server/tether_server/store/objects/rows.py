@@ -73,7 +73,7 @@ def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _refs_to_json(refs: Iterable[OwnerRef]) -> str:
+def refs_to_json(refs: Iterable[OwnerRef]) -> str:
     return _json(
         [
             {
@@ -165,7 +165,7 @@ def _columns(o: Obj) -> list[Any]:
         _json(o.annotations),
         _json(o.spec),
         _json(o.status),
-        _refs_to_json(o.owner_refs),
+        refs_to_json(o.owner_refs),
         _json(list(o.finalizers)),
         _refusals_to_json(o.refusals),
         _history_to_json(o.history),

@@ -229,7 +229,7 @@ async def write(tx: Tx, before: Obj, after: Obj) -> Written:
     removed = await rows.sync_owner_index(tx, before, after)
     if removed:
         # An owner waiting in the foreground, or orphaning, may be done now.
-        await _enqueue_terminating(tx, after.namespace, removed)
+        await enqueue_terminating(tx, after.namespace, removed)
     rows.record(tx, revision, EventType.MODIFIED, after)
     return Written(after)
 
@@ -356,8 +356,9 @@ async def remove(tx: Tx, gone: Sequence[Obj]) -> None:
     await remove_all(tx, [Removal.of(o) for o in gone])
 
 
-async def remove_all(tx: Tx, gone: Sequence[Removal]) -> None:
-    """Remove objects now: their dependents and their waiting owners go on the queue."""
+async def remove_all(tx: Tx, gone: Sequence[Removal], owning: set[str] | None = None) -> None:
+    """Remove objects now: their dependents and their waiting owners go on the queue.
+    ``owning``: which of them own objects, when the caller already knows."""
     if not gone:
         return
     namespace = gone[0].namespace
@@ -365,8 +366,11 @@ async def remove_all(tx: Tx, gone: Sequence[Removal]) -> None:
     uids = [o.uid for o in gone]
     owners = sorted({uid for o in gone for uid in o.owner_uids})
     if owners:
-        await _enqueue_terminating(tx, namespace, owners)
-    await rows.enqueue_owning(tx, uids)
+        await enqueue_terminating(tx, namespace, owners)
+    if owning is None:
+        await rows.enqueue_owning(tx, uids)
+    else:
+        await rows.enqueue(tx, namespace, owning)
     await rows.delete_rows(tx, uids)
     for item in gone:
         revision = await tx.next_revision()
@@ -381,6 +385,6 @@ async def remove_all(tx: Tx, gone: Sequence[Removal]) -> None:
         )
 
 
-async def _enqueue_terminating(tx: Tx, namespace: str, uids: Sequence[str]) -> None:
+async def enqueue_terminating(tx: Tx, namespace: str, uids: Sequence[str]) -> None:
     found = await tx.fetch(_TERMINATING_AMONG, namespace, list(uids))
     await rows.enqueue(tx, namespace, [row[0] for row in found])
