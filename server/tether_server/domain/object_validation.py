@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -66,8 +67,16 @@ def uid(value: str, field_name: str = "uid", *, required: bool = False) -> str:
     return value
 
 
-def new_uid() -> str:
-    return str(uuid.uuid4())
+def new_uid(now_ms: int) -> str:
+    """A UUID version 7 (RFC 9562): 48 bits of Unix milliseconds, then random bits. Objects
+    created together get neighbouring uids, so the index pages a cascade deletes from are
+    few and adjacent (random version-4 uids made it touch every page, several times slower
+    on SQLite)."""
+    value = (now_ms & (2**48 - 1)) << 80 | secrets.randbits(80)
+    # Version 7 in bits 48-51 (from the top), the RFC 4122 variant in bits 64-65.
+    value = (value & ~(0xF << 76)) | (0x7 << 76)
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)
+    return str(uuid.UUID(int=value))
 
 
 def finalizer(value: str, field_name: str = "finalizer", *, system_ok: bool = False) -> str:

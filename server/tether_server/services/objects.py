@@ -98,7 +98,6 @@ class ObjectService(Drains):
             namespace=validation.namespace(request.namespace),
             kind=ov.kind(obj.kind, "object.kind"),
             name=ov.name(obj.name, "object.name"),
-            uid=ov.new_uid(),
             labels=desired.labels,
             annotations=desired.annotations,
             spec=desired.spec,

@@ -16,6 +16,7 @@ from typing import Any
 
 from tether_server.domain import errors
 from tether_server.domain import objects as domain
+from tether_server.domain.object_validation import new_uid
 from tether_server.domain.objects import (
     LEASE_KIND,
     SAGA_KIND,
@@ -129,7 +130,8 @@ class CreateParams:
     namespace: str
     kind: str
     name: str
-    uid: str
+    # Empty: the store gives one (a time-ordered UUID, see new_uid).
+    uid: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
     spec: Mapping[str, Any] = field(default_factory=dict)
@@ -173,7 +175,7 @@ async def create(tx: Tx, p: CreateParams) -> Created:
         namespace=p.namespace,
         kind=p.kind,
         name=p.name,
-        uid=p.uid,
+        uid=p.uid or new_uid(tx.now_us // 1000),
         labels=dict(p.labels),
         annotations=dict(p.annotations),
         spec=dict(p.spec),
