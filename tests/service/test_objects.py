@@ -419,18 +419,19 @@ async def test_a_failing_collection_is_retried_with_backoff_and_counted(
 ) -> None:
     owner = await api.create("owner")
     await api.create("dependent", owners=[ref(owner)])
+    healthy = await api.create("healthy-owner")
+    await api.create("healthy-dependent", owners=[ref(healthy)])
     real = collector.collect_item
-    failures = 0
+    broken = True
 
     async def flaky(tx: object, namespace: str, uid: str, batch: int) -> object:
-        nonlocal failures
-        if uid == owner.uid and failures == 0:
-            failures += 1
+        if uid == owner.uid and broken:
             raise RuntimeError("disk on fire")
         return await real(tx, namespace, uid, batch)  # type: ignore[arg-type]
 
     monkeypatch.setattr(collector, "collect_item", flaky)
     await api.delete("owner")
+    await api.delete("healthy-owner")
     await api.converge()
     state = await tether.server.objects.collector_state()
     assert state.stats.failing == 1
@@ -438,8 +439,11 @@ async def test_a_failing_collection_is_retried_with_backoff_and_counted(
     assert item.uid == owner.uid
     assert "disk on fire" in item.last_error
     assert item.attempts == 1
+    assert await api.names() == {"dependent"}  # the healthy owner's went
+    # Repaired: the next attempt is due after the backoff, not before.
+    broken = False
+    await api.converge()
     assert await api.names() == {"dependent"}
-    # The next attempt is due after the backoff, not before.
     tether.clock.advance(1.5)
     await api.converge()
     assert await api.names() == set()

@@ -106,22 +106,55 @@ class ObjectStore:
     # ---- the collector ----------------------------------------------------------------
 
     async def collect(self) -> CollectPass:
-        """Work on the due queue items, one bounded batch each. A failed item is recorded
-        (error, attempts, next attempt) and the pass goes on with the others."""
+        """Work on the due queue items in one transaction of about ``batch_size``
+        dependents (many small owners share it: a deep tree is thousands of them). If that
+        transaction fails, each item runs alone, so only the failing one is recorded
+        (error, attempts, next attempt) and the others go on."""
         due = await self.db.read(lambda tx: collector.due(tx, self.items_per_pass), snapshot=False)
-        deleted = orphaned = failures = 0
-        unsettled = False
+        if not due:
+            return CollectPass()
+        results: list[collector.ItemResult | None]
+        try:
+            results = list(
+                await self.db.write(
+                    partial(collector.collect_items, items=due, budget=self.batch_size)
+                )
+            )
+        except StoreUnavailable:
+            raise
+        except Exception:
+            results = await self._collect_one_by_one(due)
+        failures = sum(r is None for r in results)
+        done = [r for r in results if r is not None]
+        unsettled = any(not r.settled for r in done) or len(results) < len(due)
+        return CollectPass(
+            items=len(due),
+            deleted=sum(r.deleted for r in done),
+            orphaned=sum(r.orphaned for r in done),
+            failures=failures,
+            backlog=unsettled or len(due) == self.items_per_pass,
+        )
+
+    async def _collect_one_by_one(
+        self, due: list[tuple[str, str]]
+    ) -> list[collector.ItemResult | None]:
+        results: list[collector.ItemResult | None] = []
         for namespace, uid in due:
             try:
-                result = await self.db.write(
-                    partial(
-                        collector.collect_item, namespace=namespace, uid=uid, batch=self.batch_size
+                results.append(
+                    await self.db.write(
+                        partial(
+                            collector.collect_item,
+                            namespace=namespace,
+                            uid=uid,
+                            batch=self.batch_size,
+                        )
                     )
                 )
             except StoreUnavailable:
                 raise
             except Exception as exc:
-                failures += 1
+                results.append(None)
                 log.warning(
                     "garbage collection of an owner failed; retrying with backoff",
                     extra={"namespace": namespace, "uid": uid, "error": repr(exc)},
@@ -132,12 +165,7 @@ class ObjectStore:
                     ),
                     emits=False,
                 )
-                continue
-            deleted += result.deleted
-            orphaned += result.orphaned
-            unsettled = unsettled or not result.settled
-        backlog = unsettled or len(due) == self.items_per_pass
-        return CollectPass(len(due), deleted, orphaned, failures, backlog)
+        return results
 
     async def collector_state(self) -> CollectorState:
         return await self.db.read(read.collector_state, snapshot=False)

@@ -108,6 +108,19 @@ async def due(tx: Tx, limit: int) -> list[tuple[str, str]]:
     return [(row[0], row[1]) for row in await tx.fetch(_DUE, tx.now_us, limit)]
 
 
+async def collect_items(tx: Tx, items: Sequence[tuple[str, str]], budget: int) -> list[ItemResult]:
+    """Several queued owners in one transaction, until about ``budget`` dependents were
+    handled; the items not reached stay due (their results are missing)."""
+    results: list[ItemResult] = []
+    for namespace, uid in items:
+        if budget <= 0:
+            break
+        result = await collect_item(tx, namespace, uid, budget)
+        results.append(result)
+        budget -= max(1, result.deleted + result.orphaned)
+    return results
+
+
 async def collect_item(tx: Tx, namespace: str, uid: str, batch: int) -> ItemResult:
     """One bounded batch of work on one queued owner."""
     if await tx.fetchrow(_LOCK_ITEM, namespace, uid) is None:
