@@ -40,6 +40,7 @@ bench: $(STAMP)
 	-@$(MAKE) --no-print-directory bench-setup
 	$(BIN)/python -m tests.bench.load $(BENCH_ARGS)
 	$(BIN)/python -m tests.bench.wake
+	$(BIN)/python -m tests.bench.cascade $(BENCH_ARGS)
 
 # Debian's etcd-server (/usr/bin/etcd) when missing, and etcd's Python stubs generated from
 # the etcd3 package's embedded descriptors into .bench/etcd_stubs (git-ignored).

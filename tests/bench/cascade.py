@@ -7,7 +7,7 @@ Run from the repository root (``make bench`` does, with ``BENCH_ARGS``)::
                                   [--policies background,foreground,orphan]
                                   [--targets etcd,noop,tether-sqlite,tether-pg]
                                   [--dependents N] [--profile sqlite|postgres|both|none]
-                                  [--uids random|ordered] [--out results.jsonl]
+                                  [--uids server|uuid4] [--out results.jsonl]
 
 What one cascade measures: the wall time from the ``DeleteObject`` call on the owner until
 the collector has converged, i.e. its queue (``gc_queue``) is empty and
@@ -44,9 +44,10 @@ Scenarios (``--dependents`` N, default 100 000; ``--quick`` 2 000):
 
 Every reference is ``controller=true, block_owner_deletion=true``, so a foreground delete
 waits level by level. Each scenario runs once per policy (background, foreground, orphan).
-Uids are uuid4 as the server makes them; ``--uids ordered`` gives time-ordered
-(UUIDv7-like) ones instead, to see what the order of the uids costs: the collector takes
-dependents in uid order, so with uuid4 every batch lands on pages all over each index.
+Uids come from the server's own ``new_uid`` (time-ordered UUID version 7); ``--uids uuid4``
+gives random version-4 ones instead, as objects created before time-ordered uids have, to
+see what the order of the uids costs: the collector takes dependents in uid order, so with
+uuid4 every batch lands on pages all over each index.
 
 References, 20 workers (2 spawned processes x 10 concurrent calls, one channel each), a
 fresh server each, the same number of calls as objects the collector writes (``touched``:
@@ -71,17 +72,22 @@ and one extra background run under cProfile (on SQLite the collector's units run
 store's writer thread, which gets its own profiler; the event-loop thread has another).
 Both go to ``.bench/cascade-profile-<backend>.txt`` (top 25 functions by cumulative time,
 top 25 by own time, the statements), the raw cProfile data to
-``.bench/cascade-profile-<backend>.prof`` (``-ordered-uids`` added to both names with
-``--uids ordered``); the top 10 are printed. The profiled run's time
-is not a figure: cProfile slows Python down several times.
+``.bench/cascade-profile-<backend>.prof`` (``-uuid4-uids`` added to both names with
+``--uids uuid4``); the top 10 are printed. The profiled run's time is not a figure:
+cProfile slows Python down several times.
 
 Output: one JSON line per run on stdout (also appended to ``--out``; each names the commit
-measured and whether ``server/`` had uncommitted changes), progress on stderr, then the
-table, the aim, checks and the profile summary. Every wait is bounded
-(``--timeout`` per cascade), and servers, temporary files and databases are removed even
-when a run fails or the benchmark is interrupted. Options meant for ``tests.bench.load``
-that share ``BENCH_ARGS`` (``--duration``, ``--scale-*``) are ignored; scenario and target
-names of that module are skipped.
+measured and whether ``server/`` had uncommitted changes, and the CPU used meanwhile by
+role from /proc: the server process, its PostgreSQL backends and PostgreSQL's checkpointer
+and WAL writers, the rest of the machine),
+progress on stderr, then the table, the aim, checks and the profile summary. A run of 2 s
+or more during which other processes used more than 0.25 cores is flagged NOISY (as
+``tests.bench.load`` does): on these shared 2-core machines figures move by tens of
+percent between runs.
+Every wait is bounded (``--timeout`` per cascade), and servers, temporary files and
+databases are removed even when a run fails or the benchmark is interrupted. Options meant
+for ``tests.bench.load`` that share ``BENCH_ARGS`` (``--duration``, ``--scale-*``) are
+ignored; scenario and target names of that module are skipped.
 """
 
 from __future__ import annotations
@@ -114,6 +120,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from tests.bench import etcd as etcd_mod
+from tests.bench.procstat import CpuSnapshot, cpu_report, cpu_seconds, pids_named
 from tests.bench.report import fmt, ratio
 from tests.bench.targets import (
     BENCH_DB_PREFIX,
@@ -150,6 +157,10 @@ INSERT_CHUNK = 5_000
 AIM_DEPENDENTS = 100_000
 AIMS = {("flat", "background"): 5.0, ("flat", "foreground"): 10.0}
 PROFILE_DIR = REPO_ROOT / ".bench"
+# Cores used by processes outside the benchmark above which a run is flagged as noisy
+# (tests.bench.load's threshold).
+NOISE_CORES = 0.25
+NOISE_MIN_WINDOW_S = 2.0
 PROFILE_TOP = 25
 PRINT_TOP = 10
 
@@ -186,22 +197,21 @@ class Graph:
 
 
 class Uids:
-    """``random``: uuid4, as the server makes them. ``ordered``: time-ordered, UUIDv7-like
-    (48-bit milliseconds, then a sequence): objects created together sort together, so a
-    batch of dependents taken in uid order lies on neighbouring pages of every index."""
+    """``server``: the server's own ``new_uid`` (time-ordered UUID version 7), the clock read
+    as the graph is built, parents before their dependents as a client creates them.
+    ``uuid4``: random version-4 uids, as the server made them before: objects created
+    before that change keep them, and a batch of dependents taken in uid order then lies
+    on pages all over every index."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self.ms = time.time_ns() // 1_000_000
-        self.seq = 0
 
     def __call__(self) -> str:
-        if self.kind == "random":
+        if self.kind == "uuid4":
             return str(uuid.uuid4())
-        self.seq += 1
-        ms, seq = self.ms + self.seq // 4096, self.seq % 4096
-        tail = int.from_bytes(secrets.token_bytes(8)) & ((1 << 62) - 1)
-        return str(uuid.UUID(int=(ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | tail))
+        from tether_server.domain.object_validation import new_uid
+
+        return new_uid(time.time_ns() // 1_000_000)
 
 
 def _obj(name: str, kind: str, owner: Obj | None, index: int, uids: Uids) -> Obj:
@@ -219,7 +229,7 @@ def _obj(name: str, kind: str, owner: Obj | None, index: int, uids: Uids) -> Obj
     )
 
 
-def build_graph(scenario: str, n: int, uid_kind: str = "random") -> Graph:
+def build_graph(scenario: str, n: int, uid_kind: str = "server") -> Graph:
     uids = Uids(uid_kind)
     root = _obj("root", ROOT_KIND, None, 0, uids)
     if scenario == "flat":
@@ -619,6 +629,31 @@ def top_functions(stats: pstats.Stats, key: str, limit: int) -> list[str]:
 POLICY_PB = {"background": 1, "foreground": 2, "orphan": 3}
 
 
+# PostgreSQL's own writers: they work for whichever database writes, here this run's.
+_PG_AUX = ("checkpointer", "background writer", "walwriter")
+
+
+def _aux_cpu(store: tuple[str, str] | None) -> dict[int, float | None]:
+    if store is None:
+        return {}
+    pids = {pid for name in _PG_AUX for pid in pids_named(store[0], name)}
+    return {pid: cpu_seconds(pid) for pid in pids}
+
+
+def _add_aux(
+    cpu: dict[str, Any], before: dict[int, float | None], after: dict[int, float | None]
+) -> None:
+    """Count PostgreSQL's checkpointer and WAL writers as the store, not as noise."""
+    window = cpu.get("window_s") or 0.0
+    spent = sum((end - (before.get(pid) or 0.0)) for pid, end in after.items() if end is not None)
+    if not after or window <= 0:
+        return
+    cores = spent / window
+    cpu["store_aux_cores"] = round(cores, 3)
+    if "other_cores" in cpu:
+        cpu["other_cores"] = round(max(0.0, cpu["other_cores"] - cores), 3)
+
+
 async def _wait_leader(server: Any, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not server.leadership.is_leader:
@@ -665,9 +700,12 @@ async def cascade(
     policy: str,
     timeout: float,
     *,
+    store: tuple[str, str] | None = None,
     profiler: Profiler | None = None,
     timer: StatementTimer | None = None,
 ) -> Record:
+    """One cascade; ``store``: (command, command-line part) of the PostgreSQL backends
+    serving the database, for the CPU accounting."""
     import grpc
 
     from tether_client.pb import owner_ref_pb2, owner_ref_pb2_grpc
@@ -717,12 +755,18 @@ async def cascade(
                 if profiler is not None:
                     await profiler.start(server)
                 try:
+                    # This process is the server: it counts as the "coordinator" here.
+                    aux_before = _aux_cpu(store)
+                    cpu_before = CpuSnapshot.take([], [], store)
                     started = time.perf_counter()
                     response = await stub.DeleteObject(request, timeout=60)
                     rpc_s = time.perf_counter() - started
                     elapsed, polls, _probe_last = await _converge(
                         server, graph, policy, started, timeout
                     )
+                    cpu = cpu_report(cpu_before, CpuSnapshot.take([], [], store))
+                    cpu["server_cores"] = cpu.pop("coordinator_cores", 0.0)
+                    _add_aux(cpu, aux_before, _aux_cpu(store))
                 finally:
                     if profiler is not None:
                         await profiler.stop(server)
@@ -739,6 +783,7 @@ async def cascade(
                 gc_orphaned=metrics.gc_orphaned - before[1],
                 gc_failures=metrics.gc_failures - before[2],
                 revisions=(await server.db.current_revision())[0] - revision_before,
+                cpu=cpu,
             )
             counts = await server.db.read(partial(_final_counts, root_uid=root.uid))
             record.update(counts)
@@ -802,9 +847,10 @@ def tether_run(
     timer: StatementTimer | None = None,
 ) -> Record:
     with seeds.fresh(backend, graph) as (url, populate_s, copy_s):
+        store = None if backend == "sqlite" else ("postgres", urlsplit(url).path.lstrip("/"))
         record = asyncio.run(
             asyncio.wait_for(
-                cascade(url, graph, policy, timeout, profiler=profiler, timer=timer),
+                cascade(url, graph, policy, timeout, store=store, profiler=profiler, timer=timer),
                 timeout + 120,
             )
         )
@@ -934,7 +980,9 @@ async def _etcd_fill(target: str, prefix: str, calls: int) -> None:
             await asyncio.gather(*(txn(s) for s in starts[i : i + 8]))
 
 
-def _ref_workers(kind: str, target: str, prefix: str, calls: int, timeout: float) -> Record:
+def _ref_workers(
+    kind: str, target: str, prefix: str, calls: int, timeout: float, server_pids: Sequence[int]
+) -> Record:
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(REF_PROCS + 1)
     results = ctx.Queue()
@@ -948,17 +996,21 @@ def _ref_workers(kind: str, target: str, prefix: str, calls: int, timeout: float
         for wid in range(REF_PROCS)
     ]
     reports: list[Record] = []
+    cpu: dict[str, Any] = {}
     try:
         for worker in workers:
             worker.start()
+        worker_pids = [w.pid for w in workers if w.pid is not None]
         with contextlib.suppress(threading.BrokenBarrierError):
             barrier.wait(timeout=120)
+        cpu_before = CpuSnapshot.take(server_pids, worker_pids, None)
         deadline = time.monotonic() + timeout
         while len(reports) < REF_PROCS and time.monotonic() < deadline:
             try:
                 reports.append(results.get(timeout=max(0.1, deadline - time.monotonic())))
             except queue_mod.Empty:
                 break
+        cpu = cpu_report(cpu_before, CpuSnapshot.take(server_pids, worker_pids, None))
     finally:
         for worker in workers:
             worker.join(timeout=10)
@@ -985,6 +1037,7 @@ def _ref_workers(kind: str, target: str, prefix: str, calls: int, timeout: float
         "calls_per_s": round(ok / elapsed, 1) if elapsed > 0 else None,
         "workers": WORKERS,
         "procs": REF_PROCS,
+        "cpu": cpu,
     }
 
 
@@ -1007,7 +1060,7 @@ def reference_runs(
                 started = time.perf_counter()
                 asyncio.run(asyncio.wait_for(_etcd_fill(target, prefix, calls), timeout))
                 log(f"  filled {calls} etcd keys in {time.perf_counter() - started:.1f} s")
-            record = _ref_workers(kind, target, prefix, calls, timeout)
+            record = _ref_workers(kind, target, prefix, calls, timeout, running.server_pids)
             record.update(call=call, server=running.info)
             yield calls, record
 
@@ -1030,6 +1083,7 @@ class Bench:
     refs: dict[tuple[str, int], Record] = field(default_factory=dict)
     profiles: dict[str, Record] = field(default_factory=dict)
     failures: int = 0
+    source_at_end: dict[str, Any] = field(default_factory=dict)
 
     def emit(self, line: Record) -> None:
         line = {
@@ -1151,7 +1205,7 @@ def write_profile(
 ) -> Record:
     PROFILE_DIR.mkdir(parents=True, exist_ok=True)
     backend = BACKEND_OF[target]
-    suffix = "" if uids == "random" else f"-{uids}-uids"
+    suffix = "" if uids == "server" else f"-{uids}-uids"
     text_path = PROFILE_DIR / f"cascade-profile-{backend}{suffix}.txt"
     raw_path = PROFILE_DIR / f"cascade-profile-{backend}{suffix}.prof"
     main_stats = pstats.Stats(profiler.main)
@@ -1232,7 +1286,7 @@ def print_summary(bench: Bench, scenarios: Sequence[str], policies: Sequence[str
     print(
         f"tether garbage-collector cascades, {datetime.date.today().isoformat()}, "
         f"{host.get('cpu_model')}, {host.get('python')}, grpcio {host.get('grpcio')}"
-        + ("" if bench.args.uids == "random" else f", {bench.args.uids} uids")
+        + ("" if bench.args.uids == "server" else f", {bench.args.uids} uids")
     )
     dirty = " + uncommitted server/ changes" if host.get("server_dirty") else ""
     print(f"commit {host.get('commit')}{dirty}")
@@ -1286,9 +1340,19 @@ def print_summary(bench: Bench, scenarios: Sequence[str], policies: Sequence[str
                     values[kind] = None
                 else:
                     values[kind] = "ERR" if "error" in ref else ref.get("elapsed_s")
+            noisy = {
+                t: bool(_noisy("", bench.runs.get((scenario, policy, t)) or {}))
+                for t in TETHER_TARGETS
+            }
+            noisy.update(
+                {k: bool(_noisy("", bench.refs.get((k, touched)) or {})) for k in ("etcd", "noop")}
+            )
             rows.append(
                 [f"{scenario} {graph.shape}", policy, fmt(touched)]
-                + [fmt(values[t]) for t in (*TETHER_TARGETS, "etcd", "noop")]
+                + [
+                    fmt(values[t]) + ("*" if noisy[t] else "")
+                    for t in (*TETHER_TARGETS, "etcd", "noop")
+                ]
                 + [ratio(values[t], values[r]) for r in ("etcd", "noop") for t in TETHER_TARGETS]
             )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -1302,10 +1366,20 @@ def print_summary(bench: Bench, scenarios: Sequence[str], policies: Sequence[str
             print("  ".join("-" * w for w in widths))
     print(
         "ratios: tether's cascade time / the reference's time for one call per touched object "
-        "(below 1: tether is faster)"
+        "(below 1: tether is faster); *: noisy, other processes used more than "
+        f"{NOISE_CORES} cores meanwhile (see checks)"
     )
     print_aims(bench)
     problems = checks(bench)
+    keys = ("server_tree", "server_dirty")
+    start = {k: host.get(k) for k in keys}
+    end = {k: bench.source_at_end.get(k) for k in keys}
+    if bench.source_at_end and (end != start or start["server_dirty"] or end["server_dirty"]):
+        problems.append(
+            f"SOURCE   server/ was not one committed tree throughout (start {start}, end "
+            f"{end}): the server modules were imported when the first cascade ran, so the "
+            "figures may belong to neither"
+        )
     if problems:
         print("checks:")
         for problem in problems:
@@ -1359,12 +1433,24 @@ def checks(bench: Bench) -> list[str]:
                 f"RETRIED  {scenario} / {policy} / {target}: {record['gc_failures']} failed "
                 "collector batches"
             )
+        out.extend(_noisy(f"{scenario} / {policy} / {target}", record))
     for (kind, calls), record in bench.refs.items():
         if "error" in record:
             out.append(f"FAILED   reference {kind} ({calls} calls): {record['error']}")
-        elif record.get("errors"):
+            continue
+        if record.get("errors"):
             out.append(f"ERRORS   reference {kind} ({calls} calls): {record['errors']}")
+        out.extend(_noisy(f"reference {kind} ({calls} calls)", record))
     return out
+
+
+def _noisy(what: str, record: Record) -> list[str]:
+    cpu = record.get("cpu") or {}
+    other = cpu.get("other_cores", 0.0)
+    # Shorter windows are all jitter (kernel threads flushing our own writes, exits).
+    if other <= NOISE_CORES or cpu.get("window_s", 0.0) < NOISE_MIN_WINDOW_S:
+        return []
+    return [f"NOISY    {what}: other processes used {other:.2f} cores during the run"]
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -1404,10 +1490,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--uids",
-        choices=["random", "ordered"],
-        default="random",
-        help="object uids: uuid4 as the server makes them (default), or time-ordered "
-        "(UUIDv7-like): what the uid order costs the cascade",
+        choices=["server", "uuid4"],
+        default="server",
+        help="object uids: the server's own (time-ordered, default), or random uuid4 as "
+        "objects created before them have: what the uid order costs a cascade",
     )
     parser.add_argument("--timeout", type=float, help="s per cascade (default 900, quick 120)")
     parser.add_argument("--etcd", help="etcd binary (default: etcd on PATH or /usr/bin/etcd)")
@@ -1454,6 +1540,8 @@ def source_info() -> dict[str, Any]:
     status = git("status", "--porcelain", "--", "server")
     return {
         "commit": git("rev-parse", "--short=12", "HEAD"),
+        # The committed server/ tree: commits that touch only tests leave it as it is.
+        "server_tree": git("rev-parse", "--short=12", "HEAD:server"),
         "server_dirty": None if status is None else bool(status),
     }
 
@@ -1506,6 +1594,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.seeds.close()
         log(f"finished in {time.monotonic() - started:.0f} s")
+    bench.source_at_end = source_info()
     print_summary(bench, args.scenario_list, args.policy_list)
     return 1 if bench.failures else 0
 
