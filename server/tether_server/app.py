@@ -16,6 +16,7 @@ from tether_server import __version__
 from tether_server.clock import Clock, clock_from_spec
 from tether_server.config import ServerConfig
 from tether_server.domain.errors import StoreUnavailable
+from tether_server.domain.lease import LeaseState
 from tether_server.expiry import ExpiryLoop
 from tether_server.metrics import Metrics, MetricsHttpServer, start_http
 from tether_server.notify import ChangeHub, ChangeListener
@@ -29,6 +30,7 @@ from tether_server.services.unimplemented import Unimplemented
 from tether_server.store.batch import BatchResult
 from tether_server.store.database import Database, describe_url
 from tether_server.store.leases import LeaseStore
+from tether_server.store.leases import rows as lease_rows
 from tether_server.store.objects import ObjectStore
 from tether_server.store.objects import rows as object_rows
 from tether_server.store.pg_backend import CHANNEL as CHANGES_CHANNEL
@@ -399,4 +401,9 @@ def _may_queue_gc(area: str, event_type: str) -> bool:
     """Commits that can queue work for the collector: an object written, a lease ended."""
     if area == object_rows.AREA:
         return True
-    return area == "lease" and event_type in ("RELEASED", "EXPIRED", "REVOKED")
+    return area == lease_rows.AREA and event_type in _LEASE_ENDINGS
+
+
+_LEASE_ENDINGS = frozenset(
+    state.value for state in (LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.REVOKED)
+)

@@ -38,7 +38,6 @@ async def outcome(call: object) -> str:
 
 async def test_crosswise_owner_updates_never_close_a_cycle(apis: list[ObjApi]) -> None:
     first, second, _ = apis
-    results = set()
     for index in range(ROUNDS):
         a = await first.create(f"a{index}")
         b = await first.create(f"b{index}")
@@ -48,11 +47,8 @@ async def test_crosswise_owner_updates_never_close_a_cycle(apis: list[ObjApi]) -
             outcome(first.stub.UpdateObject(owner_ref_pb2.UpdateObjectRequest(object=a))),
             outcome(second.stub.UpdateObject(owner_ref_pb2.UpdateObjectRequest(object=b))),
         )
+        # Exactly one wins, whichever it is.
         assert sorted(got) == ["OK", "OWNER_CYCLE"], got
-        results.add(tuple(got))
-    # Both orders happened at least once on a loaded run is not guaranteed; each round
-    # must simply have exactly one winner.
-    assert results
 
 
 async def test_a_dependent_created_while_its_owner_goes_is_never_left_behind(

@@ -4,8 +4,6 @@ leases as owners, termination status, force removal, watch and lists."""
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import pytest
 
@@ -316,6 +314,10 @@ async def test_delete_preconditions_and_stale_updates_are_refused(api: ObjApi) -
     )
     request.preconditions.resource_version = updated.object.resource_version
     assert (await api.stub.DeleteObject(request)).deleted
+    # A retry (the answer was lost) of a delete naming the uid: the object is gone, as asked.
+    assert (await api.stub.DeleteObject(request)).deleted
+    # Without a uid, nobody knows which object was meant.
+    await expect_error(api.delete("obj"), grpc.StatusCode.NOT_FOUND, "OBJECT_NOT_FOUND")
 
 
 async def test_owner_cycles_are_refused_when_written(api: ObjApi) -> None:
@@ -538,7 +540,6 @@ async def test_watch_sends_added_modified_deleted_and_resumes(api: ObjApi) -> No
             assert [(e.object.name, e.type) for e in response.events] == [("child", deleted)]
             break
     stream.cancel()
-    await asyncio.sleep(0)
 
 
 # ---- sagas as owners ----------------------------------------------------------------------------

@@ -95,3 +95,33 @@ def test_dependent_decisions(
 ) -> None:
     uids = tuple(states) or ("a",)
     assert decide_dependent(refs(*uids), states, has_dependents) == expected
+
+
+def test_an_event_snapshot_gives_back_the_object() -> None:
+    from dataclasses import replace
+
+    from tether_server.domain.objects import HistoryEntry, Refusal
+    from tether_server.store.objects import rows
+
+    full = Obj(
+        "ns",
+        "Kind",
+        "na.me",
+        "u1",
+        labels={"a": "b"},
+        annotations={"x": 'quote"d'},
+        spec={"s": [1, 2]},
+        owner_refs=(OwnerRef("u2", "K", "n", True, False),),
+        finalizers=("a.io/b",),
+        deletion_ts_us=123,
+        created_at_us=5,
+        create_revision=6,
+        mod_revision=7,
+        refusals=(Refusal("a.io/b", "no", 1, "me"),),
+        history=(HistoryEntry(1, "me", "t", {"k": "v"}),),
+        request_id='req"1',
+        fingerprint="abc",
+    )
+    for obj in (full, replace(full, request_id=None, deletion_ts_us=None)):
+        assert rows.obj_from_snapshot(rows.snapshot(obj)) == obj
+        assert rows.row_to_obj(dict(zip(rows.COLUMN_NAMES, rows._columns(obj), strict=True))) == obj

@@ -210,7 +210,7 @@ class ObjectService(Drains):
             resource_version=preconditions.resource_version,
         )
         written = await self._store.delete(params)
-        if written.deleted:
+        if written is None or written.deleted:
             return owner_ref_pb2.DeleteObjectResponse(deleted=True)
         return owner_ref_pb2.DeleteObjectResponse(object=conv.written_to_pb(written))
 

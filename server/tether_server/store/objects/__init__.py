@@ -100,8 +100,12 @@ class ObjectStore:
 
         return await self.db.write(unit)
 
-    async def delete(self, p: DeleteParams) -> Written:
-        return await self.db.write(lambda tx: _explained(tx, units.delete(tx, p)))
+    async def delete(self, p: DeleteParams) -> Written | None:
+        async def unit(tx: Tx) -> Written | None:
+            written = await units.delete(tx, p)
+            return None if written is None else await _explain(tx, written)
+
+        return await self.db.write(unit)
 
     # ---- the collector ----------------------------------------------------------------
 

@@ -60,20 +60,14 @@ _FAILED = sql(
     "UPDATE gc_queue SET last_error = $3, attempts = $4, next_attempt_us = $5"
     " WHERE namespace = $1 AND uid = $2"
 )
-_LIVE_LEASE = sql("SELECT 1 FROM leases WHERE lease_id = $1 AND state = 'ACTIVE'")
-_LIVE_SAGA = sql("SELECT 1 FROM sagas WHERE namespace = $1 AND saga_id = $2")
-_DEPENDENTS = sql(
-    f"SELECT {', '.join('o.' + c.strip() for c in rows.COLUMNS.split(','))}"
-    " FROM object_owners oo JOIN objects o ON o.uid = oo.dependent_uid"
-    " WHERE oo.owner_uid = $1 AND o.namespace = $2 AND o.deletion_ts_us IS NULL"
-    " ORDER BY oo.dependent_uid LIMIT $3 FOR UPDATE OF o"
-)
-_ALL_DEPENDENTS = sql(
-    f"SELECT {', '.join('o.' + c.strip() for c in rows.COLUMNS.split(','))}"
-    " FROM object_owners oo JOIN objects o ON o.uid = oo.dependent_uid"
+_FROM_DEPENDENTS = (
+    f"{rows.SELECT} JOIN object_owners oo ON oo.dependent_uid = o.uid"
     " WHERE oo.owner_uid = $1 AND o.namespace = $2"
-    " ORDER BY oo.dependent_uid LIMIT $3 FOR UPDATE OF o"
 )
+_IN_ORDER = " ORDER BY oo.dependent_uid LIMIT $3 FOR UPDATE OF o"
+# Dependents not already terminating (their own finalizers hold them), and all of them.
+_DEPENDENTS = sql(f"{_FROM_DEPENDENTS} AND o.deletion_ts_us IS NULL{_IN_ORDER}")
+_ALL_DEPENDENTS = sql(f"{_FROM_DEPENDENTS}{_IN_ORDER}")
 _OBJECT_OWNERS = sql(
     "SELECT uid, deletion_ts_us, finalizers FROM objects"
     " WHERE namespace = $1 AND uid = ANY($2::text[])"
@@ -159,9 +153,10 @@ async def collect_item(tx: Tx, namespace: str, uid: str, batch: int) -> ItemResu
 
 
 async def _builtin_alive(tx: Tx, namespace: str, uid: str) -> bool:
-    if await tx.fetchrow(_LIVE_LEASE, uid) is not None:
+    """Whether ``uid`` is an active lease or a saga not purged (a solid owner)."""
+    if await tx.fetchrow(_LIVE_LEASES, [uid]) is not None:
         return True
-    return await tx.fetchrow(_LIVE_SAGA, namespace, uid) is not None
+    return await tx.fetchrow(_LIVE_SAGAS, namespace, [uid]) is not None
 
 
 async def _orphan(tx: Tx, owner: Obj, batch: int) -> ItemResult:

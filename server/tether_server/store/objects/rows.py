@@ -7,7 +7,7 @@ event whose snapshot is the object as written (for DELETED: as it was last).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from tether_server.domain.objects import (
@@ -26,7 +26,8 @@ COLUMNS = (
     " refusals, history, deletion_ts_us, created_at_us, create_revision, mod_revision,"
     " request_id, fingerprint"
 )
-_O_COLUMNS = ", ".join(f"o.{c.strip()}" for c in COLUMNS.split(","))
+COLUMN_NAMES = tuple(c.strip() for c in COLUMNS.split(","))
+_O_COLUMNS = ", ".join(f"o.{name}" for name in COLUMN_NAMES)
 SELECT = f"SELECT {_O_COLUMNS} FROM objects o"
 
 _BY_NAME = sql(f"{SELECT} WHERE o.namespace = $1 AND o.kind = $2 AND o.name = $3")
@@ -89,9 +90,12 @@ def refs_to_json(refs: Iterable[OwnerRef]) -> str:
 
 
 def refs_from_json(text: str) -> tuple[OwnerRef, ...]:
+    return _refs(json.loads(text))
+
+
+def _refs(items: list[dict[str, Any]]) -> tuple[OwnerRef, ...]:
     return tuple(
-        OwnerRef(d["uid"], d["kind"], d["name"], d["controller"], d["block"])
-        for d in json.loads(text)
+        OwnerRef(d["uid"], d["kind"], d["name"], d["controller"], d["block"]) for d in items
     )
 
 
@@ -109,8 +113,8 @@ def _refusals_to_json(refusals: Iterable[Refusal]) -> str:
     )
 
 
-def _refusals_from_json(text: str) -> tuple[Refusal, ...]:
-    return tuple(Refusal(d["finalizer"], d["reason"], d["at"], d["by"]) for d in json.loads(text))
+def _refusals(items: list[dict[str, Any]]) -> tuple[Refusal, ...]:
+    return tuple(Refusal(d["finalizer"], d["reason"], d["at"], d["by"]) for d in items)
 
 
 def _history_to_json(history: Iterable[HistoryEntry]) -> str:
@@ -122,10 +126,8 @@ def _history_to_json(history: Iterable[HistoryEntry]) -> str:
     )
 
 
-def _history_from_json(text: str) -> tuple[HistoryEntry, ...]:
-    return tuple(
-        HistoryEntry(d["at"], d["author"], d["text"], d["attributes"]) for d in json.loads(text)
-    )
+def _history(items: list[dict[str, Any]]) -> tuple[HistoryEntry, ...]:
+    return tuple(HistoryEntry(d["at"], d["author"], d["text"], d["attributes"]) for d in items)
 
 
 def finalizers_of(text: str) -> tuple[str, ...]:
@@ -133,25 +135,38 @@ def finalizers_of(text: str) -> tuple[str, ...]:
 
 
 def row_to_obj(row: Row) -> Obj:
+    return _obj(row, json.loads)
+
+
+def obj_from_snapshot(text: str) -> Obj:
+    """An event's object: the snapshot holds the JSON columns already decoded."""
+    return _obj(json.loads(text), _as_is)
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _obj(fields: Any, decode: Callable[[Any], Any]) -> Obj:
     return Obj(
-        namespace=row["namespace"],
-        kind=row["kind"],
-        name=row["name"],
-        uid=row["uid"],
-        labels=json.loads(row["labels"]),
-        annotations=json.loads(row["annotations"]),
-        spec=json.loads(row["spec"]),
-        status=json.loads(row["status"]),
-        owner_refs=refs_from_json(row["owner_refs"]),
-        finalizers=tuple(json.loads(row["finalizers"])),
-        deletion_ts_us=row["deletion_ts_us"],
-        created_at_us=row["created_at_us"],
-        create_revision=row["create_revision"],
-        mod_revision=row["mod_revision"],
-        refusals=_refusals_from_json(row["refusals"]),
-        history=_history_from_json(row["history"]),
-        request_id=row["request_id"],
-        fingerprint=row["fingerprint"],
+        namespace=fields["namespace"],
+        kind=fields["kind"],
+        name=fields["name"],
+        uid=fields["uid"],
+        labels=decode(fields["labels"]),
+        annotations=decode(fields["annotations"]),
+        spec=decode(fields["spec"]),
+        status=decode(fields["status"]),
+        owner_refs=_refs(decode(fields["owner_refs"])),
+        finalizers=tuple(decode(fields["finalizers"])),
+        deletion_ts_us=fields["deletion_ts_us"],
+        created_at_us=fields["created_at_us"],
+        create_revision=fields["create_revision"],
+        mod_revision=fields["mod_revision"],
+        refusals=_refusals(decode(fields["refusals"])),
+        history=_history(decode(fields["history"])),
+        request_id=fields["request_id"],
+        fingerprint=fields["fingerprint"],
     )
 
 
@@ -179,18 +194,8 @@ def _columns(o: Obj) -> list[Any]:
 
 
 def snapshot(o: Obj) -> str:
-    """The event snapshot: the object's columns as JSON (a row's JSON columns nest as is)."""
-    return _json(
-        dict(zip((c.strip() for c in COLUMNS.split(",")), _snapshot_values(o), strict=True))
-    )
-
-
-def _snapshot_values(o: Obj) -> list[Any]:
-    values = _columns(o)
-    # JSON-text columns go in as values, not as strings of JSON.
-    for index in range(4, 12):
-        values[index] = json.loads(values[index])
-    return values
+    """The event snapshot: the object's columns as one JSON object (JSON columns nested)."""
+    return snapshot_from_row(dict(zip(COLUMN_NAMES, _columns(o), strict=True)))
 
 
 def snapshot_from_row(row: Row) -> str:
@@ -198,6 +203,7 @@ def snapshot_from_row(row: Row) -> str:
     so a cascade over many rows parses none of them. Namespaces, kinds, names, uids and
     fingerprints are validated to need no JSON escaping; the request id may."""
     deletion = row["deletion_ts_us"]
+    request_id = "null" if row["request_id"] is None else json.dumps(row["request_id"])
     return (
         f'{{"annotations":{row["annotations"]},"create_revision":{row["create_revision"]},'
         f'"created_at_us":{row["created_at_us"]},'
@@ -206,21 +212,9 @@ def snapshot_from_row(row: Row) -> str:
         f'"history":{row["history"]},"kind":"{row["kind"]}","labels":{row["labels"]},'
         f'"mod_revision":{row["mod_revision"]},"name":"{row["name"]}",'
         f'"namespace":"{row["namespace"]}","owner_refs":{row["owner_refs"]},'
-        f'"refusals":{row["refusals"]},"request_id":{json.dumps(row["request_id"])},'
+        f'"refusals":{row["refusals"]},"request_id":{request_id},'
         f'"spec":{row["spec"]},"status":{row["status"]},"uid":"{row["uid"]}"}}'
     )
-
-
-_JSON_COLUMNS = frozenset(
-    ["labels", "annotations", "spec", "status", "owner_refs", "finalizers", "refusals", "history"]
-)
-
-
-def obj_from_snapshot(text: str) -> Obj:
-    body = json.loads(text)
-    for name in _JSON_COLUMNS:
-        body[name] = json.dumps(body[name])
-    return row_to_obj(body)
 
 
 # ---- reads --------------------------------------------------------------------------------

@@ -313,8 +313,15 @@ class DeleteParams:
     resource_version: int = 0
 
 
-async def delete(tx: Tx, p: DeleteParams) -> Written:
-    current = await _locked(tx, p.namespace, p.kind, p.name)
+async def delete(tx: Tx, p: DeleteParams) -> Written | None:
+    """None: the object a uid precondition named is already gone (a retried delete that
+    succeeded). Without a uid, an absent object is OBJECT_NOT_FOUND: which object was
+    meant is unknown."""
+    current = await rows.by_name(tx, p.namespace, p.kind, p.name, lock=True)
+    if current is None:
+        if p.uid:
+            return None
+        raise domain.not_found(p.namespace, p.kind, p.name)
     domain.check_uid(current, p.uid)
     domain.check_resource_version(current, p.resource_version)
     return await delete_locked(tx, current, p.policy)

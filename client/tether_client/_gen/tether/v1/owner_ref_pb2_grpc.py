@@ -146,7 +146,9 @@ class OwnerRefServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteObject(self, request, context):
-        """Deletes with a propagation policy and optional preconditions. Idempotent.
+        """Deletes with a propagation policy and optional preconditions. A repeat on a terminating
+        object changes nothing; with a uid precondition, a repeat after the object is gone
+        answers deleted (without one, OBJECT_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

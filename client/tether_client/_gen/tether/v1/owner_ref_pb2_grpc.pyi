@@ -53,7 +53,10 @@ class OwnerRefServiceStub:
     With a refusal, the finalizer stays and the refusal is recorded on the object.
     """
     DeleteObject: _grpc.UnaryUnaryMultiCallable[_owner_ref_pb2.DeleteObjectRequest, _owner_ref_pb2.DeleteObjectResponse]
-    """Deletes with a propagation policy and optional preconditions. Idempotent."""
+    """Deletes with a propagation policy and optional preconditions. A repeat on a terminating
+    object changes nothing; with a uid precondition, a repeat after the object is gone
+    answers deleted (without one, OBJECT_NOT_FOUND).
+    """
     ListDependents: _grpc.UnaryUnaryMultiCallable[_owner_ref_pb2.ListDependentsRequest, _owner_ref_pb2.ListDependentsResponse]
     """The dependents of an owner, optionally recursively, for debugging."""
     GetOwnerGraph: _grpc.UnaryUnaryMultiCallable[_owner_ref_pb2.GetOwnerGraphRequest, _owner_ref_pb2.GetOwnerGraphResponse]
@@ -90,7 +93,10 @@ class OwnerRefServiceAsyncStub(OwnerRefServiceStub):
     With a refusal, the finalizer stays and the refusal is recorded on the object.
     """
     DeleteObject: _aio.UnaryUnaryMultiCallable[_owner_ref_pb2.DeleteObjectRequest, _owner_ref_pb2.DeleteObjectResponse]  # type: ignore[assignment]
-    """Deletes with a propagation policy and optional preconditions. Idempotent."""
+    """Deletes with a propagation policy and optional preconditions. A repeat on a terminating
+    object changes nothing; with a uid precondition, a repeat after the object is gone
+    answers deleted (without one, OBJECT_NOT_FOUND).
+    """
     ListDependents: _aio.UnaryUnaryMultiCallable[_owner_ref_pb2.ListDependentsRequest, _owner_ref_pb2.ListDependentsResponse]  # type: ignore[assignment]
     """The dependents of an owner, optionally recursively, for debugging."""
     GetOwnerGraph: _aio.UnaryUnaryMultiCallable[_owner_ref_pb2.GetOwnerGraphRequest, _owner_ref_pb2.GetOwnerGraphResponse]  # type: ignore[assignment]
@@ -166,7 +172,10 @@ class OwnerRefServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _owner_ref_pb2.DeleteObjectRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_owner_ref_pb2.DeleteObjectResponse, _abc.Awaitable[_owner_ref_pb2.DeleteObjectResponse]]:
-        """Deletes with a propagation policy and optional preconditions. Idempotent."""
+        """Deletes with a propagation policy and optional preconditions. A repeat on a terminating
+        object changes nothing; with a uid precondition, a repeat after the object is gone
+        answers deleted (without one, OBJECT_NOT_FOUND).
+        """
 
     @_abc_1.abstractmethod
     def ListDependents(
