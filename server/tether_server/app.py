@@ -17,6 +17,7 @@ from tether_server.clock import Clock, clock_from_spec
 from tether_server.config import ServerConfig
 from tether_server.domain.errors import StoreUnavailable
 from tether_server.domain.lease import LeaseState
+from tether_server.domain.sweep import RECOVERY_PARTS, SweepTrigger
 from tether_server.expiry import ExpiryLoop
 from tether_server.metrics import Metrics, MetricsHttpServer, start_http
 from tether_server.notify import ChangeHub, ChangeListener
@@ -26,7 +27,7 @@ from tether_server.services.interceptor import RpcMetricsInterceptor
 from tether_server.services.lease import LeaseService
 from tether_server.services.objects import ObjectService
 from tether_server.services.saga import SagaService
-from tether_server.services.unimplemented import Unimplemented
+from tether_server.services.sweep import SweepService
 from tether_server.store.batch import BatchResult
 from tether_server.store.database import Database, describe_url
 from tether_server.store.leases import LeaseStore
@@ -37,6 +38,8 @@ from tether_server.store.pg_backend import CHANNEL as CHANGES_CHANNEL
 from tether_server.store.pg_backend import PgBackend
 from tether_server.store.replicas import ReplicaStore
 from tether_server.store.sagas import SagaStore
+from tether_server.store.sweeps import SweepStore
+from tether_server.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ SERVING_SERVICES = (
     LEASE_SERVICE.full_name,
     SAGA_SERVICE.full_name,
     OWNER_REF_SERVICE.full_name,
+    SWEEP_SERVICE.full_name,
 )
 # The advisory lock whose holder runs the leader-only tasks (PostgreSQL).
 LEADER_LOCK_KEY = 0x7E7E_1EAD
@@ -112,6 +116,18 @@ class TetherServer:
             self.leases, self.db.clock, config.expiry, on_lag=self.metrics.expiry_lag
         )
         self.expiry.attach(self.runner)
+        self.sweeps = SweepStore(self.db)
+        self.sweeper = Sweeper(
+            self.sweeps,
+            self.objects,
+            self.expiry,
+            self.db.clock,
+            config.sweep,
+            self.metrics,
+            replica=lambda: self.replica_name,
+        )
+        # When this process may run its first periodic sweep (set by the first pass).
+        self._first_sweep_at_us: int | None = None
         self._add_tasks()
         # health.aio is the public asyncio servicer; the stubs do not declare it.
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -155,7 +171,7 @@ class TetherServer:
             (LEASE_SERVICE, lease_service),
             (SAGA_SERVICE, saga_service),
             (OWNER_REF_SERVICE, object_service),
-            (SWEEP_SERVICE, Unimplemented(SWEEP_SERVICE, "sweeps")),
+            (SWEEP_SERVICE, SweepService(self.sweeper, self.sweeps, self.config.limits)),
         ]
         server.add_generic_rpc_handlers(
             tuple(build_generic_handler(descriptor, impl) for descriptor, impl in services)
@@ -227,8 +243,10 @@ class TetherServer:
             await self._server.wait_for_termination()
 
     async def _recover(self) -> None:
-        """Before serving: forget the streams of processes that are gone, and record what
-        expired while no server ran."""
+        """Before serving: forget the streams of processes that are gone, then the recovery
+        sweep: expire what passed its deadline while no server ran, apply stale sagas'
+        policies, finish the deletions a crash interrupted (the collector's queue is
+        durable), and report it (one log line, one stored report)."""
         if self.db.is_sqlite:
             # SQLite has exactly one server process: no stream of any other is open.
             await self.leases.lease_detach_all_streams()
@@ -243,22 +261,7 @@ class TetherServer:
                     "streams_detached": reaped.streams_detached,
                 },
             )
-        expired = 0
-        while True:
-            result = await self.expiry.run_once()
-            expired += len(result.expired)
-            if not result.backlog:
-                break
-        # A cascade a crash interrupted finishes before serving (its queue is durable).
-        collected = 0
-        while True:
-            collect_pass = await self.objects.collect()
-            collected += collect_pass.deleted
-            if not collect_pass.backlog:
-                break
-        log.info(
-            "recovery sweep done", extra={"leases_expired": expired, "objects_collected": collected}
-        )
+        await self.sweeper.run(SweepTrigger.STARTUP, parts=RECOVERY_PARTS)
 
     def _on_commit(self, result: BatchResult) -> None:
         if result.events:
@@ -329,6 +332,16 @@ class TetherServer:
                 backoff_max_s=30.0,
             )
         )
+        self.runner.add(
+            TaskSpec(
+                "sweep",
+                self._periodic_sweep,
+                interval_s=self.config.sweep.interval_s,
+                leader_only=True,
+                backoff_initial_s=1.0,
+                backoff_max_s=max(1.0, self.config.sweep.interval_s),
+            )
+        )
         if self.db.db_clock is not None:
             self.runner.add(TaskSpec("clock-sync", self._sync_clock, interval_s=10.0))
 
@@ -377,6 +390,22 @@ class TetherServer:
             0.0 if oldest is None else max(0.0, (self.db.clock.now_us() - oldest) / 1e6)
         )
         return None
+
+    async def _periodic_sweep(self) -> float:
+        """Sweep once an interval has passed since the latest periodic sweep of any
+        replica (so a new leader does not sweep again at once), and not before the start
+        delay of this process."""
+        now = self.db.clock.now_us()
+        if self._first_sweep_at_us is None:
+            self._first_sweep_at_us = now + round(self.config.sweep.start_delay_s * 1_000_000)
+        if now < self._first_sweep_at_us:
+            return (self._first_sweep_at_us - now) / 1_000_000
+        last = await self.sweeps.last_started(SweepTrigger.PERIODIC)
+        wait_s = self.sweeper.next_delay_s(last, now)
+        if wait_s > 0:
+            return wait_s
+        report = await self.sweeper.run(SweepTrigger.PERIODIC)
+        return max(0.001, self.sweeper.next_delay_s(report.started_at_us, self.db.clock.now_us()))
 
     async def _sync_clock(self) -> None:
         await self.db.sync_clock()

@@ -26,6 +26,7 @@ from tether_server.defaults import DEFAULT_DB, DEFAULT_LISTEN
 
 if TYPE_CHECKING:
     from tether_server.config import ServerConfig
+    from tether_server.sweeper import SweepConfig
 
 log = logging.getLogger("tether")
 
@@ -122,6 +123,7 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         help="dependents the garbage collector handles per transaction"
         " (env TETHER_GC_BATCH_SIZE; default %(default)s)",
     )
+    _add_sweep_options(serve)
     _add_log_options(serve)
     serve.set_defaults(handler=_run_serve)
 
@@ -129,6 +131,68 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     migrate.add_argument("--db", default=_env("TETHER_DB", DEFAULT_DB))
     _add_log_options(migrate)
     migrate.set_defaults(handler=_run_migrate)
+
+
+# (flag, env, default, help) of the sweep's durations; 0 keeps rows forever.
+_SWEEP_DURATIONS = [
+    ("--sweep-interval", "TETHER_SWEEP_INTERVAL", "5m", "how often the leader sweeps"),
+    ("--sweep-start-delay", "TETHER_SWEEP_START_DELAY", "30s",
+     "wait before this process's first periodic sweep"),
+    ("--sweep-pause", "TETHER_SWEEP_PAUSE", "10ms",
+     "pause between purge batches, so live writes get the store"),
+    ("--retain-ended-leases", "TETHER_RETAIN_ENDED_LEASES", "24h",
+     "keep ended leases (and their request ids) this long; 0 forever"),
+    ("--retain-terminal-sagas", "TETHER_RETAIN_TERMINAL_SAGAS", "168h",
+     "keep terminal sagas this long; 0 forever"),
+    ("--retain-events", "TETHER_RETAIN_EVENTS", "24h",
+     "keep watch events this long (older revisions answer OUT_OF_RANGE); 0 forever"),
+    ("--retain-sweep-reports", "TETHER_RETAIN_SWEEP_REPORTS", "168h",
+     "keep sweep reports this long; 0 forever"),
+    ("--blocked-after", "TETHER_BLOCKED_AFTER", "1h",
+     "report an object terminating longer than this as blocked"),
+]  # fmt: skip
+
+
+def _add_sweep_options(serve: argparse.ArgumentParser) -> None:
+    for flag, env, default, text in _SWEEP_DURATIONS:
+        serve.add_argument(
+            flag,
+            type=_seconds,
+            default=_env(env, default),
+            metavar="DURATION",
+            help=f"{text} (env {env}; default %(default)s)",
+        )
+    serve.add_argument(
+        "--sweep-batch-size",
+        type=int,
+        default=int(_env("TETHER_SWEEP_BATCH_SIZE", "1000")),
+        metavar="N",
+        help="rows per sweep transaction (env TETHER_SWEEP_BATCH_SIZE; default %(default)s)",
+    )
+
+
+def _sweep_config(args: argparse.Namespace) -> SweepConfig:
+    from tether_server.domain.sweep import Retention, SweepLimits
+    from tether_server.sweeper import SweepConfig
+
+    try:
+        return SweepConfig(
+            interval_s=args.sweep_interval,
+            start_delay_s=args.sweep_start_delay,
+            retention=Retention(
+                ended_leases_s=args.retain_ended_leases,
+                terminal_sagas_s=args.retain_terminal_sagas,
+                events_s=args.retain_events,
+                reports_s=args.retain_sweep_reports,
+            ),
+            limits=SweepLimits(
+                batch_size=args.sweep_batch_size,
+                pause_s=args.sweep_pause,
+                blocked_after_s=args.blocked_after,
+            ),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"sweep settings: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +220,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         leader_check_interval_s=args.leader_check_interval,
         metrics_listen=args.metrics_listen,
         gc_batch_size=max(1, args.gc_batch_size),
+        sweep=_sweep_config(args),
         lease=dataclasses.replace(
             LeaseServiceConfig(),
             limits=limits,

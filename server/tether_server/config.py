@@ -10,6 +10,7 @@ from tether_server.expiry import ExpiryConfig
 from tether_server.services.lease import LeaseServiceConfig
 from tether_server.services.objects import ObjectServiceConfig
 from tether_server.services.saga import SagaServiceConfig
+from tether_server.sweeper import SweepConfig
 
 __all__ = ["DEFAULT_DB", "DEFAULT_LISTEN", "ServerConfig"]
 
@@ -42,6 +43,8 @@ class ServerConfig:
     gc_interval_s: float = 1.0
     # Dependents per collector transaction.
     gc_batch_size: int = 1000
+    # Sweeps: the periodic one's schedule, retention per kind, batch sizes.
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     @property
     def limits(self) -> Limits:

@@ -151,6 +151,15 @@ class Metrics:
     gc_queue_depth: int = 0
     gc_queue_failing: int = 0
     gc_oldest_item_age_s: float = 0.0
+    # Sweeps (dry runs excluded): runs by trigger and result, what they did in all, and
+    # the latest one's backlog, blocked objects, duration and finish time.
+    sweeps: dict[tuple[str, bool], int] = field(default_factory=dict)
+    sweep_actions: dict[str, int] = field(default_factory=dict)
+    sweep_rows_purged: dict[str, int] = field(default_factory=dict)
+    sweep_backlog: int = 0
+    sweep_blocked_objects: int = 0
+    sweep_last_seconds: float = 0.0
+    sweep_last_finished_s: float = 0.0
 
     registry: CollectorRegistry = field(init=False, repr=False)
     _store_batch_size: Histogram = field(init=False, repr=False)
@@ -196,6 +205,28 @@ class Metrics:
         if histogram is None:
             histogram = self._task_seconds[task] = Histogram(TASK_SECONDS_BUCKETS)
         histogram.observe(seconds)
+
+    def sweep(
+        self,
+        trigger: str,
+        ok: bool,
+        actions: dict[str, int],
+        purged: dict[str, int],
+        *,
+        backlog: int,
+        blocked: int,
+        seconds: float,
+        finished_s: float,
+    ) -> None:
+        key = (trigger, ok)
+        self.sweeps[key] = self.sweeps.get(key, 0) + 1
+        for totals, add in ((self.sweep_actions, actions), (self.sweep_rows_purged, purged)):
+            for name, count in add.items():
+                totals[name] = totals.get(name, 0) + count
+        self.sweep_backlog = backlog
+        self.sweep_blocked_objects = blocked
+        self.sweep_last_seconds = seconds
+        self.sweep_last_finished_s = finished_s
 
     def rpc(self, service: str, method: str) -> RpcStats:
         """The stats of one gRPC method (created on first use); the interceptor records
@@ -300,6 +331,7 @@ class _Collector:
             "Age of the oldest queued owner: grows when the collector falls behind or stops.",
             value=m.gc_oldest_item_age_s,
         )
+        yield from _sweep_families(m)
         yield _histogram(
             "tether_store_batch_size",
             "Operations per committed store transaction.",
@@ -349,6 +381,52 @@ class _Collector:
             rpc_seconds.add_metric([service, method], buckets, total)
         yield rpc_total
         yield rpc_seconds
+
+
+def _sweep_families(m: Metrics) -> Iterator[Metric]:
+    runs = CounterMetricFamily(
+        "tether_sweeps",
+        "Sweeps run (dry runs excluded), by trigger and result.",
+        labels=["trigger", "result"],
+    )
+    for (trigger, ok), count in sorted(m.sweeps.items()):
+        runs.add_metric([trigger, "ok" if ok else "partial"], count)
+    yield runs
+    actions = CounterMetricFamily(
+        "tether_sweep_actions",
+        "What sweeps did: leases_expired, sagas_requeued, sagas_compensating, sagas_failed,"
+        " sagas_quarantined, objects_collected, objects_orphaned.",
+        labels=["action"],
+    )
+    for action, count in sorted(m.sweep_actions.items()):
+        actions.add_metric([action], count)
+    yield actions
+    purged = CounterMetricFamily(
+        "tether_sweep_rows_purged", "Rows sweeps purged, by kind.", labels=["kind"]
+    )
+    for kind, count in sorted(m.sweep_rows_purged.items()):
+        purged.add_metric([kind], count)
+    yield purged
+    yield GaugeMetricFamily(
+        "tether_sweep_backlog",
+        "Work the latest sweep left for the next one (high after a crash storm).",
+        value=m.sweep_backlog,
+    )
+    yield GaugeMetricFamily(
+        "tether_sweep_blocked_objects",
+        "Objects the latest sweep found terminating past the threshold (stuck finalizers).",
+        value=m.sweep_blocked_objects,
+    )
+    yield GaugeMetricFamily(
+        "tether_sweep_last_duration_seconds",
+        "Duration of the latest sweep.",
+        value=m.sweep_last_seconds,
+    )
+    yield GaugeMetricFamily(
+        "tether_sweep_last_finished_timestamp_seconds",
+        "When the latest sweep finished (store clock, Unix seconds); 0 before the first.",
+        value=m.sweep_last_finished_s,
+    )
 
 
 def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:

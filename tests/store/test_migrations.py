@@ -35,6 +35,7 @@ TABLES = {
     "lease_requests",
     "revisions",
     "replicas",
+    "sweep_reports",
 }
 
 
@@ -92,7 +93,7 @@ async def test_migrate_is_idempotent(database: Database) -> None:
     assert version == alembic_head()
     async with inspect_connection(database) as conn:
         rows = (await conn.execute(select(revisions))).all()
-        assert [tuple(r) for r in rows] == [(1, 1, 0)]
+        assert [tuple(r) for r in rows] == [(1, 1, 0, 0)]
         versions = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
         assert len(versions) == 1
     assert await store.lease_get("default", result.lease.lease_id) == result.lease

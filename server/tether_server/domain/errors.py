@@ -140,6 +140,10 @@ class ObjectNotFound(TetherError):
     reason = "OBJECT_NOT_FOUND"
 
 
+class SweepReportNotFound(TetherError):
+    reason = "SWEEP_REPORT_NOT_FOUND"
+
+
 class ObjectExists(TetherError):
     reason = "OBJECT_EXISTS"
 

@@ -52,6 +52,7 @@ _CODES: dict[type[errors.TetherError], grpc.StatusCode] = {
     errors.OwnerCycle: grpc.StatusCode.FAILED_PRECONDITION,
     errors.UidMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceVersionConflict: grpc.StatusCode.ABORTED,
+    errors.SweepReportNotFound: grpc.StatusCode.NOT_FOUND,
 }
 
 

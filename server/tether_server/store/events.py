@@ -78,3 +78,30 @@ async def compact(tx: Tx, up_to_revision: int) -> int:
     purged = await tx.execute(_PURGE, target)
     await tx.execute(_SET_COMPACTED, target)
     return purged
+
+
+_OLDEST = sql(
+    "SELECT revision, occurred_at_us FROM events WHERE revision > $1 ORDER BY revision LIMIT $2"
+)
+_COUNT_OLDER = sql("SELECT count(*) FROM events WHERE revision > $1 AND occurred_at_us <= $2")
+
+
+async def purge_older(tx: Tx, occurred_before_us: int, limit: int) -> int:
+    """Compact up to ``limit`` of the oldest events, those that occurred at or before the
+    cutoff. Compaction is a prefix (every revision at or below the compacted one is gone),
+    so it stops at the first younger event even if older ones follow (replicas' clocks)."""
+    await tx.lock_revisions()
+    head = await header(tx)
+    upto = None
+    for row in await tx.fetch(_OLDEST, head.compacted, limit):
+        if int(row["occurred_at_us"]) > occurred_before_us:
+            break
+        upto = int(row["revision"])
+    if upto is None:
+        return 0
+    return await compact(tx, upto)
+
+
+async def count_older(tx: Tx, occurred_before_us: int) -> int:
+    head = await header(tx)
+    return int(await tx.fetchval(_COUNT_OLDER, head.compacted, occurred_before_us))

@@ -18,9 +18,12 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 metadata = MetaData()
+
+_ENDED = text("ended_at_us IS NOT NULL")
 
 # One row per key ever leased. Keeps the fencing-token counter so tokens never repeat, even
 # after every lease row of the key is purged, and the key's lock-delay.
@@ -61,6 +64,8 @@ leases = Table(
     Index("ix_leases_state_expires", "state", "expires_at_us"),
     Index("ix_leases_holder", "namespace", "holder"),
     Index("ix_leases_stream", "stream_id"),
+    # Partial: what the retention purge walks; live leases never enter it.
+    Index("ix_leases_ended", "ended_at_us", postgresql_where=_ENDED, sqlite_where=_ENDED),
 )
 
 # Acquire's idempotency record: the first result of each client request id, and a digest
@@ -92,13 +97,16 @@ events = Table(
     Index("ix_events_area_ns_rev", "area", "namespace", "revision"),
 )
 
-# Single row (id = 1): the latest revision handed out and the highest one purged.
+# Single row (id = 1): the latest revision handed out, the highest one purged, and the
+# fencing-token floor: the highest token of any purged lease key. A key leased again after
+# its row was purged starts above it, so its tokens still only grow.
 revisions = Table(
     "revisions",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("current", BigInteger, nullable=False),
     Column("compacted", BigInteger, nullable=False),
+    Column("token_floor", BigInteger, nullable=False, server_default="0"),
 )
 
 # Server processes sharing the store. A KeepAlive stream is attached to leases under an id
@@ -153,6 +161,7 @@ sagas = Table(
     Index("ix_sagas_queue", "namespace", "kind", "state", "created_at_us"),
     Index("ix_sagas_deadline", "state", "deadline_us"),
     Index("ix_sagas_claim", "claim_lease_id"),
+    Index("ix_sagas_ended", "ended_at_us", postgresql_where=_ENDED, sqlite_where=_ENDED),
 )
 
 # The step log: one row per step index; a step run again in a later attempt is updated.
@@ -256,4 +265,18 @@ gc_queue = Table(
     Column("attempts", Integer, nullable=False),
     Column("last_error", Text, nullable=False),
     Index("ix_gc_queue_next", "next_attempt_us"),
+)
+
+
+# One row per sweep; the report itself is JSON (read whole, never queried by field).
+sweep_reports = Table(
+    "sweep_reports",
+    metadata,
+    Column("sweep_id", String(64), primary_key=True),
+    Column("started_at_us", BigInteger, nullable=False),
+    Column("trigger", String(16), nullable=False),
+    Column("dry_run", Integer, nullable=False),
+    Column("replica", String(256), nullable=False),
+    Column("body", Text, nullable=False),
+    Index("ix_sweep_reports_started", "started_at_us", "sweep_id"),
 )

@@ -27,7 +27,9 @@ from tether_server.store.sql import Sql, sql
 
 Row = Any  # sqlite3.Row or asyncpg.Record: both index by position and by column name.
 
-LOCK_REVISIONS = sql("UPDATE revisions SET current = current WHERE id = 1 RETURNING current")
+LOCK_REVISIONS = sql(
+    "UPDATE revisions SET current = current WHERE id = 1 RETURNING current, token_floor"
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class Tx:
         self.now_us = clock.now_us()
         self._revision: int | None = None
         self._revision_at_start: int | None = None
+        # Read with the revision lock: a key leased for the first time (or again after
+        # its row was purged) starts its fencing tokens above it.
+        self.token_floor = 0
         self.events: list[Event] = []
         self.deadlines: list[int] = []
         self._unit_wrote = False
@@ -91,8 +96,11 @@ class Tx:
 
     async def lock_revisions(self) -> None:
         if self._revision is None:
-            self._revision = int(await self.fetchval(LOCK_REVISIONS))
+            row = await self.fetchrow(LOCK_REVISIONS)
+            assert row is not None
+            self._revision = int(row["current"])
             self._revision_at_start = self._revision
+            self.token_floor = int(row["token_floor"])
 
     async def next_revision(self) -> int:
         """Reserve the next global revision (rows written now can carry it)."""

@@ -143,7 +143,11 @@ async def acquire(tx: Tx, p: AcquireParams) -> AcquireResult | Refuse:
     intent = AcquireIntent(p.holder, p.principal)
     # The answer for a key never leased before, granted by the same statement that finds
     # out whether the key is new.
-    fresh = decide_acquire(LeaseKey(p.namespace, p.key), None, intent, tx.now_us)
+    # Under the revision lock, so a purge of the key's row cannot slip in before it.
+    await tx.lock_revisions()
+    fresh = decide_acquire(
+        LeaseKey(p.namespace, p.key, last_fencing_token=tx.token_floor), None, intent, tx.now_us
+    )
     assert isinstance(fresh, Grant)
     revision = await tx.next_revision()
     lease = _new_lease(tx, p, fresh, revision)

@@ -316,3 +316,22 @@ class CollectorState:
 
 async def collector_state(tx: Tx) -> CollectorState:
     return CollectorState(await queue_stats(tx), await failing(tx))
+
+
+_TERMINATING_SINCE = (
+    "o.deletion_ts_us IS NOT NULL AND o.deletion_ts_us <= $2 AND ($1 = '' OR o.namespace = $1)"
+)
+_BLOCKED = sql(
+    f"{rows.SELECT} WHERE {_TERMINATING_SINCE} ORDER BY o.deletion_ts_us, o.uid LIMIT $3"
+)
+_BLOCKED_COUNT = sql(f"SELECT count(*) FROM objects o WHERE {_TERMINATING_SINCE}")
+
+
+async def terminating_since(
+    tx: Tx, namespace: str, deleted_before_us: int, limit: int
+) -> tuple[list[Obj], int]:
+    """Objects terminating since at or before the cutoff (oldest first, up to ``limit``),
+    and how many there are in all."""
+    found = await tx.fetch(_BLOCKED, namespace, deleted_before_us, limit)
+    total = int(await tx.fetchval(_BLOCKED_COUNT, namespace, deleted_before_us))
+    return [rows.row_to_obj(r) for r in found], total

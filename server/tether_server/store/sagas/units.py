@@ -543,13 +543,55 @@ async def enforce_deadlines(tx: Tx, limit: int) -> DeadlinePass:
     )
 
 
-# ---- purge (the sweeps' retention runs it) ----------------------------------------------------
+# ---- the sweep: settle what time decided, purge what retention lets go -----------------------
 
-_PURGE = [
-    sql(f"DELETE FROM {table} WHERE namespace = $1 AND saga_id = $2")
-    for table in ("saga_annotations", "saga_compensations", "saga_steps")
+_DUE_WHERE = (
+    "($1 = '' OR s.namespace = $1) AND ("
+    "(s.state IN ('RUNNING', 'COMPENSATING') AND s.claim_active = 1 AND"
+    " (l.lease_id IS NULL OR l.state <> 'ACTIVE' OR l.expires_at_us <= $2"
+    " OR l.fencing_token <> s.claim_token))"
+    " OR (s.state IN ('PLANNED', 'RUNNING') AND s.deadline_us <= $2))"
+)
+_DUE_LOCK = sql(f"{FROM_SAGAS} WHERE {_DUE_WHERE} LIMIT $3 FOR UPDATE OF s SKIP LOCKED")
+_DUE_READ = sql(f"{FROM_SAGAS} WHERE {_DUE_WHERE} LIMIT $3")
+
+
+async def settle_due(
+    tx: Tx, namespace: str, limit: int, *, dry_run: bool
+) -> list[tuple[Saga, Saga]]:
+    """Apply to up to ``limit`` stale or overdue sagas what time decided (on-stale policy,
+    deadline); (before, after) for each. Each is judged again under its row lock, so a
+    saga a worker completed (or renewed) since the selection is left alone. A dry run
+    decides the same way and writes nothing."""
+    found = await tx.fetch(_DUE_READ if dry_run else _DUE_LOCK, namespace, tx.now_us, limit)
+    settled: list[tuple[Saga, Saga]] = []
+    for row in found:
+        loaded = rows.row_to_loaded(row)
+        steps = await rows.load_steps(tx, loaded.saga)
+        change = domain.settle(loaded.saga, steps, loaded.lease, tx.now_us)
+        if change is None:
+            continue
+        after = change.saga if dry_run else await _write(tx, loaded.saga, change)
+        settled.append((loaded.saga, after))
+    return settled
+
+
+_LOGS = ("saga_annotations", "saga_compensations", "saga_steps")
+_PURGE_ONE = [sql(f"DELETE FROM {t} WHERE namespace = $1 AND saga_id = $2") for t in _LOGS]
+_PURGE_ONE_SAGA = sql("DELETE FROM sagas WHERE namespace = $1 AND saga_id = $2")
+_PURGE_MANY = [
+    sql(f"DELETE FROM {t} WHERE namespace = $1 AND saga_id = ANY($2::text[])")
+    for t in (*_LOGS, "sagas")
 ]
-_PURGE_SAGA = sql("DELETE FROM sagas WHERE namespace = $1 AND saga_id = $2")
+_TERMINAL = ", ".join(f"'{state.value}'" for state in sorted(domain.TERMINAL))
+_ENDED_WHERE = (
+    f"ended_at_us IS NOT NULL AND ended_at_us <= $2 AND state IN ({_TERMINAL})"
+    " AND ($1 = '' OR namespace = $1)"
+)
+_PICK_ENDED = sql(
+    f"SELECT namespace, saga_id FROM sagas WHERE {_ENDED_WHERE} LIMIT $3 FOR UPDATE SKIP LOCKED"
+)
+_COUNT_ENDED = sql(f"SELECT count(*) FROM sagas WHERE {_ENDED_WHERE}")
 
 
 async def purge(tx: Tx, namespace: str, saga_id: str) -> bool:
@@ -558,8 +600,27 @@ async def purge(tx: Tx, namespace: str, saga_id: str) -> bool:
     loaded = await rows.load(tx, namespace, saga_id, lock=True)
     if loaded is None or not loaded.saga.terminal:
         return False
-    for statement in _PURGE:
+    for statement in _PURGE_ONE:
         await tx.execute(statement, namespace, saga_id)
-    await tx.execute(_PURGE_SAGA, namespace, saga_id)
+    await tx.execute(_PURGE_ONE_SAGA, namespace, saga_id)
     await object_rows.enqueue_owning(tx, [saga_id])
     return True
+
+
+async def purge_ended(tx: Tx, namespace: str, ended_before_us: int, limit: int) -> int:
+    """Remove up to ``limit`` terminal sagas that ended at or before the cutoff, with their
+    logs; what they owned is queued for the collector. Rows another transaction holds are
+    skipped (a redrive, an annotation): the next batch or sweep gets them."""
+    found = await tx.fetch(_PICK_ENDED, namespace, ended_before_us, limit)
+    by_namespace: dict[str, list[str]] = {}
+    for row in found:
+        by_namespace.setdefault(row["namespace"], []).append(row["saga_id"])
+    for ns, ids in by_namespace.items():
+        for statement in _PURGE_MANY:
+            await tx.execute(statement, ns, ids)
+        await object_rows.enqueue_owning(tx, ids)
+    return len(found)
+
+
+async def count_ended(tx: Tx, namespace: str, ended_before_us: int) -> int:
+    return int(await tx.fetchval(_COUNT_ENDED, namespace, ended_before_us))

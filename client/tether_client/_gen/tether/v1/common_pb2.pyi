@@ -108,6 +108,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the object's uid is not the one the request expected (it was
     deleted and recreated); metadata "uid", "expected_uid".
     """
+    ERROR_REASON_SWEEP_REPORT_NOT_FOUND: _ErrorReason.ValueType  # 35
+    """NOT_FOUND: GetSweepReport names no stored report (never written, or purged)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every reason tether puts in google.rpc.ErrorInfo (domain "tether.dev").
@@ -196,6 +198,8 @@ ERROR_REASON_UID_MISMATCH: ErrorReason.ValueType  # 34
 """FAILED_PRECONDITION: the object's uid is not the one the request expected (it was
 deleted and recreated); metadata "uid", "expected_uid".
 """
+ERROR_REASON_SWEEP_REPORT_NOT_FOUND: ErrorReason.ValueType  # 35
+"""NOT_FOUND: GetSweepReport names no stored report (never written, or purged)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

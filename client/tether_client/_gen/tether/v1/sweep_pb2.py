@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tether/v1/sweep.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"o\n\rBlockedObject\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03uid\x18\x04 \x01(\t\x12\x12\n\nfinalizers\x18\x05 \x03(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\xd3\x04\n\x0bSweepReport\x12\x10\n\x08sweep_id\x18\x01 \x01(\t\x12(\n\x07trigger\x18\x02 \x01(\x0e\x32\x17.tether.v1.SweepTrigger\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\x12\x0f\n\x07replica\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0eleases_expired\x18\x08 \x01(\x03\x12\x16\n\x0esagas_requeued\x18\t \x01(\x03\x12\x1a\n\x12sagas_compensating\x18\n \x01(\x03\x12\x19\n\x11sagas_quarantined\x18\x0b \x01(\x03\x12\x19\n\x11objects_collected\x18\x0c \x01(\x03\x12\x18\n\x10objects_orphaned\x18\r \x01(\x03\x12)\n\x07\x62locked\x18\x0e \x03(\x0b\x32\x18.tether.v1.BlockedObject\x12;\n\x0brows_purged\x18\x0f \x03(\x0b\x32&.tether.v1.SweepReport.RowsPurgedEntry\x12\x10\n\x08\x66\x61ilures\x18\x10 \x03(\t\x12\x0f\n\x07\x62\x61\x63klog\x18\x11 \x01(\x03\x1a\x31\n\x0fRowsPurgedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"5\n\x0fRunSweepRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\":\n\x10RunSweepResponse\x12&\n\x06report\x18\x01 \x01(\x0b\x32\x16.tether.v1.SweepReport\"k\n\x17ListSweepReportsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x08triggers\x18\x03 \x03(\x0e\x32\x17.tether.v1.SweepTrigger\"\\\n\x18ListSweepReportsResponse\x12\'\n\x07reports\x18\x01 \x03(\x0b\x32\x16.tether.v1.SweepReport\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x15GetSweepReportRequest\x12\x10\n\x08sweep_id\x18\x01 \x01(\t\"@\n\x16GetSweepReportResponse\x12&\n\x06report\x18\x01 \x01(\x0b\x32\x16.tether.v1.SweepReport*\x81\x01\n\x0cSweepTrigger\x12\x1d\n\x19SWEEP_TRIGGER_UNSPECIFIED\x10\x00\x12\x19\n\x15SWEEP_TRIGGER_STARTUP\x10\x01\x12\x1a\n\x16SWEEP_TRIGGER_PERIODIC\x10\x02\x12\x1b\n\x17SWEEP_TRIGGER_ON_DEMAND\x10\x03\x32\x87\x02\n\x0cSweepService\x12\x43\n\x08RunSweep\x12\x1a.tether.v1.RunSweepRequest\x1a\x1b.tether.v1.RunSweepResponse\x12[\n\x10ListSweepReports\x12\".tether.v1.ListSweepReportsRequest\x1a#.tether.v1.ListSweepReportsResponse\x12U\n\x0eGetSweepReport\x12 .tether.v1.GetSweepReportRequest\x1a!.tether.v1.GetSweepReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tether/v1/sweep.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcf\x01\n\rBlockedObject\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03uid\x18\x04 \x01(\t\x12\x12\n\nfinalizers\x18\x05 \x03(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x36\n\x12\x64\x65letion_timestamp\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03\x61ge\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x93\x01\n\x10\x43ollectorFailure\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x11\n\towner_uid\x18\x02 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x03\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x33\n\x0fnext_attempt_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x89\x06\n\x0bSweepReport\x12\x10\n\x08sweep_id\x18\x01 \x01(\t\x12(\n\x07trigger\x18\x02 \x01(\x0e\x32\x17.tether.v1.SweepTrigger\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\x12\x0f\n\x07replica\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0eleases_expired\x18\x08 \x01(\x03\x12\x16\n\x0esagas_requeued\x18\t \x01(\x03\x12\x1a\n\x12sagas_compensating\x18\n \x01(\x03\x12\x19\n\x11sagas_quarantined\x18\x0b \x01(\x03\x12\x19\n\x11objects_collected\x18\x0c \x01(\x03\x12\x18\n\x10objects_orphaned\x18\r \x01(\x03\x12)\n\x07\x62locked\x18\x0e \x03(\x0b\x32\x18.tether.v1.BlockedObject\x12;\n\x0brows_purged\x18\x0f \x03(\x0b\x32&.tether.v1.SweepReport.RowsPurgedEntry\x12\x10\n\x08\x66\x61ilures\x18\x10 \x03(\t\x12\x0f\n\x07\x62\x61\x63klog\x18\x11 \x01(\x03\x12\x14\n\x0csagas_failed\x18\x12 \x01(\x03\x12#\n\x05parts\x18\x13 \x03(\x0e\x32\x14.tether.v1.SweepPart\x12\x11\n\tnamespace\x18\x14 \x01(\t\x12\x16\n\x0egc_queue_depth\x18\x15 \x01(\x03\x12\x37\n\x12\x63ollector_failures\x18\x16 \x03(\x0b\x32\x1b.tether.v1.CollectorFailure\x12\x15\n\rblocked_total\x18\x17 \x01(\x03\x1a\x31\n\x0fRowsPurgedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"Z\n\x0fRunSweepRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12#\n\x05parts\x18\x03 \x03(\x0e\x32\x14.tether.v1.SweepPart\":\n\x10RunSweepResponse\x12&\n\x06report\x18\x01 \x01(\x0b\x32\x16.tether.v1.SweepReport\"k\n\x17ListSweepReportsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x08triggers\x18\x03 \x03(\x0e\x32\x17.tether.v1.SweepTrigger\"\\\n\x18ListSweepReportsResponse\x12\'\n\x07reports\x18\x01 \x03(\x0b\x32\x16.tether.v1.SweepReport\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x15GetSweepReportRequest\x12\x10\n\x08sweep_id\x18\x01 \x01(\t\"@\n\x16GetSweepReportResponse\x12&\n\x06report\x18\x01 \x01(\x0b\x32\x16.tether.v1.SweepReport*\x81\x01\n\x0cSweepTrigger\x12\x1d\n\x19SWEEP_TRIGGER_UNSPECIFIED\x10\x00\x12\x19\n\x15SWEEP_TRIGGER_STARTUP\x10\x01\x12\x1a\n\x16SWEEP_TRIGGER_PERIODIC\x10\x02\x12\x1b\n\x17SWEEP_TRIGGER_ON_DEMAND\x10\x03*\x95\x02\n\tSweepPart\x12\x1a\n\x16SWEEP_PART_UNSPECIFIED\x10\x00\x12\x1c\n\x18SWEEP_PART_EXPIRE_LEASES\x10\x01\x12\x1a\n\x16SWEEP_PART_STALE_SAGAS\x10\x02\x12\x1e\n\x1aSWEEP_PART_COLLECT_GARBAGE\x10\x03\x12\x1e\n\x1aSWEEP_PART_BLOCKED_OBJECTS\x10\x04\x12\x1b\n\x17SWEEP_PART_PURGE_LEASES\x10\x05\x12\x1a\n\x16SWEEP_PART_PURGE_SAGAS\x10\x06\x12\x1b\n\x17SWEEP_PART_PURGE_EVENTS\x10\x07\x12\x1c\n\x18SWEEP_PART_PURGE_REPORTS\x10\x08\x32\x87\x02\n\x0cSweepService\x12\x43\n\x08RunSweep\x12\x1a.tether.v1.RunSweepRequest\x1a\x1b.tether.v1.RunSweepResponse\x12[\n\x10ListSweepReports\x12\".tether.v1.ListSweepReportsRequest\x1a#.tether.v1.ListSweepReportsResponse\x12U\n\x0eGetSweepReport\x12 .tether.v1.GetSweepReportRequest\x1a!.tether.v1.GetSweepReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,26 +36,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SWEEPREPORT_ROWSPURGEDENTRY']._loaded_options = None
   _globals['_SWEEPREPORT_ROWSPURGEDENTRY']._serialized_options = b'8\001'
-  _globals['_SWEEPTRIGGER']._serialized_start=1240
-  _globals['_SWEEPTRIGGER']._serialized_end=1369
-  _globals['_BLOCKEDOBJECT']._serialized_start=101
-  _globals['_BLOCKEDOBJECT']._serialized_end=212
-  _globals['_SWEEPREPORT']._serialized_start=215
-  _globals['_SWEEPREPORT']._serialized_end=810
-  _globals['_SWEEPREPORT_ROWSPURGEDENTRY']._serialized_start=761
-  _globals['_SWEEPREPORT_ROWSPURGEDENTRY']._serialized_end=810
-  _globals['_RUNSWEEPREQUEST']._serialized_start=812
-  _globals['_RUNSWEEPREQUEST']._serialized_end=865
-  _globals['_RUNSWEEPRESPONSE']._serialized_start=867
-  _globals['_RUNSWEEPRESPONSE']._serialized_end=925
-  _globals['_LISTSWEEPREPORTSREQUEST']._serialized_start=927
-  _globals['_LISTSWEEPREPORTSREQUEST']._serialized_end=1034
-  _globals['_LISTSWEEPREPORTSRESPONSE']._serialized_start=1036
-  _globals['_LISTSWEEPREPORTSRESPONSE']._serialized_end=1128
-  _globals['_GETSWEEPREPORTREQUEST']._serialized_start=1130
-  _globals['_GETSWEEPREPORTREQUEST']._serialized_end=1171
-  _globals['_GETSWEEPREPORTRESPONSE']._serialized_start=1173
-  _globals['_GETSWEEPREPORTRESPONSE']._serialized_end=1237
-  _globals['_SWEEPSERVICE']._serialized_start=1372
-  _globals['_SWEEPSERVICE']._serialized_end=1635
+  _globals['_SWEEPTRIGGER']._serialized_start=1706
+  _globals['_SWEEPTRIGGER']._serialized_end=1835
+  _globals['_SWEEPPART']._serialized_start=1838
+  _globals['_SWEEPPART']._serialized_end=2115
+  _globals['_BLOCKEDOBJECT']._serialized_start=102
+  _globals['_BLOCKEDOBJECT']._serialized_end=309
+  _globals['_COLLECTORFAILURE']._serialized_start=312
+  _globals['_COLLECTORFAILURE']._serialized_end=459
+  _globals['_SWEEPREPORT']._serialized_start=462
+  _globals['_SWEEPREPORT']._serialized_end=1239
+  _globals['_SWEEPREPORT_ROWSPURGEDENTRY']._serialized_start=1190
+  _globals['_SWEEPREPORT_ROWSPURGEDENTRY']._serialized_end=1239
+  _globals['_RUNSWEEPREQUEST']._serialized_start=1241
+  _globals['_RUNSWEEPREQUEST']._serialized_end=1331
+  _globals['_RUNSWEEPRESPONSE']._serialized_start=1333
+  _globals['_RUNSWEEPRESPONSE']._serialized_end=1391
+  _globals['_LISTSWEEPREPORTSREQUEST']._serialized_start=1393
+  _globals['_LISTSWEEPREPORTSREQUEST']._serialized_end=1500
+  _globals['_LISTSWEEPREPORTSRESPONSE']._serialized_start=1502
+  _globals['_LISTSWEEPREPORTSRESPONSE']._serialized_end=1594
+  _globals['_GETSWEEPREPORTREQUEST']._serialized_start=1596
+  _globals['_GETSWEEPREPORTREQUEST']._serialized_end=1637
+  _globals['_GETSWEEPREPORTRESPONSE']._serialized_start=1639
+  _globals['_GETSWEEPREPORTRESPONSE']._serialized_end=1703
+  _globals['_SWEEPSERVICE']._serialized_start=2118
+  _globals['_SWEEPSERVICE']._serialized_end=2381
 # @@protoc_insertion_point(module_scope)

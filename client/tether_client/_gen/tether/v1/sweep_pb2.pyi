@@ -41,6 +41,62 @@ SWEEP_TRIGGER_PERIODIC: SweepTrigger.ValueType  # 2
 SWEEP_TRIGGER_ON_DEMAND: SweepTrigger.ValueType  # 3
 Global___SweepTrigger: _TypeAlias = SweepTrigger  # noqa: Y015
 
+class _SweepPart:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SweepPartEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SweepPart.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SWEEP_PART_UNSPECIFIED: _SweepPart.ValueType  # 0
+    SWEEP_PART_EXPIRE_LEASES: _SweepPart.ValueType  # 1
+    """Leases whose deadline passed get EXPIRED (with events)."""
+    SWEEP_PART_STALE_SAGAS: _SweepPart.ValueType  # 2
+    """RUNNING / COMPENSATING sagas whose claim's lease is gone get their on-stale policy,
+    and overdue sagas their deadline.
+    """
+    SWEEP_PART_COLLECT_GARBAGE: _SweepPart.ValueType  # 3
+    """The garbage collector's queue is drained: dependents of gone owners collected,
+    foreground and orphan deletions finished.
+    """
+    SWEEP_PART_BLOCKED_OBJECTS: _SweepPart.ValueType  # 4
+    """Objects stuck terminating on a finalizer past the threshold are listed (read only)."""
+    SWEEP_PART_PURGE_LEASES: _SweepPart.ValueType  # 5
+    """Ended leases past retention (with their request-id rows), then keys no lease uses."""
+    SWEEP_PART_PURGE_SAGAS: _SweepPart.ValueType  # 6
+    """Terminal sagas past retention with their logs; what they owned is collected."""
+    SWEEP_PART_PURGE_EVENTS: _SweepPart.ValueType  # 7
+    """Watch events past retention (global: the compacted revision moves up)."""
+    SWEEP_PART_PURGE_REPORTS: _SweepPart.ValueType  # 8
+    """Sweep reports past retention (global)."""
+
+class SweepPart(_SweepPart, metaclass=_SweepPartEnumTypeWrapper):
+    """What a sweep does: reconciliations (putting crash residue back on a path) and purges
+    (retention). An empty list means all of them.
+    """
+
+SWEEP_PART_UNSPECIFIED: SweepPart.ValueType  # 0
+SWEEP_PART_EXPIRE_LEASES: SweepPart.ValueType  # 1
+"""Leases whose deadline passed get EXPIRED (with events)."""
+SWEEP_PART_STALE_SAGAS: SweepPart.ValueType  # 2
+"""RUNNING / COMPENSATING sagas whose claim's lease is gone get their on-stale policy,
+and overdue sagas their deadline.
+"""
+SWEEP_PART_COLLECT_GARBAGE: SweepPart.ValueType  # 3
+"""The garbage collector's queue is drained: dependents of gone owners collected,
+foreground and orphan deletions finished.
+"""
+SWEEP_PART_BLOCKED_OBJECTS: SweepPart.ValueType  # 4
+"""Objects stuck terminating on a finalizer past the threshold are listed (read only)."""
+SWEEP_PART_PURGE_LEASES: SweepPart.ValueType  # 5
+"""Ended leases past retention (with their request-id rows), then keys no lease uses."""
+SWEEP_PART_PURGE_SAGAS: SweepPart.ValueType  # 6
+"""Terminal sagas past retention with their logs; what they owned is collected."""
+SWEEP_PART_PURGE_EVENTS: SweepPart.ValueType  # 7
+"""Watch events past retention (global: the compacted revision moves up)."""
+SWEEP_PART_PURGE_REPORTS: SweepPart.ValueType  # 8
+"""Sweep reports past retention (global)."""
+Global___SweepPart: _TypeAlias = SweepPart  # noqa: Y015
+
 @_typing.final
 class BlockedObject(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -51,13 +107,24 @@ class BlockedObject(_message.Message):
     UID_FIELD_NUMBER: _builtins.int
     FINALIZERS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    DELETION_TIMESTAMP_FIELD_NUMBER: _builtins.int
+    AGE_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     kind: _builtins.str
     name: _builtins.str
     uid: _builtins.str
     reason: _builtins.str
+    """The last reason a finalizer handler recorded when it refused (empty if none did)."""
     @_builtins.property
-    def finalizers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def finalizers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The finalizers still pending."""
+
+    @_builtins.property
+    def deletion_timestamp(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def age(self) -> _duration_pb2.Duration:
+        """How long it has been terminating when the sweep looked."""
+
     def __init__(
         self,
         *,
@@ -67,14 +134,50 @@ class BlockedObject(_message.Message):
         uid: _builtins.str = ...,
         finalizers: _abc.Iterable[_builtins.str] | None = ...,
         reason: _builtins.str = ...,
+        deletion_timestamp: _timestamp_pb2.Timestamp | None = ...,
+        age: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "deletion_timestamp", b"deletion_timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finalizers", b"finalizers", "kind", b"kind", "name", b"name", "namespace", b"namespace", "reason", b"reason", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "deletion_timestamp", b"deletion_timestamp", "finalizers", b"finalizers", "kind", b"kind", "name", b"name", "namespace", b"namespace", "reason", b"reason", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BlockedObject: _TypeAlias = BlockedObject  # noqa: Y015
+
+@_typing.final
+class CollectorFailure(_message.Message):
+    """An owner the garbage collector fails to collect (it retries with backoff)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    OWNER_UID_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    owner_uid: _builtins.str
+    attempts: _builtins.int
+    last_error: _builtins.str
+    @_builtins.property
+    def next_attempt_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        owner_uid: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        next_attempt_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_attempt_at", b"next_attempt_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "last_error", b"last_error", "namespace", b"namespace", "next_attempt_at", b"next_attempt_at", "owner_uid", b"owner_uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectorFailure: _TypeAlias = CollectorFailure  # noqa: Y015
 
 @_typing.final
 class SweepReport(_message.Message):
@@ -117,6 +220,12 @@ class SweepReport(_message.Message):
     ROWS_PURGED_FIELD_NUMBER: _builtins.int
     FAILURES_FIELD_NUMBER: _builtins.int
     BACKLOG_FIELD_NUMBER: _builtins.int
+    SAGAS_FAILED_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    GC_QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    COLLECTOR_FAILURES_FIELD_NUMBER: _builtins.int
+    BLOCKED_TOTAL_FIELD_NUMBER: _builtins.int
     sweep_id: _builtins.str
     trigger: Global___SweepTrigger.ValueType
     dry_run: _builtins.bool
@@ -129,6 +238,14 @@ class SweepReport(_message.Message):
     objects_orphaned: _builtins.int
     backlog: _builtins.int
     """Work left for the next sweep (a backlog over a threshold means a crash storm)."""
+    sagas_failed: _builtins.int
+    """Sagas whose compensation began with nothing to compensate (they end FAILED)."""
+    namespace: _builtins.str
+    """Empty: every namespace."""
+    gc_queue_depth: _builtins.int
+    """The collector's queue after the sweep, and the owners it keeps failing on."""
+    blocked_total: _builtins.int
+    """Blocked objects beyond those listed in `blocked` (the list is bounded)."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -139,10 +256,20 @@ class SweepReport(_message.Message):
     def blocked(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockedObject]: ...
     @_builtins.property
     def rows_purged(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Rows purged per kind: "leases", "lease_events", "sagas", "objects", ..."""
+        """Rows purged per kind: "leases", "lease_requests", "lease_keys", "sagas", "events",
+        "sweep_reports". A dry run counts what it would purge.
+        """
 
     @_builtins.property
-    def failures(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def failures(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"<part>: <error>" for each part that failed; the other parts still ran."""
+
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedScalarFieldContainer[Global___SweepPart.ValueType]:
+        """The parts this sweep ran."""
+
+    @_builtins.property
+    def collector_failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___CollectorFailure]: ...
     def __init__(
         self,
         *,
@@ -163,10 +290,16 @@ class SweepReport(_message.Message):
         rows_purged: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         failures: _abc.Iterable[_builtins.str] | None = ...,
         backlog: _builtins.int = ...,
+        sagas_failed: _builtins.int = ...,
+        parts: _abc.Iterable[Global___SweepPart.ValueType] | None = ...,
+        namespace: _builtins.str = ...,
+        gc_queue_depth: _builtins.int = ...,
+        collector_failures: _abc.Iterable[Global___CollectorFailure] | None = ...,
+        blocked_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "blocked", b"blocked", "dry_run", b"dry_run", "duration", b"duration", "failures", b"failures", "finished_at", b"finished_at", "leases_expired", b"leases_expired", "objects_collected", b"objects_collected", "objects_orphaned", b"objects_orphaned", "replica", b"replica", "rows_purged", b"rows_purged", "sagas_compensating", b"sagas_compensating", "sagas_quarantined", b"sagas_quarantined", "sagas_requeued", b"sagas_requeued", "started_at", b"started_at", "sweep_id", b"sweep_id", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "blocked", b"blocked", "blocked_total", b"blocked_total", "collector_failures", b"collector_failures", "dry_run", b"dry_run", "duration", b"duration", "failures", b"failures", "finished_at", b"finished_at", "gc_queue_depth", b"gc_queue_depth", "leases_expired", b"leases_expired", "namespace", b"namespace", "objects_collected", b"objects_collected", "objects_orphaned", b"objects_orphaned", "parts", b"parts", "replica", b"replica", "rows_purged", b"rows_purged", "sagas_compensating", b"sagas_compensating", "sagas_failed", b"sagas_failed", "sagas_quarantined", b"sagas_quarantined", "sagas_requeued", b"sagas_requeued", "started_at", b"started_at", "sweep_id", b"sweep_id", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -178,18 +311,26 @@ class RunSweepRequest(_message.Message):
 
     NAMESPACE_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
-    """Empty sweeps every namespace."""
+    """Empty sweeps every namespace. A namespaced sweep cannot purge events or reports
+    (both are global).
+    """
     dry_run: _builtins.bool
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedScalarFieldContainer[Global___SweepPart.ValueType]:
+        """Which parts to run; empty runs all of them (all that apply to the namespace)."""
+
     def __init__(
         self,
         *,
         namespace: _builtins.str = ...,
         dry_run: _builtins.bool = ...,
+        parts: _abc.Iterable[Global___SweepPart.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "namespace", b"namespace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "namespace", b"namespace", "parts", b"parts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,228 @@
+"""Sweeps, pure: which parts run, what a settled saga counts as, and the report.
+
+A sweep is a list of parts. Reconciliations put crash residue back on a path to
+completion or cleanup (each write is guarded by the condition it selected on, in the same
+locked transaction); purges apply retention in bounded batches. The report says what each
+part did (or, for a dry run, would do).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from tether_server.domain import errors
+from tether_server.domain.saga import Saga, SagaState
+
+
+class SweepPart(StrEnum):
+    EXPIRE_LEASES = "expire-leases"
+    STALE_SAGAS = "stale-sagas"
+    COLLECT_GARBAGE = "collect-garbage"
+    BLOCKED_OBJECTS = "blocked-objects"
+    PURGE_LEASES = "purge-leases"
+    PURGE_SAGAS = "purge-sagas"
+    PURGE_EVENTS = "purge-events"
+    PURGE_REPORTS = "purge-reports"
+
+
+class SweepTrigger(StrEnum):
+    STARTUP = "startup"
+    PERIODIC = "periodic"
+    ON_DEMAND = "on-demand"
+
+
+ALL_PARTS = tuple(SweepPart)
+# What the recovery sweep at start runs: reconciliation only (purges wait for the leader).
+RECOVERY_PARTS = (
+    SweepPart.EXPIRE_LEASES,
+    SweepPart.STALE_SAGAS,
+    SweepPart.COLLECT_GARBAGE,
+    SweepPart.BLOCKED_OBJECTS,
+)
+# Global by nature: the event log has one compacted revision; reports have no namespace.
+GLOBAL_PARTS = frozenset({SweepPart.PURGE_EVENTS, SweepPart.PURGE_REPORTS})
+
+
+def choose_parts(requested: Sequence[SweepPart], namespace: str) -> tuple[SweepPart, ...]:
+    """The parts to run, in their fixed order (reconcile before purging what it ended)."""
+    if not requested:
+        return tuple(p for p in ALL_PARTS if not (namespace and p in GLOBAL_PARTS))
+    wanted = set(requested)
+    if namespace:
+        refused = sorted(p.value for p in wanted & GLOBAL_PARTS)
+        if refused:
+            raise errors.InvalidField(
+                "parts",
+                f"{', '.join(refused)} cannot be limited to a namespace (the event log and the"
+                " sweep reports are global); leave namespace empty to run them",
+            )
+    return tuple(p for p in ALL_PARTS if p in wanted)
+
+
+class SagaOutcome(StrEnum):
+    REQUEUED = "requeued"
+    COMPENSATING = "compensating"
+    FAILED = "failed"
+    QUARANTINED = "quarantined"
+
+
+def saga_outcome(before: Saga, after: Saga) -> SagaOutcome:
+    """What settling a stale or overdue saga did to it, for the report."""
+    if after.state is SagaState.QUARANTINED:
+        return SagaOutcome.QUARANTINED
+    if after.state is SagaState.FAILED:
+        return SagaOutcome.FAILED
+    if after.state is SagaState.COMPENSATING and before.state is not SagaState.COMPENSATING:
+        return SagaOutcome.COMPENSATING
+    # Its claim ended and nothing else changed: claimable again (for execution, or for
+    # compensation if it was compensating).
+    return SagaOutcome.REQUEUED
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long ended rows are kept (seconds). 0 keeps them forever."""
+
+    ended_leases_s: float = 24 * 3600.0
+    terminal_sagas_s: float = 7 * 24 * 3600.0
+    events_s: float = 24 * 3600.0
+    reports_s: float = 7 * 24 * 3600.0
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not value >= 0:
+                raise ValueError(f"retention {name} must be >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SweepLimits:
+    # Rows per purge transaction, and per reconciliation transaction.
+    batch_size: int = 1000
+    # Real seconds between purge batches: live writes get the store in between.
+    pause_s: float = 0.01
+    # Batches per part per sweep; what is left is the backlog for the next sweep.
+    max_batches: int = 1000
+    # An object terminating longer than this is reported as blocked.
+    blocked_after_s: float = 3600.0
+    # Blocked objects listed in one report (all are counted).
+    max_blocked_listed: int = 100
+    # A backlog above this after a sweep logs a warning: a crash storm.
+    backlog_warning: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_batches < 1 or self.max_blocked_listed < 0:
+            raise ValueError("batch_size and max_batches must be positive")
+        if self.pause_s < 0 or self.blocked_after_s < 0 or self.backlog_warning < 0:
+            raise ValueError("pause_s, blocked_after_s and backlog_warning must be >= 0")
+
+
+@dataclass(frozen=True)
+class BlockedObject:
+    namespace: str
+    kind: str
+    name: str
+    uid: str
+    finalizers: tuple[str, ...]
+    reason: str
+    deletion_ts_us: int
+    age_us: int
+
+
+@dataclass(frozen=True)
+class CollectorFailure:
+    namespace: str
+    owner_uid: str
+    attempts: int
+    last_error: str
+    next_attempt_us: int
+
+
+@dataclass
+class SweepReport:
+    sweep_id: str
+    trigger: SweepTrigger
+    dry_run: bool
+    replica: str
+    namespace: str
+    parts: tuple[SweepPart, ...]
+    started_at_us: int
+    finished_at_us: int = 0
+    leases_expired: int = 0
+    sagas_requeued: int = 0
+    sagas_compensating: int = 0
+    sagas_failed: int = 0
+    sagas_quarantined: int = 0
+    objects_collected: int = 0
+    objects_orphaned: int = 0
+    blocked: list[BlockedObject] = field(default_factory=list)
+    blocked_total: int = 0
+    rows_purged: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    backlog: int = 0
+    gc_queue_depth: int = 0
+    collector_failures: list[CollectorFailure] = field(default_factory=list)
+
+    def count_saga(self, outcome: SagaOutcome) -> None:
+        name = f"sagas_{outcome.value}"
+        setattr(self, name, getattr(self, name) + 1)
+
+    def purged(self, kind: str, rows: int) -> None:
+        if rows:
+            self.rows_purged[kind] = self.rows_purged.get(kind, 0) + rows
+
+    @property
+    def did_anything(self) -> bool:
+        return bool(
+            self.leases_expired
+            or self.sagas_requeued
+            or self.sagas_compensating
+            or self.sagas_failed
+            or self.sagas_quarantined
+            or self.objects_collected
+            or self.objects_orphaned
+            or any(self.rows_purged.values())
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The one log line's fields."""
+        return {
+            "sweep_id": self.sweep_id,
+            "trigger": self.trigger.value,
+            "dry_run": self.dry_run,
+            "duration_s": round((self.finished_at_us - self.started_at_us) / 1e6, 3),
+            "leases_expired": self.leases_expired,
+            "sagas_requeued": self.sagas_requeued,
+            "sagas_compensating": self.sagas_compensating,
+            "sagas_failed": self.sagas_failed,
+            "sagas_quarantined": self.sagas_quarantined,
+            "objects_collected": self.objects_collected,
+            "objects_orphaned": self.objects_orphaned,
+            "blocked": self.blocked_total,
+            "rows_purged": dict(self.rows_purged),
+            "failures": len(self.failures),
+            "backlog": self.backlog,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> SweepReport:
+        raw: dict[str, Any] = json.loads(text)
+        raw["trigger"] = SweepTrigger(raw["trigger"])
+        raw["parts"] = tuple(SweepPart(p) for p in raw["parts"])
+        raw["blocked"] = [_blocked(b) for b in raw["blocked"]]
+        raw["collector_failures"] = [CollectorFailure(**f) for f in raw["collector_failures"]]
+        return SweepReport(**raw)
+
+
+def _blocked(raw: Mapping[str, Any]) -> BlockedObject:
+    return BlockedObject(**{**raw, "finalizers": tuple(raw["finalizers"])})
+
+
+def dedupe(items: Iterable[SweepPart]) -> list[SweepPart]:
+    return list(dict.fromkeys(items))

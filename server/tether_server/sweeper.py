@@ -1,0 +1,337 @@
+"""The sweep: runs the parts of domain/sweep.py against the store and writes the report.
+
+Every write is one short transaction of a bounded batch that re-checks, under its row
+locks, the condition it selected on (store/sweeps), so a sweep that dies halfway leaves
+each row untouched or fully moved, the next sweep finishes the job, and two sweeps at
+once (a leader that has not yet noticed it lost the lock) never apply anything twice.
+Purges pause between batches so live writes get the store in between. A part that fails
+is recorded in the report and the others still run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from tether_server.clock import MICROS, Clock
+from tether_server.domain.object_validation import new_uid
+from tether_server.domain.objects import Obj
+from tether_server.domain.sweep import (
+    BlockedObject,
+    CollectorFailure,
+    Retention,
+    SweepLimits,
+    SweepPart,
+    SweepReport,
+    SweepTrigger,
+    choose_parts,
+    saga_outcome,
+)
+from tether_server.expiry import ExpiryLoop
+from tether_server.metrics import Metrics
+from tether_server.store.objects import ObjectStore
+from tether_server.store.sweeps import SweepStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    # The periodic sweep (leader only): every interval, spread by +/- jitter (a fraction),
+    # the first one start_delay after this process starts leading.
+    interval_s: float = 300.0
+    jitter: float = 0.1
+    start_delay_s: float = 30.0
+    retention: Retention = field(default_factory=Retention)
+    limits: SweepLimits = field(default_factory=SweepLimits)
+
+    def __post_init__(self) -> None:
+        if not self.interval_s > 0 or not 0 <= self.jitter < 1 or self.start_delay_s < 0:
+            raise ValueError("sweep interval must be > 0, jitter in [0, 1), start delay >= 0")
+
+
+class Sweeper:
+    def __init__(
+        self,
+        store: SweepStore,
+        objects: ObjectStore,
+        expiry: ExpiryLoop,
+        clock: Clock,
+        config: SweepConfig,
+        metrics: Metrics,
+        replica: Callable[[], str],
+    ) -> None:
+        self._store = store
+        self._objects = objects
+        self._expiry = expiry
+        self._clock = clock
+        self._config = config
+        self._metrics = metrics
+        self._replica = replica
+        self._parts: dict[SweepPart, Callable[[SweepReport], Awaitable[int]]] = {
+            SweepPart.EXPIRE_LEASES: self._expire_leases,
+            SweepPart.STALE_SAGAS: self._settle_sagas,
+            SweepPart.COLLECT_GARBAGE: self._collect_garbage,
+            SweepPart.BLOCKED_OBJECTS: self._blocked_objects,
+            SweepPart.PURGE_LEASES: self._purge_leases,
+            SweepPart.PURGE_SAGAS: self._purge_sagas,
+            SweepPart.PURGE_EVENTS: self._purge_events,
+            SweepPart.PURGE_REPORTS: self._purge_reports,
+        }
+
+    @property
+    def _limits(self) -> SweepLimits:
+        return self._config.limits
+
+    async def run(
+        self,
+        trigger: SweepTrigger,
+        *,
+        parts: Sequence[SweepPart] = (),
+        namespace: str = "",
+        dry_run: bool = False,
+    ) -> SweepReport:
+        chosen = choose_parts(parts, namespace)
+        now = self._clock.now_us()
+        report = SweepReport(
+            sweep_id=new_uid(now // 1000),
+            trigger=trigger,
+            dry_run=dry_run,
+            replica=self._replica(),
+            namespace=namespace,
+            parts=chosen,
+            started_at_us=now,
+        )
+        for part in chosen:
+            try:
+                report.backlog += await self._parts[part](report)
+            except Exception as exc:  # noqa: BLE001 - recorded; the other parts still run
+                log.exception("sweep part failed", extra={"part": part.value})
+                report.failures.append(f"{part.value}: {type(exc).__name__}: {exc}")
+        report.finished_at_us = max(report.started_at_us, self._clock.now_us())
+        try:
+            await self._store.save_report(report)
+        except Exception as exc:  # noqa: BLE001 - the sweep's work is done; say it is unsaved
+            log.exception("sweep report not saved")
+            report.failures.append(f"report: {type(exc).__name__}: {exc}")
+        self._record(report)
+        return report
+
+    def _record(self, report: SweepReport) -> None:
+        summary = report.summary()
+        if report.backlog > self._limits.backlog_warning:
+            log.warning("sweep left a backlog: a crash storm?", extra=summary)
+        elif report.failures:
+            log.warning("sweep done with failures", extra={**summary, "errors": report.failures})
+        else:
+            log.info("sweep done", extra=summary)
+        if report.dry_run:
+            return
+        actions = {
+            name: value
+            for name, value in summary.items()
+            if name.startswith(("leases_", "sagas_", "objects_")) and isinstance(value, int)
+        }
+        self._metrics.sweep(
+            report.trigger.value,
+            not report.failures,
+            actions,
+            dict(report.rows_purged),
+            backlog=report.backlog,
+            blocked=report.blocked_total,
+            seconds=(report.finished_at_us - report.started_at_us) / MICROS,
+            finished_s=report.finished_at_us / MICROS,
+        )
+
+    # ---- reconciliation ------------------------------------------------------------------
+    # Each part returns the work it left for the next sweep (its backlog).
+
+    async def _expire_leases(self, report: SweepReport) -> int:
+        if report.dry_run:
+            report.leases_expired = await self._store.count_due_leases(report.namespace)
+            return 0
+        # The expiry task's own pass (global: it is what that task would do anyway).
+        for _ in range(self._limits.max_batches):
+            done = await self._expiry.run_once()
+            report.leases_expired += len(done.expired)
+            if not done.backlog:
+                return 0
+        return await self._store.count_due_leases(report.namespace)
+
+    async def _settle_sagas(self, report: SweepReport) -> int:
+        limit = self._limits.batch_size
+        batches = 1 if report.dry_run else self._limits.max_batches
+        for _ in range(batches):
+            settled = await self._store.settle_sagas(
+                report.namespace, limit, dry_run=report.dry_run
+            )
+            for before, after in settled:
+                report.count_saga(saga_outcome(before, after))
+            if len(settled) < limit:
+                return 0
+        left = await self._store.settle_sagas(report.namespace, limit, dry_run=True)
+        return len(left)
+
+    async def _collect_garbage(self, report: SweepReport) -> int:
+        left = 0
+        if report.dry_run:
+            report.objects_collected = await self._store.count_queued_dependents(report.namespace)
+        else:
+            # The collector's own pass (global, like its task).
+            for _ in range(self._limits.max_batches):
+                done = await self._objects.collect()
+                report.objects_collected += done.deleted
+                report.objects_orphaned += done.orphaned
+                if not done.backlog:
+                    break
+        state = await self._objects.collector_state()
+        report.gc_queue_depth = state.stats.depth
+        report.collector_failures = [
+            CollectorFailure(f.namespace, f.uid, f.attempts, f.last_error, f.next_attempt_us)
+            for f in state.failing
+        ]
+        if not report.dry_run:
+            left = state.stats.depth
+        return left
+
+    async def _blocked_objects(self, report: SweepReport) -> int:
+        now = self._clock.now_us()
+        cutoff = now - round(self._limits.blocked_after_s * MICROS)
+        found, total = await self._store.terminating_since(
+            report.namespace, cutoff, self._limits.max_blocked_listed
+        )
+        report.blocked = [_blocked(obj, now) for obj in found]
+        report.blocked_total = total
+        return 0
+
+    # ---- purges ----------------------------------------------------------------------------
+
+    def _cutoff(self, retention_s: float) -> int | None:
+        if retention_s <= 0:
+            return None  # kept forever
+        return self._clock.now_us() - round(retention_s * MICROS)
+
+    async def _batches(self, purge_batch: Callable[[], Awaitable[int]]) -> bool:
+        """Run batches until one comes back short; False if max_batches ran out first."""
+        limit = self._limits.batch_size
+        for index in range(self._limits.max_batches):
+            if index and self._limits.pause_s:
+                # Real time, not the injected clock: this only lets live traffic in.
+                await asyncio.sleep(self._limits.pause_s)
+            if await purge_batch() < limit:
+                return True
+        return False
+
+    async def _purge_leases(self, report: SweepReport) -> int:
+        cutoff = self._cutoff(self._config.retention.ended_leases_s)
+        if cutoff is None:
+            return 0
+        ns = report.namespace
+        if report.dry_run:
+            counted = await self._store.count_leases(ns, cutoff)
+            _add_lease_purge(report, counted.leases, counted.requests, counted.keys)
+            return 0
+
+        async def batch() -> int:
+            done = await self._store.purge_leases(ns, cutoff, self._limits.batch_size)
+            _add_lease_purge(report, done.leases, done.requests, done.keys)
+            return done.leases
+
+        if await self._batches(batch):
+            return 0
+        return (await self._store.count_leases(ns, cutoff)).leases
+
+    async def _purge_sagas(self, report: SweepReport) -> int:
+        cutoff = self._cutoff(self._config.retention.terminal_sagas_s)
+        if cutoff is None:
+            return 0
+        ns = report.namespace
+        if report.dry_run:
+            report.purged("sagas", await self._store.count_sagas(ns, cutoff))
+            return 0
+
+        async def batch() -> int:
+            purged = await self._store.purge_sagas(ns, cutoff, self._limits.batch_size)
+            report.purged("sagas", purged)
+            return purged
+
+        if await self._batches(batch):
+            return 0
+        return await self._store.count_sagas(ns, cutoff)
+
+    async def _purge_events(self, report: SweepReport) -> int:
+        return await self._purge_global(
+            report,
+            "events",
+            self._config.retention.events_s,
+            self._store.purge_events,
+            self._store.count_events,
+        )
+
+    async def _purge_reports(self, report: SweepReport) -> int:
+        return await self._purge_global(
+            report,
+            "sweep_reports",
+            self._config.retention.reports_s,
+            self._store.purge_reports,
+            self._store.count_reports,
+        )
+
+    async def _purge_global(
+        self,
+        report: SweepReport,
+        kind: str,
+        retention_s: float,
+        purge: Callable[[int, int], Awaitable[int]],
+        count: Callable[[int], Awaitable[int]],
+    ) -> int:
+        cutoff = self._cutoff(retention_s)
+        if cutoff is None:
+            return 0
+        if report.dry_run:
+            report.purged(kind, await count(cutoff))
+            return 0
+
+        async def batch() -> int:
+            purged = await purge(cutoff, self._limits.batch_size)
+            report.purged(kind, purged)
+            return purged
+
+        if await self._batches(batch):
+            return 0
+        return await count(cutoff)
+
+    # ---- the periodic task -----------------------------------------------------------------
+
+    def next_delay_s(self, last_started_us: int | None, now_us: int) -> float:
+        """Seconds until the next periodic sweep is due: one interval (with jitter) after
+        the last one any replica ran, so a new leader does not sweep again at once."""
+        cfg = self._config
+        interval = cfg.interval_s * (1 + cfg.jitter * (2 * random.random() - 1))
+        if last_started_us is None:
+            return 0.0
+        return max(0.0, interval - (now_us - last_started_us) / MICROS)
+
+
+def _add_lease_purge(report: SweepReport, leases: int, requests: int, keys: int) -> None:
+    report.purged("leases", leases)
+    report.purged("lease_requests", requests)
+    report.purged("lease_keys", keys)
+
+
+def _blocked(obj: Obj, now_us: int) -> BlockedObject:
+    deleted_at = obj.deletion_ts_us or now_us
+    latest = max(obj.refusals, key=lambda r: r.recorded_at_us, default=None)
+    return BlockedObject(
+        namespace=obj.namespace,
+        kind=obj.kind,
+        name=obj.name,
+        uid=obj.uid,
+        finalizers=tuple(obj.finalizers),
+        reason=latest.reason if latest is not None else "",
+        deletion_ts_us=deleted_at,
+        age_us=max(0, now_us - deleted_at),
+    )
