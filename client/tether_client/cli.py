@@ -1,11 +1,11 @@
 """The ``tether`` command.
 
 ``tether lease ...`` (:mod:`tether_client.cli_lease`), ``tether saga ...``
-(:mod:`tether_client.cli_saga`) and ``tether object ...`` (:mod:`tether_client.cli_object`)
-talk to a tether server. Other installed distributions add
-commands through the ``tether.commands`` entry-point group: each entry point names a
-function ``register(subparsers) -> None`` that adds subparsers whose parsed namespace
-carries ``handler`` (``args -> exit status``). tether-server adds
+(:mod:`tether_client.cli_saga`), ``tether object ...`` (:mod:`tether_client.cli_object`)
+and ``tether sweep ...`` (:mod:`tether_client.cli_sweep`) talk to a tether server. Other
+installed distributions add commands through the ``tether.commands`` entry-point group: each
+entry point names a function ``register(subparsers) -> None`` that adds subparsers whose
+parsed namespace carries ``handler`` (``args -> exit status``). tether-server adds
 ``tether serve`` and ``tether migrate`` that way, so a worker that installs only
 tether-client still has ``tether lease``.
 """
@@ -23,6 +23,7 @@ from tether_client import __version__
 from tether_client.cli_lease import EXIT_CODES, SubParsers, register_lease
 from tether_client.cli_object import register_object
 from tether_client.cli_saga import register_saga
+from tether_client.cli_sweep import register_sweep
 
 PLUGIN_GROUP = "tether.commands"
 EXIT_INTERRUPTED = 130
@@ -61,6 +62,7 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     register_lease(commands)
     register_saga(commands)
     register_object(commands)
+    register_sweep(commands)
     if plugins:
         load_plugins(commands)
     return parser

@@ -1,21 +1,31 @@
-"""What ``tether lease`` prints: aligned text for people, JSON for scripts.
+"""What the ``tether`` commands print: aligned text for people, JSON for scripts.
 
 JSON is the protobuf JSON mapping with the proto field names (``lease_id``, as grpcurl
 prints them) and every field present, so a script never has to guess a missing zero.
+Errors go to stderr as ``tether: REASON: message``, then the facts a person acts on.
+The few helpers every command group shares live here too: the argument type for
+``--state a,b``-style options and the paging of ``list`` commands.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-from collections.abc import Iterable, Sequence
-from typing import Any
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from tether_client.convert import duration_seconds, to_datetime
+from tether_client.errors import TetherError
 from tether_client.pb import lease_pb2
+
+T = TypeVar("T")
+# The server's default page size; a smaller --limit asks for no more than it needs.
+DEFAULT_PAGE_SIZE = 100
 
 
 def to_json(message: Message) -> dict[str, Any]:
@@ -44,6 +54,46 @@ STATES: dict[str, lease_pb2.LeaseState.ValueType] = {
     for value in lease_pb2.LeaseState.values()
     if value != lease_pb2.LEASE_STATE_UNSPECIFIED
 }
+
+
+def name_list(names: Mapping[str, T], what: str) -> Callable[[str], list[T]]:
+    """An argparse type for ``NAME[,NAME]`` options: each name's value from ``names``."""
+
+    def parse(text: str) -> list[T]:
+        found = [name.strip().lower() for name in text.split(",") if name.strip()]
+        unknown = [name for name in found if name not in names]
+        if unknown or not found:
+            choices = ", ".join(names)
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r} (choose from {choices})")
+        return [names[name] for name in found]
+
+    return parse
+
+
+async def collect(
+    fetch: Callable[[int, str], Awaitable[tuple[Iterable[T], str]]], limit: int = 0
+) -> list[T]:
+    """The items of page after page, at most ``limit`` of them (0: all).
+
+    ``fetch(page_size, page_token)`` returns one page's items and the next page's token.
+    """
+    items: list[T] = []
+    page_size = min(limit, DEFAULT_PAGE_SIZE) if limit else 0
+    token = ""
+    while True:
+        page, token = await fetch(page_size, token)
+        items.extend(page)
+        if not token or (limit and len(items) >= limit):
+            break
+    return items[:limit] if limit else items
+
+
+def report(error: TetherError, facts: Iterable[str] = ()) -> None:
+    """``tether: REASON: message`` plus the ``facts`` the server sent (metadata), to stderr."""
+    lines = [f"tether: {error}"]
+    # The server's own strings: the same spelling as in its message.
+    lines.extend(f"  {name}: {error.metadata[name]}" for name in facts if error.metadata.get(name))
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def event_type(value: lease_pb2.LeaseEventType.ValueType) -> str:

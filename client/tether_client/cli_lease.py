@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -88,14 +88,8 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _states(text: str) -> list[lease_pb2.LeaseState.ValueType]:
-    """``active`` or ``active,expired``."""
-    names = [name.strip().lower() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in fmt.STATES]
-    if unknown or not names:
-        choices = ", ".join(fmt.STATES)
-        raise argparse.ArgumentTypeError(f"unknown state {text!r} (choose from {choices})")
-    return [fmt.STATES[name] for name in names]
+# ``active`` or ``active,expired``.
+_states = fmt.name_list(fmt.STATES, "state")
 
 
 def _env_flag(name: str) -> bool:
@@ -230,15 +224,12 @@ class CliError(Exception):
 
 def report(error: TetherError) -> None:
     """``tether: REASON: message`` plus the facts a person acts on, to stderr."""
-    lines = [f"tether: {error}"]
     names: tuple[str, ...] = ()
     if isinstance(error, LeaseHeld | WaitTimeout):
         names = ("holder", "expires_at")
     elif isinstance(error, LockDelay):
         names = ("available_at",)
-    # The server's own strings: the same spelling as in its message.
-    lines.extend(f"  {name}: {error.metadata[name]}" for name in names if error.metadata.get(name))
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    fmt.report(error, names)
 
 
 def _lease_handler(
@@ -452,6 +443,58 @@ def _leaf(
     _add_verbose_option(parser, leaf=True)
     if json:
         _add_json_option(parser, leaf=True)
+    return parser
+
+
+OPERATOR_EXIT_CODES = """\
+exit status:
+  0    success
+  1    the server refused the call or could not be reached
+       (stderr: "tether: REASON: message", then the facts it sent)
+  2    usage error
+  130  interrupted (Ctrl-C)
+"""
+
+
+def _operator_group(
+    commands: SubParsers,
+    name: str,
+    *,
+    help: str,
+    description: str,
+    taken: Collection[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+) -> SubParsers:
+    """The group ``tether NAME`` (saga, object, sweep) with the connection, verbose and JSON
+    options, and the subparsers its commands go in (``_operator_command``). ``taken``
+    connection options are the commands' own; ``defaults`` stand in for them."""
+    group = commands.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=OPERATOR_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_connection_options(group, leaf=False, taken=taken)
+    _add_verbose_option(group, leaf=False)
+    _add_json_option(group, leaf=False)
+    group.set_defaults(**(defaults or {}))
+    return group.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+
+
+def _operator_command(
+    sub: SubParsers,
+    name: str,
+    help: str,
+    call: LeaseCall,
+    *,
+    report_error: Callable[[TetherError], None],
+    taken: Collection[str] = (),
+) -> argparse.ArgumentParser:
+    """A command of an operator group: ``call`` with a client, errors by ``report_error``."""
+    handler = _lease_handler(call, report_error=report_error)
+    parser = _leaf(sub, name, help=help, handler=handler, taken=taken)
+    parser.epilog = OPERATOR_EXIT_CODES
     return parser
 
 

@@ -9,20 +9,16 @@ with exit status 1.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from tether_client import cli_format as fmt
 from tether_client.cli_lease import (
     SubParsers,
-    _add_connection_options,
-    _add_json_option,
-    _add_verbose_option,
     _emit,
-    _leaf,
-    _lease_handler,
     _non_negative_int,
+    _operator_command,
+    _operator_group,
     _positive_int,
 )
 from tether_client.cli_saga import _annotation_line, _json_text
@@ -253,25 +249,20 @@ async def _get(client: TetherClient, args: argparse.Namespace) -> int:
 
 
 async def _list(client: TetherClient, args: argparse.Namespace) -> int:
-    objects: list[owner_ref_pb2.Object] = []
-    token = ""
-    while True:
-        page = await client.objects.list_objects(
+    async def page(size: int, token: str) -> tuple[Iterable[owner_ref_pb2.Object], str]:
+        response = await client.objects.list_objects(
             owner_ref_pb2.ListObjectsRequest(
                 kind=args.kind,
                 owner_uid=args.owner,
                 label_selector=args.selector,
                 terminating_only=args.terminating,
-                page_size=min(args.limit, 100) if args.limit else 0,
+                page_size=size,
                 page_token=token,
             )
         )
-        objects.extend(page.objects)
-        token = page.next_page_token
-        if not token or (args.limit and len(objects) >= args.limit):
-            break
-    if args.limit:
-        objects = objects[: args.limit]
+        return response.objects, response.next_page_token
+
+    objects = await fmt.collect(page, args.limit)
     if args.json:
         _emit(fmt.json_block([fmt.to_json(obj) for obj in objects]))
     else:
@@ -332,9 +323,7 @@ async def _force_remove_finalizers(client: TetherClient, args: argparse.Namespac
 
 def report(error: TetherError) -> None:
     """``tether: REASON: message`` plus the facts the server sent, to stderr."""
-    lines = [f"tether: {error}"]
-    lines.extend(f"  {name}: {error.metadata[name]}" for name in _FACTS if error.metadata.get(name))
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    fmt.report(error, _FACTS)
 
 
 # --- the parser ---------------------------------------------------------------------------
@@ -346,20 +335,9 @@ finalizers, blocking dependents, refusals); delete objects, or force their final
 Connection options go after `tether object` or after the command.
 """
 
-OBJECT_EXIT_CODES = """\
-exit status:
-  0    success
-  1    the server refused the call or could not be reached
-       (stderr: "tether: REASON: message", then the facts it sent)
-  2    usage error
-  130  interrupted (Ctrl-C)
-"""
-
 
 def _command(sub: SubParsers, name: str, help: str, call: ObjectCall) -> argparse.ArgumentParser:
-    parser = _leaf(sub, name, help=help, handler=_lease_handler(call, report_error=report))
-    parser.epilog = OBJECT_EXIT_CODES
-    return parser
+    return _operator_command(sub, name, help, call, report_error=report)
 
 
 def _add_selector(parser: argparse.ArgumentParser) -> None:
@@ -377,17 +355,12 @@ def _add_name(parser: argparse.ArgumentParser, *, uid_help: str) -> None:
 
 
 def register_object(commands: SubParsers) -> None:
-    obj = commands.add_parser(
+    sub = _operator_group(
+        commands,
         "object",
         help="inspect objects, owners and finalizers; delete objects",
         description=OBJECT_HELP,
-        epilog=OBJECT_EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_connection_options(obj, leaf=False)
-    _add_verbose_option(obj, leaf=False)
-    _add_json_option(obj, leaf=False)
-    sub = obj.add_subparsers(dest="object_command", required=True, metavar="COMMAND")
 
     get = _command(
         sub, "get", "show an object, with why it is still terminating and its history", _get

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from tether_client import cli_format as fmt
 from tether_client.cli_lease import (
     SubParsers,
-    _add_connection_options,
-    _add_json_option,
-    _add_verbose_option,
     _emit,
     _label,
-    _leaf,
-    _lease_handler,
+    _operator_command,
+    _operator_group,
     _positive_int,
 )
 from tether_client.client import TetherClient
@@ -58,15 +54,8 @@ MODES: dict[str, saga_pb2.RedriveMode.ValueType] = {
 }
 
 
-def _states(text: str) -> list[saga_pb2.SagaState.ValueType]:
-    """``running`` or ``running,compensating``."""
-    names = [name.strip().lower() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in STATES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown state {text!r} (choose from {', '.join(STATES)})"
-        )
-    return [STATES[name] for name in names]
+# ``running`` or ``running,compensating``.
+_states = fmt.name_list(STATES, "state")
 
 
 def _non_negative_index(text: str) -> int:
@@ -197,26 +186,21 @@ def _print_saga(saga: saga_pb2.Saga, args: argparse.Namespace) -> None:
 
 
 async def _list(client: TetherClient, args: argparse.Namespace) -> int:
-    sagas: list[saga_pb2.Saga] = []
-    token = ""
-    while True:
-        page = await client.sagas.list_sagas(
+    async def page(size: int, token: str) -> tuple[Iterable[saga_pb2.Saga], str]:
+        response = await client.sagas.list_sagas(
             saga_pb2.ListSagasRequest(
                 states=args.states,
                 kind=args.kind,
                 labels=dict(args.labels),
                 stale_only=args.stale,
                 overdue_only=args.overdue,
-                page_size=min(args.limit, 100) if args.limit else 0,
+                page_size=size,
                 page_token=token,
             )
         )
-        sagas.extend(page.sagas)
-        token = page.next_page_token
-        if not token or (args.limit and len(sagas) >= args.limit):
-            break
-    if args.limit:
-        sagas = sagas[: args.limit]
+        return response.sagas, response.next_page_token
+
+    sagas = await fmt.collect(page, args.limit)
     if args.json:
         _emit(fmt.json_block([fmt.to_json(saga) for saga in sagas]))
     else:
@@ -273,9 +257,7 @@ async def _mark_compensated(client: TetherClient, args: argparse.Namespace) -> i
 
 def report(error: TetherError) -> None:
     """``tether: REASON: message`` plus the facts the server sent, to stderr."""
-    lines = [f"tether: {error}"]
-    lines.extend(f"  {name}: {error.metadata[name]}" for name in _FACTS if error.metadata.get(name))
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    fmt.report(error, _FACTS)
 
 
 # --- the parser ---------------------------------------------------------------------------
@@ -292,34 +274,17 @@ def _add_reason(parser: argparse.ArgumentParser, *, required: bool = False) -> N
     parser.add_argument("--reason", default="", required=required, help="why, recorded on the saga")
 
 
-SAGA_EXIT_CODES = """\
-exit status:
-  0    success
-  1    the server refused the call or could not be reached
-       (stderr: "tether: REASON: message", then the facts it sent)
-  2    usage error
-  130  interrupted (Ctrl-C)
-"""
-
-
 def _command(sub: SubParsers, name: str, help: str, call: SagaCall) -> argparse.ArgumentParser:
-    parser = _leaf(sub, name, help=help, handler=_lease_handler(call, report_error=report))
-    parser.epilog = SAGA_EXIT_CODES
-    return parser
+    return _operator_command(sub, name, help, call, report_error=report)
 
 
 def register_saga(commands: SubParsers) -> None:
-    saga = commands.add_parser(
+    sub = _operator_group(
+        commands,
         "saga",
         help="inspect sagas; annotate, cancel, quarantine or redrive them",
         description=SAGA_HELP,
-        epilog=SAGA_EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_connection_options(saga, leaf=False)
-    _add_verbose_option(saga, leaf=False)
-    _add_json_option(saga, leaf=False)
-    sub = saga.add_subparsers(dest="saga_command", required=True, metavar="COMMAND")
 
     listing = _command(sub, "list", "list sagas as a table (a JSON array with --json)", _list)
     listing.add_argument("--kind", default="", help="only sagas of this kind")

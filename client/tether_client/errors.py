@@ -319,6 +319,12 @@ class UidMismatch(FailedPrecondition):
         return self.metadata.get("expected_uid", "")
 
 
+class SweepReportNotFound(NotFound):
+    """No stored sweep report has this id (never written, or purged by retention)."""
+
+    reason = "SWEEP_REPORT_NOT_FOUND"
+
+
 class _StepIndexed:
     """The facts of a refusal about one step of a saga."""
 

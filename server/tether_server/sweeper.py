@@ -108,13 +108,13 @@ class Sweeper:
         for part in chosen:
             try:
                 report.backlog += await self._parts[part](report)
-            except Exception as exc:  # noqa: BLE001 - recorded; the other parts still run
+            except Exception as exc:  # recorded; the other parts still run
                 log.exception("sweep part failed", extra={"part": part.value})
                 report.failures.append(f"{part.value}: {type(exc).__name__}: {exc}")
         report.finished_at_us = max(report.started_at_us, self._clock.now_us())
         try:
             await self._store.save_report(report)
-        except Exception as exc:  # noqa: BLE001 - the sweep's work is done; say it is unsaved
+        except Exception as exc:  # the work is done: say the report is unsaved
             log.exception("sweep report not saved")
             report.failures.append(f"report: {type(exc).__name__}: {exc}")
         self._record(report)

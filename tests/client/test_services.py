@@ -19,10 +19,8 @@ from tests.client.conftest import ClientFactory, InProcessServer
 from tether_client import RetryPolicy, TetherClient, TetherClientSync
 from tether_client.errors import (
     BY_REASON,
-    NotImplementedYet,
     TetherError,
     Unavailable,
-    Unimplemented,
 )
 from tether_client.pb import (
     owner_ref_pb2,
@@ -106,22 +104,7 @@ def test_every_rpc_has_its_method() -> None:
             assert callable(getattr(getattr(sync, rpc.attribute), rpc.name, None)), rpc.name
 
 
-# --- against the real server: SweepService is not implemented yet ---
-
-
-@pytest.mark.parametrize("rpc", [rpc for rpc in RPCS if rpc.attribute == "sweeps"], ids=ids)
-async def test_unimplemented_services_raise_not_implemented_yet(
-    rpc: Rpc, tether: InProcessServer, client_factory: ClientFactory
-) -> None:
-    client = client_factory(tether.target, namespace="team-a")
-    request = rpc.request()
-    before = request.SerializeToString(deterministic=True)
-    with pytest.raises(NotImplementedYet) as caught:
-        await rpc.call(client, request, timeout=10)
-    assert isinstance(caught.value, Unimplemented)
-    assert caught.value.status_code == grpc.StatusCode.UNIMPLEMENTED
-    assert caught.value.metadata["method"] == rpc.descriptor.name
-    assert request.SerializeToString(deterministic=True) == before
+# --- against the real server (sweeps: tests/client/test_sweep_client.py) ---
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from .conftest import WAIT_S, Harness, dur, error_info, eventually
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
+
 @pytest.mark.parametrize(
     "service",
     [

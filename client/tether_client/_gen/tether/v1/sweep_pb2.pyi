@@ -49,14 +49,18 @@ class _SweepPartEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SweepPart.V
     DESCRIPTOR: _descriptor.EnumDescriptor
     SWEEP_PART_UNSPECIFIED: _SweepPart.ValueType  # 0
     SWEEP_PART_EXPIRE_LEASES: _SweepPart.ValueType  # 1
-    """Leases whose deadline passed get EXPIRED (with events)."""
+    """Leases whose deadline passed get EXPIRED (with events). Every namespace, even in a
+    namespaced sweep: it is what the expiry task does anyway.
+    """
     SWEEP_PART_STALE_SAGAS: _SweepPart.ValueType  # 2
     """RUNNING / COMPENSATING sagas whose claim's lease is gone get their on-stale policy,
     and overdue sagas their deadline.
     """
     SWEEP_PART_COLLECT_GARBAGE: _SweepPart.ValueType  # 3
     """The garbage collector's queue is drained: dependents of gone owners collected,
-    foreground and orphan deletions finished.
+    foreground and orphan deletions finished. The whole queue, even in a namespaced sweep
+    (it is what the collector task does anyway); a dry run counts the direct dependents of
+    the queued owners.
     """
     SWEEP_PART_BLOCKED_OBJECTS: _SweepPart.ValueType  # 4
     """Objects stuck terminating on a finalizer past the threshold are listed (read only)."""
@@ -76,14 +80,18 @@ class SweepPart(_SweepPart, metaclass=_SweepPartEnumTypeWrapper):
 
 SWEEP_PART_UNSPECIFIED: SweepPart.ValueType  # 0
 SWEEP_PART_EXPIRE_LEASES: SweepPart.ValueType  # 1
-"""Leases whose deadline passed get EXPIRED (with events)."""
+"""Leases whose deadline passed get EXPIRED (with events). Every namespace, even in a
+namespaced sweep: it is what the expiry task does anyway.
+"""
 SWEEP_PART_STALE_SAGAS: SweepPart.ValueType  # 2
 """RUNNING / COMPENSATING sagas whose claim's lease is gone get their on-stale policy,
 and overdue sagas their deadline.
 """
 SWEEP_PART_COLLECT_GARBAGE: SweepPart.ValueType  # 3
 """The garbage collector's queue is drained: dependents of gone owners collected,
-foreground and orphan deletions finished.
+foreground and orphan deletions finished. The whole queue, even in a namespaced sweep
+(it is what the collector task does anyway); a dry run counts the direct dependents of
+the queued owners.
 """
 SWEEP_PART_BLOCKED_OBJECTS: SweepPart.ValueType  # 4
 """Objects stuck terminating on a finalizer past the threshold are listed (read only)."""
@@ -245,7 +253,7 @@ class SweepReport(_message.Message):
     gc_queue_depth: _builtins.int
     """The collector's queue after the sweep, and the owners it keeps failing on."""
     blocked_total: _builtins.int
-    """Blocked objects beyond those listed in `blocked` (the list is bounded)."""
+    """Every blocked object found; `blocked` lists the oldest of them (a bounded list)."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -411,6 +419,7 @@ class GetSweepReportRequest(_message.Message):
 
     SWEEP_ID_FIELD_NUMBER: _builtins.int
     sweep_id: _builtins.str
+    """As reports show it (a UUID); anything else is INVALID_ARGUMENT / INVALID_FIELD."""
     def __init__(
         self,
         *,
