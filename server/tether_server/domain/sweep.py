@@ -9,7 +9,7 @@ part did (or, for a dry run, would do).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -35,7 +35,18 @@ class SweepTrigger(StrEnum):
     ON_DEMAND = "on-demand"
 
 
-ALL_PARTS = tuple(SweepPart)
+# The order parts run in: reconcile, purge (a purged saga queues what it owned), then
+# collect (what expiries and purges queued) and last list what is still blocked.
+ALL_PARTS = (
+    SweepPart.EXPIRE_LEASES,
+    SweepPart.STALE_SAGAS,
+    SweepPart.PURGE_LEASES,
+    SweepPart.PURGE_SAGAS,
+    SweepPart.PURGE_EVENTS,
+    SweepPart.PURGE_REPORTS,
+    SweepPart.COLLECT_GARBAGE,
+    SweepPart.BLOCKED_OBJECTS,
+)
 # What the recovery sweep at start runs: reconciliation only (purges wait for the leader).
 RECOVERY_PARTS = (
     SweepPart.EXPIRE_LEASES,
@@ -48,7 +59,7 @@ GLOBAL_PARTS = frozenset({SweepPart.PURGE_EVENTS, SweepPart.PURGE_REPORTS})
 
 
 def choose_parts(requested: Sequence[SweepPart], namespace: str) -> tuple[SweepPart, ...]:
-    """The parts to run, in their fixed order (reconcile before purging what it ended)."""
+    """The parts to run, in their fixed order (ALL_PARTS)."""
     if not requested:
         return tuple(p for p in ALL_PARTS if not (namespace and p in GLOBAL_PARTS))
     wanted = set(requested)
@@ -222,7 +233,3 @@ class SweepReport:
 
 def _blocked(raw: Mapping[str, Any]) -> BlockedObject:
     return BlockedObject(**{**raw, "finalizers": tuple(raw["finalizers"])})
-
-
-def dedupe(items: Iterable[SweepPart]) -> list[SweepPart]:
-    return list(dict.fromkeys(items))
