@@ -162,18 +162,24 @@ class Sweeper:
         return await self._store.count_due_leases(report.namespace)
 
     async def _settle_sagas(self, report: SweepReport) -> int:
-        limit = self._limits.batch_size
-        batches = 1 if report.dry_run else self._limits.max_batches
-        for _ in range(batches):
+        limits = self._limits
+        if report.dry_run:
+            # One read of up to ten batches' worth, decided but not written.
+            planned = await self._store.settle_sagas(
+                report.namespace, limits.batch_size * min(10, limits.max_batches), dry_run=True
+            )
+            for before, after in planned:
+                report.count_saga(saga_outcome(before, after))
+            return max(0, await self._store.count_due_sagas(report.namespace) - len(planned))
+        for _ in range(limits.max_batches):
             settled = await self._store.settle_sagas(
-                report.namespace, limit, dry_run=report.dry_run
+                report.namespace, limits.batch_size, dry_run=False
             )
             for before, after in settled:
                 report.count_saga(saga_outcome(before, after))
-            if len(settled) < limit:
+            if len(settled) < limits.batch_size:
                 return 0
-        left = await self._store.settle_sagas(report.namespace, limit, dry_run=True)
-        return len(left)
+        return await self._store.count_due_sagas(report.namespace)
 
     async def _collect_garbage(self, report: SweepReport) -> int:
         left = 0

@@ -198,16 +198,19 @@ async def advance_until_done(
     raise AssertionError(f"task still running after advancing {advanced}s of fake time")
 
 
-def make_test_server(db_url: str, clock: FakeClock) -> TetherServer:
-    """A TetherServer for in-process tests: a free loopback port, no grace, a short
-    keep-alive idle timeout (so an idle test advances the fake clock only a little)."""
-    config = ServerConfig(
+def make_test_config(db_url: str) -> ServerConfig:
+    """For in-process tests: a free loopback port, no grace, a short keep-alive idle
+    timeout (so an idle test advances the fake clock only a little)."""
+    return ServerConfig(
         listen="127.0.0.1:0",
         db_url=db_url,
         grace_s=0.0,
         lease=dataclasses.replace(LeaseServiceConfig(), keepalive_idle_timeout_s=KEEPALIVE_IDLE_S),
     )
-    return TetherServer(config, clock)
+
+
+def make_test_server(db_url: str, clock: FakeClock) -> TetherServer:
+    return TetherServer(make_test_config(db_url), clock)
 
 
 @pytest.fixture

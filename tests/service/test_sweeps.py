@@ -6,12 +6,25 @@ the report store (listing, paging, the startup report)."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import grpc
 import pytest
 
-from tether_client.pb import common_pb2, lease_pb2, owner_ref_pb2, saga_pb2, sweep_pb2
+from tether_client.pb import (
+    common_pb2,
+    lease_pb2,
+    owner_ref_pb2,
+    saga_pb2,
+    sweep_pb2,
+    sweep_pb2_grpc,
+)
+from tether_server.app import TetherServer
+from tether_server.clock import FakeClock
+from tether_server.domain.sweep import SweepLimits
 
-from .conftest import WAIT_S, Harness, dur, expect_error
+from .conftest import WAIT_S, Harness, dur, expect_error, make_test_config
 from .object_support import FIN, FOREGROUND, ref
 from .saga_support import (
     COMPENSATING,
@@ -22,6 +35,7 @@ from .saga_support import (
     QUARANTINED,
     REQUEUE,
     RUNNING,
+    SagaApi,
     comp,
 )
 from .sweep_support import (
@@ -37,7 +51,9 @@ from .sweep_support import (
     STALE,
     SweepEnv,
     actions,
+    quiet,
     release,
+    run_sweep,
     sweep_env_for,
     table_contents,
 )
@@ -288,3 +304,37 @@ async def test_a_namespaced_sweep_touches_only_its_namespace(env: SweepEnv) -> N
     assert dict(report.rows_purged).get("sagas") == 1
     kept = await api.get("s", namespace="team-b")
     assert kept.state == COMPLETED
+
+
+async def test_a_backlog_over_the_threshold_warns_and_shows_in_metrics(
+    db_url: str, fake_clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crash storm: more stale sagas than one sweep may settle. The sweep settles its
+    share, reports the rest as backlog, warns, and the metrics say the same."""
+    config = make_test_config(db_url)
+    limits = SweepLimits(batch_size=2, max_batches=1, backlog_warning=3)
+    config = dataclasses.replace(config, sweep=dataclasses.replace(config.sweep, limits=limits))
+    server = TetherServer(config, fake_clock)
+    port = await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        await quiet(server)
+        api = SagaApi(channel)
+        for n in range(8):
+            await api.create(f"s{n}")
+            await api.claim(f"s{n}", ttl_s=10)
+        fake_clock.advance(11)
+        with caplog.at_level(logging.WARNING, logger="tether_server.sweeper"):
+            report = await run_sweep(sweep_pb2_grpc.SweepServiceStub(channel), STALE)
+        assert report.sagas_requeued == 2
+        assert report.backlog == 6
+        assert any("crash storm" in r.getMessage() for r in caplog.records)
+        scraped = server.metrics.scrape().decode()
+        assert "tether_sweep_backlog 6.0" in scraped
+        assert 'tether_sweep_actions_total{action="sagas_requeued"} 2.0' in scraped
+        assert 'tether_sweeps_total{result="ok",trigger="on-demand"} 1.0' in scraped
+    finally:
+        try:
+            await server.stop(0)
+        finally:
+            await channel.close()

@@ -554,6 +554,10 @@ _DUE_WHERE = (
 )
 _DUE_LOCK = sql(f"{FROM_SAGAS} WHERE {_DUE_WHERE} LIMIT $3 FOR UPDATE OF s SKIP LOCKED")
 _DUE_READ = sql(f"{FROM_SAGAS} WHERE {_DUE_WHERE} LIMIT $3")
+_DUE_COUNT = sql(
+    "SELECT count(*) FROM sagas s LEFT JOIN leases l ON l.lease_id = s.claim_lease_id"
+    f" WHERE {_DUE_WHERE}"
+)
 
 
 async def settle_due(
@@ -574,6 +578,11 @@ async def settle_due(
         after = change.saga if dry_run else await _write(tx, loaded.saga, change)
         settled.append((loaded.saga, after))
     return settled
+
+
+async def count_due(tx: Tx, namespace: str) -> int:
+    """Stale or overdue sagas waiting to be settled."""
+    return int(await tx.fetchval(_DUE_COUNT, namespace, tx.now_us))
 
 
 _LOGS = ("saga_annotations", "saga_compensations", "saga_steps")

@@ -48,6 +48,9 @@ class SweepStore:
             lambda tx: saga_units.settle_due(tx, namespace, limit, dry_run=False)
         )
 
+    async def count_due_sagas(self, namespace: str) -> int:
+        return await self.db.read(lambda tx: saga_units.count_due(tx, namespace), snapshot=False)
+
     async def count_due_leases(self, namespace: str) -> int:
         return int(
             await self.db.read(
