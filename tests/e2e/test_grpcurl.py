@@ -276,3 +276,50 @@ def test_objects_tree_and_stuck_deletion_with_grpcurl(server: ServerProcess) -> 
     assert "OBJECT_TERMINATING" in refused.stderr + refused.stdout or "OBJECT_NOT_FOUND" in (
         refused.stderr + refused.stdout
     )
+
+
+def test_sweeps_with_grpcurl(server: ServerProcess) -> None:
+    """An operator asks what a sweep would do (dry run, JSON enums by name), finds the
+    server's startup report in the list, reads it, and gets ErrorInfo for a bad id."""
+    target = server.target
+    service = "tether.v1.SweepService"
+    dry = json.loads(
+        ok(
+            grpcurl(
+                target,
+                f"{service}/RunSweep",
+                data='{"dry_run": true, "parts": ["SWEEP_PART_EXPIRE_LEASES"]}',
+            )
+        )
+    )["report"]
+    assert dry["dry_run"] is True
+    assert dry["trigger"] == "SWEEP_TRIGGER_ON_DEMAND"
+    assert dry["parts"] == ["SWEEP_PART_EXPIRE_LEASES"]
+    listed = json.loads(
+        ok(
+            grpcurl(
+                target,
+                f"{service}/ListSweepReports",
+                data='{"triggers": ["SWEEP_TRIGGER_STARTUP"]}',
+            )
+        )
+    )["reports"]
+    assert len(listed) == 1
+    startup = json.loads(
+        ok(
+            grpcurl(
+                target,
+                f"{service}/GetSweepReport",
+                data=json.dumps({"sweep_id": listed[0]["sweep_id"]}),
+            )
+        )
+    )["report"]
+    assert startup == listed[0]
+    assert "SWEEP_PART_COLLECT_GARBAGE" in startup["parts"]
+    missing = grpcurl(
+        target,
+        f"{service}/GetSweepReport",
+        data='{"sweep_id": "0190a3c4-1111-7aaa-8bbb-0123456789ab"}',
+    )
+    assert missing.returncode == 64 + grpc.StatusCode.NOT_FOUND.value[0]
+    assert "SWEEP_REPORT_NOT_FOUND" in missing.stderr + missing.stdout
