@@ -186,12 +186,15 @@ class Sweeper:
         if report.dry_run:
             report.objects_collected = await self._store.count_queued_dependents(report.namespace)
         else:
-            # The collector's own pass (global, like its task).
+            # The collector's own pass (global, like its task), until a pass finds nothing
+            # due: a pass's own backlog flag cannot see the work its last transaction
+            # queued (a foreground owner marking its dependents), parked and backed-off
+            # items are not due, and max_batches bounds it all.
             for _ in range(self._limits.max_batches):
                 done = await self._objects.collect()
                 report.objects_collected += done.deleted
                 report.objects_orphaned += done.orphaned
-                if not done.backlog:
+                if not done.items:
                     break
         state = await self._objects.collector_state()
         report.gc_queue_depth = state.stats.depth
