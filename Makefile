@@ -22,8 +22,10 @@ serve: $(STAMP)
 migrate: $(STAMP)
 	$(BIN)/tether migrate --db $(DB)
 
+# Two workers (pytest-xdist): most tests wait on servers and databases, not on a core.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -41,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.load $(BENCH_ARGS)
 	$(BIN)/python -m tests.bench.wake
 	$(BIN)/python -m tests.bench.cascade $(BENCH_ARGS)
+	$(BIN)/python -m tests.bench.purge $(BENCH_ARGS)
 
 # Debian's etcd-server (/usr/bin/etcd) when missing, and etcd's Python stubs generated from
 # the etcd3 package's embedded descriptors into .bench/etcd_stubs (git-ignored).

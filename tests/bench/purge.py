@@ -811,6 +811,7 @@ async def tether_purge(
         sweep_failures=failures,
         purge_batches=len(batches.purge),
         purge_batch_ms=ms_summary(batches.purge),
+        purge_batch_p50_ms_by_tenth=_by_tenth(batches.purge),
         pauses_s=round(max(0, len(batches.purge) - len(reports)) * 0.01, 2),
         store_baseline=batches.store_in(base_start, base_end),
         store_purge=batches.store_in(purge_start, purge_end),
@@ -868,6 +869,16 @@ async def _count_left_unit(tx: Any, kinds: Sequence[str]) -> dict[str, int]:
     active = sql("SELECT count(*) FROM leases WHERE state = 'ACTIVE' AND key LIKE $1")
     out["renewing_active"] = int(await tx.fetchval(active, "bench/purge/%"))
     return out
+
+
+def _by_tenth(seconds: Sequence[float]) -> list[float | None]:
+    """The median batch of each tenth of the purge, in order: does a batch slow down as
+    the purge goes on?"""
+    n = len(seconds)
+    if n < 10:
+        return []
+    tenths = [seconds[n * i // 10 : n * (i + 1) // 10] for i in range(10)]
+    return [ms_summary(t).get("p50") for t in tenths]
 
 
 def tether_run(
@@ -931,6 +942,7 @@ async def _etcd_purge(target: str, prefix: str, keys: int) -> Record:
         "rows": deleted,
         "purge_batches": len(deletes),
         "purge_batch_ms": ms_summary(deletes),
+        "purge_batch_p50_ms_by_tenth": _by_tenth(deletes),
         "delete_s": round(delete_s, 3),
         "compact_s": round(compact_s, 3),
     }
@@ -1152,6 +1164,8 @@ def write_profile(
         f"{measured.get('purge_batch_ms')}), about {measured.get('pauses_s')} s of pauses",
         f"store transactions during the purge: {store.get('transactions')}, busy "
         f"{store.get('busy_s')} s, ms {store.get('ms')}",
+        f"median purge batch per tenth of the purge, ms: "
+        f"{measured.get('purge_batch_p50_ms_by_tenth')}",
     ]
     if timer is not None:
         lines += [
@@ -1201,12 +1215,12 @@ ROWS: list[tuple[str, str, str | None]] = [
     ("purge batches", "purge_batches", None),
     ("purge batch p50 ms", "purge_batch_ms.p50", None),
     ("purge batch max ms", "purge_batch_ms.max", None),
-    ("baseline: renewals answered", "baseline.answered", None),
+    ("baseline: renewals/s", "baseline.per_s", None),
     ("baseline: round trip p50 ms", "baseline.round_trip_ms.p50", None),
     ("baseline: round trip p99 ms", "baseline.round_trip_ms.p99", None),
     ("baseline: round trip max ms", "baseline.round_trip_ms.max", None),
     ("baseline: failed renewals", "baseline.failures", None),
-    ("purge: renewals answered", "during_purge.answered", "baseline.answered"),
+    ("purge: renewals/s", "during_purge.per_s", "baseline.per_s"),
     ("purge: round trip p50 ms", "during_purge.round_trip_ms.p50", "baseline.round_trip_ms.p50"),
     ("purge: round trip p99 ms", "during_purge.round_trip_ms.p99", "baseline.round_trip_ms.p99"),
     ("purge: round trip max ms", "during_purge.round_trip_ms.max", "baseline.round_trip_ms.max"),
@@ -1285,6 +1299,13 @@ def print_summary(bench: Bench) -> None:
         "ratios: tether / the reference (below 1: tether's figure is smaller); the noop server "
         "has no store and nothing to purge, so its one window stands in both; *: noisy window"
     )
+    tenths = [
+        f"{t.replace('tether-', 't-')} {bench.runs[t]['purge_batch_p50_ms_by_tenth']}"
+        for t in ALL_TARGETS
+        if (bench.runs.get(t) or {}).get("purge_batch_p50_ms_by_tenth")
+    ]
+    if tenths:
+        print("median purge batch (ms) in each tenth of the purge: " + "; ".join(tenths))
     print_aims(bench)
     problems = checks(bench)
     keys = ("server_tree", "server_dirty")

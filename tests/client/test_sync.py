@@ -19,9 +19,9 @@ from tether_client.errors import (
     DeadlineExceeded,
     LeaseHeld,
     LeaseRevoked,
-    NotImplementedYet,
     ObjectNotFound,
     SagaNotFound,
+    SweepReportNotFound,
     Unavailable,
 )
 from tether_client.pb import lease_pb2, owner_ref_pb2, saga_pb2, sweep_pb2
@@ -161,8 +161,10 @@ def test_service_clients_raise_typed_errors(client: TetherClientSync) -> None:
         client.sagas.get_saga(saga_pb2.GetSagaRequest(saga_id="s1"))
     with pytest.raises(ObjectNotFound):
         client.objects.get_object(owner_ref_pb2.GetObjectRequest(kind="Thing", name="nope"))
-    with pytest.raises(NotImplementedYet):
-        client.sweeps.get_sweep_report(sweep_pb2.GetSweepReportRequest())
+    with pytest.raises(SweepReportNotFound):
+        client.sweeps.get_sweep_report(
+            sweep_pb2.GetSweepReportRequest(sweep_id="0190a3c4-1111-7aaa-8bbb-0123456789ab")
+        )
 
 
 # --- no server needed -----------------------------------------------------------------

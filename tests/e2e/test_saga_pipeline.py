@@ -473,8 +473,9 @@ async def test_restart_keeps_sagas_claims_step_logs_and_compensations(
 async def test_claims_that_ran_out_while_the_server_was_down_are_taken_over(
     db_url: str, server_factory: ServerFactory, file_clock: FileClockDriver
 ) -> None:
-    """SIGKILL, the claims' ttl passes with no server running, restart: the old fences are
-    refused, and the next workers take over from the step log and the compensations."""
+    """SIGKILL, the claims' ttl passes with no server running, restart: the recovery sweep
+    has already ended the stale claims (policy REQUEUE), the old fences are refused, and
+    the next workers take over from the step log and the compensations."""
     server: ServerProcess = server_factory(db_url, env=file_clock.env)
     async with saga_stub(server.target) as stub:
         for saga_id in ("running", "compensating"):
@@ -500,7 +501,9 @@ async def test_claims_that_ran_out_while_the_server_was_down_are_taken_over(
 
     async with saga_stub(server.target) as stub:
         for saga_id in ("running", "compensating"):
-            assert (await get(stub, saga_id)).stale, saga_id
+            requeued = await get(stub, saga_id)
+            assert not requeued.stale, saga_id
+            assert not requeued.HasField("claim"), saga_id
         late = stub.RecordStep(
             saga_pb2.RecordStepRequest(
                 saga_id="running", fence=running, index=3, name="run", status=STARTED

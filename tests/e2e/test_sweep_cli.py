@@ -82,7 +82,7 @@ def test_run_list_and_show(
     assert dry["dry_run"].startswith("yes")
     assert dry["namespace"] == "(every namespace)"
     assert dry["replica"] == "sweeper-1"
-    assert dry["parts"] == ",".join(PARTS)
+    assert sorted(dry["parts"].split(",")) == sorted(PARTS)
     assert dry["blocked_objects"] == "1"
     assert dry["backlog"].isdigit()
     blocked = section(text, "blocked objects")

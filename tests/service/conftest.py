@@ -217,8 +217,9 @@ def make_test_server(db_url: str, clock: FakeClock) -> TetherServer:
 async def tether(db_url: str, fake_clock: FakeClock) -> AsyncIterator[Harness]:
     server = make_test_server(db_url, fake_clock)
     port = await server.start()
-    # Tests decide when expiries are recorded; see the module docstring.
+    # Tests decide when expiries are recorded and sweeps run; see the module docstring.
     await server.expiry.stop()
+    await server.runner.stop_task("sweep")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     harness = Harness(
         server=server,

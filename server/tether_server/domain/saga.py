@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from tether_server.domain import errors
-from tether_server.domain.lease import Lease, ended_error, not_holder
+from tether_server.domain.lease import Lease, LeaseState, ended_error, not_holder
 from tether_server.domain.time import format_us
 
 DEFAULT_MAX_ATTEMPTS = 3
@@ -301,6 +301,14 @@ def check_fence(saga: Saga, fence: Fence, lease: Lease | None, principal: str, n
         raise _stale_fence(saga, fence.lease_id, fence.fencing_token)
     assert saga.claim is not None
     if not saga.claim.active:
+        if (
+            lease is not None
+            and lease.state is not LeaseState.RELEASED
+            and not lease.is_live(now_us)
+        ):
+            # Its lease ran out (or was revoked) and a claim or a sweep ended the claim
+            # since: the worker hears why, as it would have before the claim was ended.
+            raise ended_error(lease, now_us)
         reason = saga.failure_reason or "the claim ended"
         raise state_error(saga, f"the claim ended ({reason})")
     if lease is None:
