@@ -22,19 +22,10 @@ from typing import Any
 import pytest
 
 from tests.e2e import ServerFactory
+from tests.e2e.cli_support import Cli, cli_env
 
 pytestmark = pytest.mark.e2e
 
-# The developer's own settings must not point these tests elsewhere.
-_CLI_ENV = (
-    "TETHER_TARGET",
-    "TETHER_NAMESPACE",
-    "TETHER_HOLDER",
-    "TETHER_TOKEN",
-    "TETHER_TLS",
-    "TETHER_CA_FILE",
-    "TETHER_TIMEOUT",
-)
 EXIT_LEASE_LOST = 75
 
 # The command under `lease run`: records its pid and TETHER_* environment, records SIGTERM
@@ -62,35 +53,10 @@ while time.monotonic() < deadline:
 """
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _CLI_ENV}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _cli(target: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "tether_client.cli", "lease", "--target", target, *args]
-
-
-def tether(target: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        _cli(target, *args),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_env(),
-        check=False,
-    )
-
-
-def ok(target: str, *args: str) -> str:
-    result = tether(target, *args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def ok_json(target: str, *args: str) -> Any:
-    return json.loads(ok(target, "--json", *args))
+LEASE = Cli("lease")
+tether = LEASE
+ok = LEASE.ok
+ok_json = LEASE.ok_json
 
 
 def fields(text: str) -> dict[str, str]:
@@ -100,7 +66,7 @@ def fields(text: str) -> dict[str, str]:
 
 
 def start(target: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
-    return subprocess.Popen(_cli(target, *args), text=True, env=_env(), **kwargs)
+    return subprocess.Popen(LEASE.argv(target, *args), text=True, env=cli_env(), **kwargs)
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen[str], within: float = 15) -> str:
@@ -266,7 +232,7 @@ def test_the_installed_tether_has_lease_and_server_commands(
 
     def run(*args: str) -> str:
         result = subprocess.run(
-            [str(tether_bin), *args], capture_output=True, text=True, env=_env(), timeout=30
+            [str(tether_bin), *args], capture_output=True, text=True, env=cli_env(), timeout=30
         )
         assert result.returncode == 0, result.stderr
         return result.stdout

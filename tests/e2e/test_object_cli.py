@@ -8,15 +8,11 @@ forces them.
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
-from typing import Any
 
 import pytest
 
 from tests.e2e import ServerFactory
-from tests.e2e.test_saga_cli import _env, fields, section
+from tests.e2e.cli_support import Cli, fields, section
 from tether_client import TetherClient
 from tether_client.pb import common_pb2, owner_ref_pb2
 
@@ -25,25 +21,9 @@ pytestmark = pytest.mark.e2e
 FINALIZER = "example.com/worktree"
 
 
-def tether(target: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tether_client.cli", "object", "--target", target, *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=_env(),
-        check=False,
-    )
-
-
-def ok(target: str, *args: str) -> str:
-    result = tether(target, *args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def ok_json(target: str, *args: str) -> Any:
-    return json.loads(ok(target, "--json", *args))
+tether = Cli("object")
+ok = tether.ok
+ok_json = tether.ok_json
 
 
 def owned_by(owner: owner_ref_pb2.Object, *, block: bool = False) -> common_pb2.OwnerReference:

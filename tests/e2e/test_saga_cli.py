@@ -7,76 +7,24 @@ then reads them and acts on them as an operator.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
-from typing import Any
 
 import pytest
 
 from tests.e2e import ServerFactory
+from tests.e2e.cli_support import Cli, fields, section
 from tether_client import TetherClient
 from tether_client.pb import saga_pb2
 
 pytestmark = pytest.mark.e2e
-
-_CLI_ENV = (
-    "TETHER_TARGET",
-    "TETHER_NAMESPACE",
-    "TETHER_HOLDER",
-    "TETHER_TOKEN",
-    "TETHER_TLS",
-    "TETHER_CA_FILE",
-    "TETHER_TIMEOUT",
-)
 
 
 class Boom(Exception):
     pass
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _CLI_ENV}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def tether(target: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tether_client.cli", "saga", "--target", target, *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=_env(),
-        check=False,
-    )
-
-
-def ok(target: str, *args: str) -> str:
-    result = tether(target, *args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def ok_json(target: str, *args: str) -> Any:
-    return json.loads(ok(target, "--json", *args))
-
-
-def fields(text: str) -> dict[str, str]:
-    """The ``name:  value`` lines that open the CLI's saga details (up to a blank line)."""
-    head = text.split("\n\n", 1)[0]
-    pairs = (line.split(":", 1) for line in head.splitlines())
-    return {name.strip(): value.strip() for name, value in pairs}
-
-
-def section(text: str, title: str) -> list[list[str]]:
-    """The rows (split on blanks) of the table under ``title:``, header first."""
-    for block in text.split("\n\n"):
-        lines = block.splitlines()
-        if lines and lines[0] == f"{title}:":
-            return [line.split() for line in lines[1:]]
-    raise AssertionError(f"no {title!r} section in:\n{text}")
+tether = Cli("saga")
+ok = tether.ok
+ok_json = tether.ok_json
 
 
 async def _setup(target: str) -> None:

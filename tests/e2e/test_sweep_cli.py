@@ -9,16 +9,12 @@ hand-made report, without a server.
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
-from typing import Any
 
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from tests.e2e import ServerFactory
-from tests.e2e.test_saga_cli import _env, fields, section
+from tests.e2e.cli_support import Cli, fields, section
 from tests.support.server_process import FileClockDriver
 from tether_client import TetherClient
 from tether_client.cli_sweep import PARTS, report_details, report_table
@@ -30,25 +26,9 @@ REFUSAL = "uncommitted changes in src/"
 UNKNOWN_ID = "00000000-0000-7000-8000-000000000000"
 
 
-def tether(target: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tether_client.cli", "sweep", "--target", target, *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=_env(),
-        check=False,
-    )
-
-
-def ok(target: str, *args: str) -> str:
-    result = tether(target, *args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def ok_json(target: str, *args: str) -> Any:
-    return json.loads(ok(target, "--json", *args))
+tether = Cli("sweep")
+ok = tether.ok
+ok_json = tether.ok_json
 
 
 async def _stuck_worktree(target: str) -> str:
