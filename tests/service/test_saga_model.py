@@ -351,6 +351,10 @@ class Model:
         if s.claim is None or s.claim.fence != fence:
             return E_STALE
         if not s.claim.active:
+            lease = s.claim.lease
+            # A claim ended after its lease ran out or was revoked: the lease says why.
+            if lease.ended != "RELEASED" and not lease.live(self.now()):
+                return lease.end_error
             return E_STATE
         if not s.claim_live(self.now()):
             return s.claim.lease.end_error

@@ -75,22 +75,26 @@ async def env(tether: Harness) -> SweepEnv:
     return await sweep_env_for(tether)
 
 
-async def _stale_sagas(env: SweepEnv) -> None:
-    """One saga per outcome, each claimed under a 10 s lease, plus one live claim."""
+async def _stale_sagas(env: SweepEnv) -> dict[str, common_pb2.Fence]:
+    """One saga per outcome, each claimed under a 10 s lease, plus one live claim; the
+    fences by saga id."""
     api = env.sagas
     policies = {"rq": REQUEUE, "cp": ON_STALE_COMPENSATE, "cp-none": ON_STALE_COMPENSATE}
     policies["q"] = ON_STALE_QUARANTINE
+    fences = {}
     for saga_id, policy in policies.items():
         await api.create(saga_id, on_stale=policy)
         claimed = await api.claim(saga_id, ttl_s=10)
+        fences[saga_id] = claimed.fence
         if saga_id == "cp":
             await api.step(saga_id, claimed.fence, 0, "make", compensation=comp("undo"))
     await api.create("live")
-    await api.claim("live", ttl_s=600)
+    fences["live"] = (await api.claim("live", ttl_s=600)).fence
+    return fences
 
 
 async def test_a_sweep_applies_each_stale_policy_once(env: SweepEnv) -> None:
-    await _stale_sagas(env)
+    fences = await _stale_sagas(env)
     env.advance(11)
     first = await env.run(*RECONCILE)
     assert actions(first) == {
@@ -109,6 +113,12 @@ async def test_a_sweep_applies_each_stale_policy_once(env: SweepEnv) -> None:
         "q": QUARANTINED,
         "live": RUNNING,
     }
+    # The worker that went quiet hears why its claim ended, as it would have before.
+    await expect_error(
+        env.sagas.step("rq", fences["rq"], 0, "late"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "LEASE_EXPIRED",
+    )
     # The requeued saga is claimable again: its claim ended.
     assert (await env.sagas.claim("rq", holder="w2")).saga.attempt == 2
     assert actions(await env.run(*RECONCILE)) == NOTHING
