@@ -129,6 +129,9 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if k not in _SERVER_ENV}
         env.update(self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # Tests decide when a server process sweeps (RunSweep, or --sweep-start-delay): the
+        # file clock moves in big steps and a periodic sweep would settle what they watch.
+        env.setdefault("TETHER_SWEEP_START_DELAY", "8760h")
         self._starts += 1
         with self.log_path.open("ab") as log:
             header = f"\n=== start #{self._starts}: {' '.join(self.command)}\n"
