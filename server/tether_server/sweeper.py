@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from tether_server.domain.sweep import (
     SweepReport,
     SweepTrigger,
     choose_parts,
+    next_batch_size,
     saga_outcome,
 )
 from tether_server.expiry import ExpiryLoop
@@ -223,15 +225,19 @@ class Sweeper:
             return None  # kept forever
         return self._clock.now_us() - round(retention_s * MICROS)
 
-    async def _batches(self, purge_batch: Callable[[], Awaitable[int]]) -> bool:
-        """Run batches until one comes back short; False if max_batches ran out first."""
-        limit = self._limits.batch_size
-        for index in range(self._limits.max_batches):
-            if index and self._limits.pause_s:
+    async def _batches(self, purge_batch: Callable[[int], Awaitable[int]]) -> bool:
+        """Run batches (each given its size) until one comes back short; False if
+        max_batches ran out first. Sizes follow the time target (next_batch_size)."""
+        limits = self._limits
+        size = limits.batch_size
+        for index in range(limits.max_batches):
+            if index and limits.pause_s:
                 # Real time, not the injected clock: this only lets live traffic in.
-                await asyncio.sleep(self._limits.pause_s)
-            if await purge_batch() < limit:
+                await asyncio.sleep(limits.pause_s)
+            started = time.monotonic()
+            if await purge_batch(size) < size:
                 return True
+            size = next_batch_size(size, time.monotonic() - started, limits)
         return False
 
     async def _purge_leases(self, report: SweepReport) -> int:
@@ -244,8 +250,8 @@ class Sweeper:
             _add_lease_purge(report, counted.leases, counted.requests, counted.keys)
             return 0
 
-        async def batch() -> int:
-            done = await self._store.purge_leases(ns, cutoff, self._limits.batch_size)
+        async def batch(size: int) -> int:
+            done = await self._store.purge_leases(ns, cutoff, size)
             _add_lease_purge(report, done.leases, done.requests, done.keys)
             return done.leases
 
@@ -262,8 +268,8 @@ class Sweeper:
             report.purged("sagas", await self._store.count_sagas(ns, cutoff))
             return 0
 
-        async def batch() -> int:
-            purged = await self._store.purge_sagas(ns, cutoff, self._limits.batch_size)
+        async def batch(size: int) -> int:
+            purged = await self._store.purge_sagas(ns, cutoff, size)
             report.purged("sagas", purged)
             return purged
 
@@ -304,8 +310,8 @@ class Sweeper:
             report.purged(kind, await count(cutoff))
             return 0
 
-        async def batch() -> int:
-            purged = await purge(cutoff, self._limits.batch_size)
+        async def batch(size: int) -> int:
+            purged = await purge(cutoff, size)
             report.purged(kind, purged)
             return purged
 

@@ -98,7 +98,7 @@ import uuid
 from array import array
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -692,12 +692,18 @@ async def tether_purge(
     from tether_server.config import ServerConfig
     from tether_server.sweeper import SweepConfig
 
-    config = ServerConfig(
-        listen="127.0.0.1:0",
-        db_url=url,
-        grace_s=1.0,
-        sweep=SweepConfig(start_delay_s=NO_PERIODIC_SWEEP_S),
-    )
+    sweep = SweepConfig(start_delay_s=NO_PERIODIC_SWEEP_S)
+    if args.batch_size is not None or args.pause_ms is not None:
+        limits = sweep.limits
+        sweep = replace(
+            sweep,
+            limits=replace(
+                limits,
+                batch_size=args.batch_size or limits.batch_size,
+                pause_s=limits.pause_s if args.pause_ms is None else args.pause_ms / 1000,
+            ),
+        )
+    config = ServerConfig(listen="127.0.0.1:0", db_url=url, grace_s=1.0, sweep=sweep)
     server = TetherServer(config)
     batches = Batches()
     store_batch = server.db.on_batch
@@ -812,7 +818,7 @@ async def tether_purge(
         purge_batches=len(batches.purge),
         purge_batch_ms=ms_summary(batches.purge),
         purge_batch_p50_ms_by_tenth=_by_tenth(batches.purge),
-        pauses_s=round(max(0, len(batches.purge) - len(reports)) * 0.01, 2),
+        pauses_s=round(max(0, len(batches.purge) - len(reports)) * config.sweep.limits.pause_s, 2),
         store_baseline=batches.store_in(base_start, base_end),
         store_purge=batches.store_in(purge_start, purge_end),
         cpu_baseline=cpu_base if load else None,
@@ -908,7 +914,9 @@ def tether_run(
 # --- references -------------------------------------------------------------------------
 
 
-async def _etcd_purge(target: str, prefix: str, keys: int) -> Record:
+async def _etcd_purge(
+    target: str, prefix: str, keys: int, batch: int = ETCD_BATCH, pause_s: float = ETCD_PAUSE_S
+) -> Record:
     """etcd's retention: DeleteRange of 1 000 keys at a time (10 ms apart), then one
     physical Compact of everything before."""
     import grpc
@@ -920,14 +928,14 @@ async def _etcd_purge(target: str, prefix: str, keys: int) -> Record:
         kv = rpc_pb2_grpc.KVStub(channel)
         started = time.perf_counter()
         revision = 0
-        for first in range(0, keys, ETCD_BATCH):
-            if first:
-                await asyncio.sleep(ETCD_PAUSE_S)
+        for first in range(0, keys, batch):
+            if first and pause_s:
+                await asyncio.sleep(pause_s)
             t = time.perf_counter()
             response = await kv.DeleteRange(
                 rpc_pb2.DeleteRangeRequest(
                     key=_etcd_key(prefix, first),
-                    range_end=_etcd_key(prefix, min(first + ETCD_BATCH, keys)),
+                    range_end=_etcd_key(prefix, min(first + batch, keys)),
                 ),
                 timeout=60,
             )
@@ -968,7 +976,11 @@ async def reference_windows(
         purge_start = purge_end = time.time()
         if kind == "etcd" and keys:
             started = time.perf_counter()
-            purge = await asyncio.wait_for(_etcd_purge(target, "purge/", keys), args.timeout)
+            pause_s = ETCD_PAUSE_S if args.pause_ms is None else args.pause_ms / 1000
+            purge = await asyncio.wait_for(
+                _etcd_purge(target, "purge/", keys, args.batch_size or ETCD_BATCH, pause_s),
+                args.timeout,
+            )
             purge_s = time.perf_counter() - started
             purge_end = time.time()
             record.update(purge)
@@ -1067,9 +1079,18 @@ class Bench:
             "baseline_s": self.args.baseline,
         }
         if target == "etcd":
-            params.update(keys=self.args.etcd_keys, batch=ETCD_BATCH, pause_s=ETCD_PAUSE_S)
+            params.update(
+                keys=self.args.etcd_keys,
+                batch=self.args.batch_size or ETCD_BATCH,
+                pause_ms=ETCD_PAUSE_S * 1000 if self.args.pause_ms is None else self.args.pause_ms,
+            )
         elif target.startswith("tether"):
-            params.update(rows=self.spec.rows, kinds=list(self.spec.kinds))
+            params.update(
+                rows=self.spec.rows,
+                kinds=list(self.spec.kinds),
+                batch_size=self.args.batch_size,
+                pause_ms=self.args.pause_ms,
+            )
         return params
 
     def run(self, target: str) -> None:
@@ -1089,6 +1110,9 @@ class Bench:
         self.runs[target] = record
         if timer is not None:
             self.timers[target] = timer
+            if "purge_s" in record:
+                record["statements_s"] = round(timer.total_s(), 3)
+                record["statements_top"] = timer.lines(12, 150)
         self.emit({"scenario": "purge", "target": target, "params": self._params(target), **record})
         if "purge_s" in record:
             during = record.get("during_purge", {}).get("round_trip_ms", {})
@@ -1226,6 +1250,9 @@ ROWS: list[tuple[str, str, str | None]] = [
     ("purge: round trip max ms", "during_purge.round_trip_ms.max", "baseline.round_trip_ms.max"),
     ("purge: answers over 100 ms", "during_purge.over_100ms", "baseline.over_100ms"),
     ("purge: failed renewals", "during_purge.failures", "baseline.failures"),
+    ("purge: store transactions busy s", "store_purge.busy_s", None),
+    ("purge: of which SQL statements s", "statements_s", None),
+    ("purge: longest store transaction ms", "store_purge.ms.max", None),
     ("purge: server cores", "cpu_purge.server_cores", "cpu_baseline.server_cores"),
     ("purge: store cores (pg backends)", "cpu_purge.store_cores", None),
 ]
@@ -1264,10 +1291,13 @@ def print_summary(bench: Bench) -> None:
     )
     dirty = " + uncommitted server/ changes" if host.get("server_dirty") else ""
     print(f"commit {host.get('commit')}{dirty}")
+    batch = bench.args.batch_size or "1000 (default)"
+    pause = "10 (default)" if bench.args.pause_ms is None else fmt(bench.args.pause_ms)
     print(
-        f"tether: {spec.rows} {' + '.join(spec.kinds)} purged by RunSweep (batches of 1000, "
-        f"10 ms apart); etcd: {bench.args.etcd_keys} keys by DeleteRange of {ETCD_BATCH} "
-        f"({ETCD_PAUSE_S * 1000:.0f} ms apart) + Compact; load: {LEASES} leases (ttl {TTL_S} s) "
+        f"tether: {spec.rows} {' + '.join(spec.kinds)} purged by RunSweep (batches of {batch}, "
+        f"{pause} ms apart); etcd: {bench.args.etcd_keys} keys by DeleteRange of "
+        f"{bench.args.batch_size or ETCD_BATCH} ({pause} ms apart) + Compact; load: {LEASES} "
+        f"leases (ttl {TTL_S} s) "
         f"each renewed every {RENEW_EVERY_S:.0f} s over {STREAMS} KeepAlive streams, "
         f"baseline window {bench.args.baseline:.0f} s"
     )
@@ -1283,7 +1313,10 @@ def print_summary(bench: Bench) -> None:
         noisy = {t: _noisy_path(bench.runs.get(t), path) for t in ALL_TARGETS}
         rows.append(
             [label]
-            + [fmt(values[t]) + ("*" if noisy[t] else "") for t in ALL_TARGETS]
+            + [
+                fmt(values[t]) + ("*" if noisy[t] and isinstance(values[t], int | float) else "")
+                for t in ALL_TARGETS
+            ]
             + [ratio(values[t], values[r]) for r in ("etcd", "noop") for t in TETHER_TARGETS]
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -1319,16 +1352,23 @@ def print_summary(bench: Bench) -> None:
         print("checks:")
         for problem in problems:
             print(f"  {problem}")
+    for target in TETHER_TARGETS:
+        record = bench.runs.get(target) or {}
+        if record.get("statements_top"):
+            print()
+            print(
+                f"{target}: SQL statements in the purge window (the purge's and the renewals') "
+                f"by total time, top {PRINT_TOP}; the rest of the store's busy time is BEGIN, "
+                "savepoints and COMMIT:"
+            )
+            for line in record["statements_top"][: PRINT_TOP + 1]:
+                print(f"  {line[:150]}")
+            print(f"{target}: plans of the batch picks (before the purge):")
+            for line in record.get("explain", []):
+                print(f"  {line}")
     for target, profile in bench.profiles.items():
         print()
         print(f"profile {target} ({profile['where']}); full: {profile['file']}")
-        if profile["statements"]:
-            print(f"SQL statements in the purge window by total time, top {PRINT_TOP}:")
-            for line in profile["statements"]:
-                print(f"  {line}")
-        print("plans of the batch picks:")
-        for line in profile["explain"]:
-            print(f"  {line}")
         print(f"cProfile of the purge alone, top {PRINT_TOP} by cumulative time:")
         for line in profile["top"]:
             print(f"  {line}")
@@ -1428,6 +1468,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline", type=float, help="s of the baseline window (20, quick 5)")
     parser.add_argument("--etcd-keys", type=int, help="keys etcd purges (default: --rows)")
     parser.add_argument(
+        "--batch-size", type=int, help="the sweep's rows per purge batch (default: the server's)"
+    )
+    parser.add_argument(
+        "--pause-ms", type=float, help="the sweep's pause between batches (default: the server's)"
+    )
+    parser.add_argument(
         "--profile",
         choices=["sqlite", "postgres", "both", "none"],
         default="sqlite",
@@ -1456,6 +1502,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.etcd_keys = args.rows
     if not 0 <= args.etcd_keys <= 5_000_000:
         parser.error("--etcd-keys must be in [0, 5000000]")
+    if args.batch_size is not None and not 1 <= args.batch_size <= 100_000:
+        parser.error("--batch-size must be in [1, 100000]")
+    if args.pause_ms is not None and not 0 <= args.pause_ms <= 10_000:
+        parser.error("--pause-ms must be in [0, 10000]")
     if args.baseline is None:
         args.baseline = 5.0 if args.quick else 20.0
     if not 1 <= args.baseline <= 600:

@@ -54,17 +54,23 @@ class SweepEnv:
         self.tether.clock.advance(seconds)
 
     async def run(
-        self, *parts: int, dry_run: bool = False, namespace: str = ""
+        self, *parts: int, dry_run: bool = False, namespace: str = "", timeout: float = WAIT_S * 4
     ) -> sweep_pb2.SweepReport:
-        return await run_sweep(self.sweeps, *parts, dry_run=dry_run, namespace=namespace)
+        return await run_sweep(
+            self.sweeps, *parts, dry_run=dry_run, namespace=namespace, timeout=timeout
+        )
 
 
 async def run_sweep(
-    stub: sweep_pb2_grpc.SweepServiceStub, *parts: int, dry_run: bool = False, namespace: str = ""
+    stub: sweep_pb2_grpc.SweepServiceStub,
+    *parts: int,
+    dry_run: bool = False,
+    namespace: str = "",
+    timeout: float = WAIT_S * 4,
 ) -> sweep_pb2.SweepReport:
     response = await stub.RunSweep(
         sweep_pb2.RunSweepRequest(parts=list(parts), dry_run=dry_run, namespace=namespace),
-        timeout=WAIT_S * 4,
+        timeout=timeout,
     )
     report: sweep_pb2.SweepReport = response.report
     return report

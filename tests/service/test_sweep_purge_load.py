@@ -66,7 +66,8 @@ async def test_a_large_purge_runs_in_batches_while_heartbeats_keep_succeeding(
     env = await sweep_env_for(tether)
     await _seed(env)
     live = [await tether.acquire(f"live/{n}", ttl_s=30) for n in range(RENEWERS)]
-    purge = asyncio.ensure_future(env.run(PURGE_LEASES))
+    # A deadline for a busy machine, not a speed goal (the benchmark measures speed).
+    purge = asyncio.ensure_future(env.run(PURGE_LEASES, timeout=240))
     renewed_during = [0] * RENEWERS
     failures: list[BaseException] = []
 

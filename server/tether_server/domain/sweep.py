@@ -111,12 +111,18 @@ class Retention:
 
 @dataclass(frozen=True)
 class SweepLimits:
-    # Rows per purge transaction, and per reconciliation transaction.
+    # Rows per reconciliation transaction, and the most per purge transaction.
     batch_size: int = 1000
+    # A purge transaction aims to hold the store this long (real seconds): its batch
+    # shrinks or grows (down to min_batch_size, up to batch_size) to fit, so a heartbeat
+    # queued behind it never waits much longer. 0: fixed batches (what PostgreSQL gets:
+    # its writers lock rows, not the store).
+    batch_target_s: float = 0.025
+    min_batch_size: int = 50
     # Real seconds between purge batches: live writes get the store in between.
     pause_s: float = 0.01
     # Batches per part per sweep; what is left is the backlog for the next sweep.
-    max_batches: int = 1000
+    max_batches: int = 10_000
     # An object terminating longer than this is reported as blocked.
     blocked_after_s: float = 3600.0
     # Blocked objects listed in one report (all are counted).
@@ -127,8 +133,22 @@ class SweepLimits:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_batches < 1 or self.max_blocked_listed < 0:
             raise ValueError("batch_size and max_batches must be positive")
+        if self.min_batch_size < 1 or self.batch_target_s < 0:
+            raise ValueError("min_batch_size must be positive, batch_target_s >= 0")
         if self.pause_s < 0 or self.blocked_after_s < 0 or self.backlog_warning < 0:
             raise ValueError("pause_s, blocked_after_s and backlog_warning must be >= 0")
+
+
+def next_batch_size(size: int, seconds: float, limits: SweepLimits) -> int:
+    """The next purge batch's size, after one of ``size`` rows took ``seconds``: scaled
+    towards the time target, at most doubling at once, within the limits."""
+    if limits.batch_target_s <= 0:
+        return limits.batch_size
+    if seconds <= 0:
+        return min(limits.batch_size, size * 2)
+    scaled = round(size * limits.batch_target_s / seconds)
+    smallest = min(limits.min_batch_size, limits.batch_size)
+    return max(smallest, min(limits.batch_size, size * 2, scaled))
 
 
 @dataclass(frozen=True)
