@@ -6,8 +6,11 @@ Latency under this load is the benchmark's business (tests/bench/purge.py), not 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from tether_client.pb import lease_pb2
+import pytest
+
+from tether_client.pb import lease_pb2, sweep_pb2
 
 from .conftest import WAIT_S, Harness
 from .sweep_support import DAY_S, PURGE_LEASES, SweepEnv, sweep_env_for
@@ -16,9 +19,9 @@ ROWS = 200_000
 KEYS = 500
 RENEWERS = 20
 
-_NUMBERS_PG = f"SELECT i FROM generate_series(1, {ROWS}) AS s(i)"
+_NUMBERS_PG = "SELECT i FROM generate_series(1, {rows}) AS s(i)"
 _NUMBERS_SQLITE = (
-    f"WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {ROWS})"
+    "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {rows})"
     " SELECT i FROM s"
 )
 _LEASES = (
@@ -41,14 +44,15 @@ _KEYS = (
 )
 
 
-async def _seed(env: SweepEnv) -> None:
+async def seed_ended_leases(env: SweepEnv, rows: int = ROWS) -> None:
+    """``rows`` leases that ended two days ago, a tenth with request ids, on KEYS keys."""
     from tether_server.store.sql import sql
     from tether_server.store.tx import Tx
 
     old = env.tether.clock.now_us() - round(2 * DAY_S * 1e6)
 
     def leases(numbers: str, empty: str) -> str:
-        return _LEASES.format(keys=KEYS, t=old, empty=empty, numbers=numbers)
+        return _LEASES.format(keys=KEYS, t=old, empty=empty, numbers=numbers.format(rows=rows))
 
     async def seed(tx: Tx) -> None:
         await tx.execute(
@@ -64,7 +68,7 @@ async def test_a_large_purge_runs_in_batches_while_heartbeats_keep_succeeding(
     tether: Harness,
 ) -> None:
     env = await sweep_env_for(tether)
-    await _seed(env)
+    await seed_ended_leases(env)
     live = [await tether.acquire(f"live/{n}", ttl_s=30) for n in range(RENEWERS)]
     # A deadline for a busy machine, not a speed goal (the benchmark measures speed).
     purge = asyncio.ensure_future(env.run(PURGE_LEASES, timeout=240))
@@ -94,3 +98,36 @@ async def test_a_large_purge_runs_in_batches_while_heartbeats_keep_succeeding(
     # Renewals got in between the batches: the purge never held the store throughout.
     assert all(count > 0 for count in renewed_during), renewed_during
     assert len(await tether.list_all()) == RENEWERS
+
+
+async def test_a_sweep_whose_caller_gives_up_still_finishes_and_reports(tether: Harness) -> None:
+    env = await sweep_env_for(tether)
+    await seed_ended_leases(env, rows=20_000)
+    started = asyncio.Event()
+    sweeper = env.server.sweeper
+    original_run = sweeper.run
+
+    async def spying_run(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        return await original_run(*args, **kwargs)
+
+    sweeper.run = spying_run  # type: ignore[method-assign]
+    call = env.sweeps.RunSweep(sweep_pb2.RunSweepRequest(parts=[PURGE_LEASES]), timeout=WAIT_S * 4)
+    await asyncio.wait_for(started.wait(), WAIT_S)
+    call.cancel()  # the caller goes away mid-sweep
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    async def reported() -> list[sweep_pb2.SweepReport]:
+        listed = await env.sweeps.ListSweepReports(
+            sweep_pb2.ListSweepReportsRequest(triggers=[sweep_pb2.SWEEP_TRIGGER_ON_DEMAND]),
+            timeout=WAIT_S,
+        )
+        return list(listed.reports)
+
+    for _ in range(600):
+        found = await reported()
+        if found:
+            break
+        await asyncio.sleep(0.05)
+    assert [dict(r.rows_purged).get("leases") for r in found] == [20_000]

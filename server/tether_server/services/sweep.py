@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -47,8 +48,12 @@ class SweepService:
         namespace = validation.namespace(request.namespace) if request.namespace else ""
         requested = [enum_value(conv.PART_FROM_PB, p, "parts", "sweep part") for p in request.parts]
         parts = choose_parts(requested, namespace)
-        report = await self._sweeper.run(
-            SweepTrigger.ON_DEMAND, parts=parts, namespace=namespace, dry_run=request.dry_run
+        # Shielded: a caller that gives up (deadline, Ctrl-C) does not stop the sweep
+        # between two batches; it finishes and its report is stored for ListSweepReports.
+        report = await asyncio.shield(
+            self._sweeper.run(
+                SweepTrigger.ON_DEMAND, parts=parts, namespace=namespace, dry_run=request.dry_run
+            )
         )
         return sweep_pb2.RunSweepResponse(report=conv.report_to_pb(report))
 
