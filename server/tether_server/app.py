@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import secrets
 import socket
@@ -118,18 +117,12 @@ class TetherServer:
         )
         self.expiry.attach(self.runner)
         self.sweeps = SweepStore(self.db)
-        sweep_config = config.sweep
-        if not self.db.is_sqlite:
-            # PostgreSQL writers lock rows, not the store: a purge batch holds up no
-            # heartbeat however long it takes, so it keeps its full size.
-            limits = dataclasses.replace(sweep_config.limits, batch_target_s=0.0)
-            sweep_config = dataclasses.replace(sweep_config, limits=limits)
         self.sweeper = Sweeper(
             self.sweeps,
             self.objects,
             self.expiry,
             self.db.clock,
-            sweep_config,
+            config.sweep,
             self.metrics,
             replica=lambda: self.replica_name,
         )

@@ -5,8 +5,9 @@ Run from the repository root (``make bench`` does, with ``BENCH_ARGS``)::
 
     python -m tests.bench.purge [--quick] [--rows N] [--kinds sagas,leases]
                                 [--targets etcd,noop,tether-sqlite,tether-pg]
-                                [--baseline S] [--etcd-keys N]
-                                [--profile sqlite|postgres|both|none] [--out results.jsonl]
+                                [--baseline S] [--etcd-keys N] [--batch-size N]
+                                [--pause-ms MS] [--profile sqlite|postgres|both|none]
+                                [--out results.jsonl]
 
 The issue's aim: 1 000 000 terminal rows purged while 1 000 leases keep renewing, with the
 renewals' p99 under 100 ms and no renewal failing.
@@ -26,12 +27,15 @@ checkpointed into one file. Every run gets its own copy of the seed
 ``CHECKPOINT`` so the copy's WAL is not written back during the run).
 
 One run per backend: an in-process ``TetherServer`` on a free 127.0.0.1 port with the
-default configuration, except that the periodic sweep is put off (it would purge on its
-own 30 s after start). Before anything is timed, ``GetSaga`` of a seeded saga must read it
-back COMPLETED and a dry-run ``RunSweep`` must count every seeded row. A spawned load
-process then acquires 1 000 leases (ttl 30 s) through the real gRPC API and renews each
-every 3 s, spread evenly (333 renewals/s), over 10 ``KeepAlive`` streams, one lease per
-message (etcd's only form), each message timed from its send to its answer. After a warm-up
+default configuration (its sweep limits as the server sets them per backend: on SQLite
+purge batches of up to ``batch_size`` rows sized to a time target, on PostgreSQL full
+batches; ``--batch-size`` / ``--pause-ms`` override the limit and the pause), except that
+the periodic sweep is put off (it would purge on its own 30 s after start). Before anything
+is timed, ``GetSaga`` of a seeded saga must read it back COMPLETED and a dry-run
+``RunSweep`` must count every seeded row. A spawned load process then acquires 1 000
+leases (ttl 30 s) through the real gRPC API and renews each every 3 s, spread evenly (333
+renewals/s), over 10 ``KeepAlive`` streams, one lease per message (etcd's only form), each
+message timed from its send to its answer. After a warm-up
 of one renewal period, the baseline window (``--baseline`` s, default 20; quick 5) has no
 purge; then the purge window is one ``RunSweep`` RPC (parts PURGE_SAGAS [+ PURGE_LEASES],
 every namespace, repeated while it reports a backlog) from its call to its answer. A
@@ -39,7 +43,9 @@ renewal belongs to the window it was sent in; one answered with an error, or nev
 answered (the load stops 1 s after the purge, then drains for 10 s), is a failure.
 
 Figures per window: renewals sent, p50/p99/max round trip, failures, answers over 100 ms;
-for the purge: seconds, rows/s, store batches and their time (each purge batch is one unit
+for the purge: seconds, rows/s, purge batches (count, rows per batch, median per tenth of
+the purge: does a batch slow down as dead rows pile up?), store batches and their time
+(each purge batch is one unit
 in the group committer, so a renewal arriving meanwhile waits for it: the longest store
 transaction bounds the renewal's extra latency), and the CPU of the server, its PostgreSQL
 backends and the load process. Every SQL statement of the purge window is timed (wrapping
@@ -51,9 +57,9 @@ References, in the same run and with the same load process:
 
 - ``etcd``: single-node etcd 3.4 (``make bench-setup``), pre-filled with ``--etcd-keys``
   keys (default: ``--rows``; 300-byte values, as the cascade's), renewal load through its
-  ``LeaseKeepAlive``. Its purge is etcd's retention: ``DeleteRange`` of 1 000 keys at a
-  time with the same 10 ms pause, then one physical ``Compact`` (which is what reclaims
-  them in etcd).
+  ``LeaseKeepAlive``. Its purge is etcd's retention: ``DeleteRange`` of 1 000 keys (or
+  ``--batch-size``) at a time with the same pause, then one physical ``Compact`` (which is
+  what reclaims them in etcd).
 - ``noop``: ``tests.bench.noop_server`` (tether's LeaseService from memory), the same
   renewal load for one baseline window: the round trip of a Python gRPC server with no
   store. Its figures stand in both windows: it has nothing to purge.
@@ -726,7 +732,16 @@ async def tether_purge(
             return result
 
         setattr(server.sweeps, name, timed)
-    record: Record = {}
+    # The limits the sweeper runs with (the server adjusts them per backend).
+    used = server.sweeper._limits
+    record: Record = {
+        "limits": {
+            name: getattr(used, name, None)
+            for name in ("batch_size", "batch_target_s", "min_batch_size", "pause_s")
+        }
+    }
+    target_s = record["limits"]["batch_target_s"]
+    record["limits"]["batch_target_ms"] = None if target_s is None else round(target_s * 1000, 1)
     renewal: RenewalLoad | None = None
     await server.start()
     try:
@@ -818,7 +833,8 @@ async def tether_purge(
         purge_batches=len(batches.purge),
         purge_batch_ms=ms_summary(batches.purge),
         purge_batch_p50_ms_by_tenth=_by_tenth(batches.purge),
-        pauses_s=round(max(0, len(batches.purge) - len(reports)) * config.sweep.limits.pause_s, 2),
+        rows_per_batch=round(sum(batches.purge_rows) / max(1, len(batches.purge_rows)), 1),
+        pauses_s=round(max(0, len(batches.purge) - len(reports)) * used.pause_s, 2),
         store_baseline=batches.store_in(base_start, base_end),
         store_purge=batches.store_in(purge_start, purge_end),
         cpu_baseline=cpu_base if load else None,
@@ -948,6 +964,7 @@ async def _etcd_purge(
         compact_s = time.perf_counter() - t
     return {
         "rows": deleted,
+        "rows_per_batch": round(deleted / max(1, len(deletes)), 1),
         "purge_batches": len(deletes),
         "purge_batch_ms": ms_summary(deletes),
         "purge_batch_p50_ms_by_tenth": _by_tenth(deletes),
@@ -1231,12 +1248,14 @@ def write_profile(
 
 # --- the report ---------------------------------------------------------------------------
 
-# (label, path in the record, the reference's path when it differs, noop has it)
+# (label, path in the record, the noop server's path when its one window stands in)
 ROWS: list[tuple[str, str, str | None]] = [
     ("rows purged (etcd: keys)", "rows", None),
     ("purge s (etcd: deletes + compact)", "purge_s", None),
     ("rows/s", "rows_per_s", None),
     ("purge batches", "purge_batches", None),
+    ("rows per batch (average)", "rows_per_batch", None),
+    ("batch time target ms (0: fixed size)", "limits.batch_target_ms", None),
     ("purge batch p50 ms", "purge_batch_ms.p50", None),
     ("purge batch max ms", "purge_batch_ms.max", None),
     ("baseline: renewals/s", "baseline.per_s", None),
@@ -1291,7 +1310,7 @@ def print_summary(bench: Bench) -> None:
     )
     dirty = " + uncommitted server/ changes" if host.get("server_dirty") else ""
     print(f"commit {host.get('commit')}{dirty}")
-    batch = bench.args.batch_size or "1000 (default)"
+    batch = f"at most {bench.args.batch_size or 1000}, sized to the server's time target if any"
     pause = "10 (default)" if bench.args.pause_ms is None else fmt(bench.args.pause_ms)
     print(
         f"tether: {spec.rows} {' + '.join(spec.kinds)} purged by RunSweep (batches of {batch}, "

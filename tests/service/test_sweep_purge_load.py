@@ -64,6 +64,7 @@ async def seed_ended_leases(env: SweepEnv, rows: int = ROWS) -> None:
     await env.server.db.write(seed, emits=False)
 
 
+@pytest.mark.timeout(300)  # a loaded machine makes the batches small (a time target)
 async def test_a_large_purge_runs_in_batches_while_heartbeats_keep_succeeding(
     tether: Harness,
 ) -> None:

@@ -113,10 +113,10 @@ class Retention:
 class SweepLimits:
     # Rows per reconciliation transaction, and the most per purge transaction.
     batch_size: int = 1000
-    # A purge transaction aims to hold the store this long (real seconds): its batch
-    # shrinks or grows (down to min_batch_size, up to batch_size) to fit, so a heartbeat
-    # queued behind it never waits much longer. 0: fixed batches (what PostgreSQL gets:
-    # its writers lock rows, not the store).
+    # A purge transaction aims to take this long (real seconds): its batch shrinks or
+    # grows (down to min_batch_size, up to batch_size) to fit, so a heartbeat queued behind
+    # it (every write of a process shares one committer; on SQLite, the whole store) never
+    # waits much longer. 0: fixed batches.
     batch_target_s: float = 0.025
     min_batch_size: int = 50
     # Real seconds between purge batches: live writes get the store in between.
