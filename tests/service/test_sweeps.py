@@ -348,3 +348,31 @@ async def test_a_backlog_over_the_threshold_warns_and_shows_in_metrics(
             await server.stop(0)
         finally:
             await channel.close()
+
+
+async def test_an_owner_the_collector_keeps_failing_on_is_in_the_report(
+    env: SweepEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The collector never stops silently: an owner whose collection fails stays queued
+    with its error, and the sweep report names it (the fault is injected, as in the
+    collector's own tests)."""
+    from tether_server.store.objects import collector
+
+    owner = await env.objects.create("owner")
+    await env.objects.create("dependent", owners=[ref(owner)])
+    real = collector.collect_item
+
+    async def broken(tx: object, namespace: str, uid: str, batch: int) -> object:
+        if uid == owner.uid:
+            raise RuntimeError("disk on fire")
+        return await real(tx, namespace, uid, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(collector, "collect_item", broken)
+    await env.objects.delete("owner")
+    report = await env.run(COLLECT)
+    assert list(report.failures) == []  # the collector recorded it; the sweep went on
+    assert report.gc_queue_depth == 1
+    (failing,) = report.collector_failures
+    assert failing.owner_uid == owner.uid
+    assert failing.attempts == 1
+    assert "disk on fire" in failing.last_error
