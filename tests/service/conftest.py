@@ -29,10 +29,12 @@ from tether_server.clock import FakeClock
 from tether_server.config import ServerConfig
 from tether_server.services.lease import LeaseServiceConfig
 from tether_server.store.leases import AcquireParams
+from tether_server.sweeper import SweepConfig
 
 S = 1_000_000
 # Small, so the idle test advances the fake clock only a little.
 KEEPALIVE_IDLE_S = 5.0
+NO_PERIODIC_SWEEP_S = 10 * 365 * 24 * 3600.0
 # A bound on every real-time wait in these tests; nothing should come close to it.
 WAIT_S = 10.0
 ERROR_DOMAIN = "tether.dev"
@@ -200,12 +202,14 @@ async def advance_until_done(
 
 def make_test_config(db_url: str) -> ServerConfig:
     """For in-process tests: a free loopback port, no grace, a short keep-alive idle
-    timeout (so an idle test advances the fake clock only a little)."""
+    timeout (so an idle test advances the fake clock only a little), and no periodic sweep
+    before ten years of fake time (tests advance it by days; a test sweeps by RunSweep)."""
     return ServerConfig(
         listen="127.0.0.1:0",
         db_url=db_url,
         grace_s=0.0,
         lease=dataclasses.replace(LeaseServiceConfig(), keepalive_idle_timeout_s=KEEPALIVE_IDLE_S),
+        sweep=SweepConfig(start_delay_s=NO_PERIODIC_SWEEP_S),
     )
 
 

@@ -25,10 +25,12 @@ from tether_server.domain.lease import Refuse
 from tether_server.metrics import Metrics, parse_listen
 from tether_server.services.interceptor import RpcMetricsInterceptor
 from tether_server.services.lease import LeaseServiceConfig
+from tether_server.sweeper import SweepConfig
 
 from .conftest import (
     KEEPALIVE_IDLE_S,
     LEASE_SERVICE,
+    NO_PERIODIC_SWEEP_S,
     WAIT_S,
     Harness,
     _settle,
@@ -49,6 +51,7 @@ async def served(db_url: str, fake_clock: FakeClock) -> AsyncIterator[Harness]:
         grace_s=0.0,
         metrics_listen="127.0.0.1:0",
         lease=dataclasses.replace(LeaseServiceConfig(), keepalive_idle_timeout_s=KEEPALIVE_IDLE_S),
+        sweep=SweepConfig(start_delay_s=NO_PERIODIC_SWEEP_S),
     )
     server = TetherServer(config, fake_clock)
     port = await server.start()
