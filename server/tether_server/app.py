@@ -394,18 +394,19 @@ class TetherServer:
     async def _periodic_sweep(self) -> float:
         """Sweep once an interval has passed since the latest periodic sweep of any
         replica (so a new leader does not sweep again at once), and not before the start
-        delay of this process."""
+        delay of this process. Sleeps at most a twentieth of the interval between looks:
+        the runner counts a returned delay from the end of the pass, and a look that took
+        long (or another replica's sweep) must not push the next one late."""
         now = self.db.clock.now_us()
         if self._first_sweep_at_us is None:
             self._first_sweep_at_us = now + round(self.config.sweep.start_delay_s * 1_000_000)
         if now < self._first_sweep_at_us:
             return (self._first_sweep_at_us - now) / 1_000_000
         last = await self.sweeps.last_started(SweepTrigger.PERIODIC)
-        wait_s = self.sweeper.next_delay_s(last, now)
-        if wait_s > 0:
-            return wait_s
-        report = await self.sweeper.run(SweepTrigger.PERIODIC)
-        return max(0.001, self.sweeper.next_delay_s(report.started_at_us, self.db.clock.now_us()))
+        if self.sweeper.next_delay_s(last, self.db.clock.now_us()) <= 0:
+            last = (await self.sweeper.run(SweepTrigger.PERIODIC)).started_at_us
+        wait_s = self.sweeper.next_delay_s(last, self.db.clock.now_us())
+        return max(0.001, min(wait_s, self.config.sweep.interval_s / 20))
 
     async def _sync_clock(self) -> None:
         await self.db.sync_clock()

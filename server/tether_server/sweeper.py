@@ -323,11 +323,14 @@ class Sweeper:
 
     def next_delay_s(self, last_started_us: int | None, now_us: int) -> float:
         """Seconds until the next periodic sweep is due: one interval (with jitter) after
-        the last one any replica ran, so a new leader does not sweep again at once."""
-        cfg = self._config
-        interval = cfg.interval_s * (1 + cfg.jitter * (2 * random.random() - 1))
+        the last one any replica ran, so a new leader does not sweep again at once. The
+        jitter is drawn from the last sweep's start, so every look (and every replica)
+        agrees on when it is due."""
         if last_started_us is None:
             return 0.0
+        cfg = self._config
+        draw = random.Random(last_started_us).random()
+        interval = cfg.interval_s * (1 + cfg.jitter * (2 * draw - 1))
         return max(0.0, interval - (now_us - last_started_us) / MICROS)
 
 
