@@ -405,8 +405,10 @@ class TetherServer:
         last = await self.sweeps.last_started(SweepTrigger.PERIODIC)
         if self.sweeper.next_delay_s(last, self.db.clock.now_us()) <= 0:
             last = (await self.sweeper.run(SweepTrigger.PERIODIC)).started_at_us
+        # 0 when the next one is due already (the clock moved on during this one): the
+        # runner then looks again at once instead of waiting for the clock to move further.
         wait_s = self.sweeper.next_delay_s(last, self.db.clock.now_us())
-        return max(0.001, min(wait_s, self.config.sweep.interval_s / 20))
+        return min(wait_s, self.config.sweep.interval_s / 20)
 
     async def _sync_clock(self) -> None:
         await self.db.sync_clock()

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tether_server.defaults import DEFAULT_DB, DEFAULT_LISTEN
+from tether_server.domain.sweep import SweepConfig
 from tether_server.domain.validation import Limits
 from tether_server.expiry import ExpiryConfig
 from tether_server.services.lease import LeaseServiceConfig
 from tether_server.services.objects import ObjectServiceConfig
 from tether_server.services.saga import SagaServiceConfig
-from tether_server.sweeper import SweepConfig
 
 __all__ = ["DEFAULT_DB", "DEFAULT_LISTEN", "ServerConfig"]
 

@@ -11,11 +11,11 @@ is recorded in the report and the others still run.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 
 from tether_server.clock import MICROS, Clock
 from tether_server.domain.object_validation import new_uid
@@ -23,7 +23,7 @@ from tether_server.domain.objects import Obj
 from tether_server.domain.sweep import (
     BlockedObject,
     CollectorFailure,
-    Retention,
+    SweepConfig,
     SweepLimits,
     SweepPart,
     SweepReport,
@@ -39,20 +39,9 @@ from tether_server.store.sweeps import SweepStore
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class SweepConfig:
-    # The periodic sweep (leader only): every interval, spread by +/- jitter (a fraction),
-    # the first one start_delay after this process starts leading.
-    interval_s: float = 300.0
-    jitter: float = 0.1
-    start_delay_s: float = 30.0
-    retention: Retention = field(default_factory=Retention)
-    limits: SweepLimits = field(default_factory=SweepLimits)
-
-    def __post_init__(self) -> None:
-        if not self.interval_s > 0 or not 0 <= self.jitter < 1 or self.start_delay_s < 0:
-            raise ValueError("sweep interval must be > 0, jitter in [0, 1), start delay >= 0")
+# (namespace, cutoff_us, limit) -> rows purged per table; (namespace, cutoff_us) -> to purge.
+PurgeBatch = Callable[[str, int, int], Awaitable[dict[str, int]]]
+PurgeCount = Callable[[str, int], Awaitable[dict[str, int]]]
 
 
 class Sweeper:
@@ -78,11 +67,32 @@ class Sweeper:
             SweepPart.STALE_SAGAS: self._settle_sagas,
             SweepPart.COLLECT_GARBAGE: self._collect_garbage,
             SweepPart.BLOCKED_OBJECTS: self._blocked_objects,
-            SweepPart.PURGE_LEASES: self._purge_leases,
-            SweepPart.PURGE_SAGAS: self._purge_sagas,
-            SweepPart.PURGE_EVENTS: self._purge_events,
-            SweepPart.PURGE_REPORTS: self._purge_reports,
         }
+        retention = config.retention
+        for part, retention_s, purge, count in (
+            (
+                SweepPart.PURGE_LEASES,
+                retention.ended_leases_s,
+                store.purge_leases,
+                store.count_leases,
+            ),
+            (
+                SweepPart.PURGE_SAGAS,
+                retention.terminal_sagas_s,
+                store.purge_sagas,
+                store.count_sagas,
+            ),
+            (SweepPart.PURGE_EVENTS, retention.events_s, store.purge_events, store.count_events),
+            (
+                SweepPart.PURGE_REPORTS,
+                retention.reports_s,
+                store.purge_reports,
+                store.count_reports,
+            ),
+        ):
+            self._parts[part] = functools.partial(
+                self._purge, retention_s=retention_s, purge=purge, count=count
+            )
 
     @property
     def _limits(self) -> SweepLimits:
@@ -132,15 +142,10 @@ class Sweeper:
             log.info("sweep done", extra=summary)
         if report.dry_run:
             return
-        actions = {
-            name: value
-            for name, value in summary.items()
-            if name.startswith(("leases_", "sagas_", "objects_")) and isinstance(value, int)
-        }
         self._metrics.sweep(
             report.trigger.value,
             not report.failures,
-            actions,
+            report.actions(),
             dict(report.rows_purged),
             backlog=report.backlog,
             blocked=report.blocked_total,
@@ -240,84 +245,27 @@ class Sweeper:
             size = next_batch_size(size, time.monotonic() - started, limits)
         return False
 
-    async def _purge_leases(self, report: SweepReport) -> int:
-        cutoff = self._cutoff(self._config.retention.ended_leases_s)
-        if cutoff is None:
-            return 0
-        ns = report.namespace
-        if report.dry_run:
-            counted = await self._store.count_leases(ns, cutoff)
-            _add_lease_purge(report, counted.leases, counted.requests, counted.keys)
-            return 0
-
-        async def batch(size: int) -> int:
-            done = await self._store.purge_leases(ns, cutoff, size)
-            _add_lease_purge(report, done.leases, done.requests, done.keys)
-            return done.leases
-
-        if await self._batches(batch):
-            return 0
-        return (await self._store.count_leases(ns, cutoff)).leases
-
-    async def _purge_sagas(self, report: SweepReport) -> int:
-        cutoff = self._cutoff(self._config.retention.terminal_sagas_s)
-        if cutoff is None:
-            return 0
-        ns = report.namespace
-        if report.dry_run:
-            report.purged("sagas", await self._store.count_sagas(ns, cutoff))
-            return 0
-
-        async def batch(size: int) -> int:
-            purged = await self._store.purge_sagas(ns, cutoff, size)
-            report.purged("sagas", purged)
-            return purged
-
-        if await self._batches(batch):
-            return 0
-        return await self._store.count_sagas(ns, cutoff)
-
-    async def _purge_events(self, report: SweepReport) -> int:
-        return await self._purge_global(
-            report,
-            "events",
-            self._config.retention.events_s,
-            self._store.purge_events,
-            self._store.count_events,
-        )
-
-    async def _purge_reports(self, report: SweepReport) -> int:
-        return await self._purge_global(
-            report,
-            "sweep_reports",
-            self._config.retention.reports_s,
-            self._store.purge_reports,
-            self._store.count_reports,
-        )
-
-    async def _purge_global(
-        self,
-        report: SweepReport,
-        kind: str,
-        retention_s: float,
-        purge: Callable[[int, int], Awaitable[int]],
-        count: Callable[[int], Awaitable[int]],
+    async def _purge(
+        self, report: SweepReport, retention_s: float, purge: PurgeBatch, count: PurgeCount
     ) -> int:
+        """One kind's retention: batches until done (or max_batches); a dry run counts.
+        Rows come back per table, the kind's own table first (it drives the batches)."""
         cutoff = self._cutoff(retention_s)
         if cutoff is None:
             return 0
+        ns = report.namespace
         if report.dry_run:
-            report.purged(kind, await count(cutoff))
+            report.purged_rows(await count(ns, cutoff))
             return 0
 
         async def batch(size: int) -> int:
-            purged = await purge(cutoff, size)
-            report.purged(kind, purged)
-            return purged
+            done = await purge(ns, cutoff, size)
+            report.purged_rows(done)
+            return next(iter(done.values()))
 
         if await self._batches(batch):
             return 0
-        return await count(cutoff)
+        return next(iter((await count(ns, cutoff)).values()))
 
     # ---- the periodic task -----------------------------------------------------------------
 
@@ -332,12 +280,6 @@ class Sweeper:
         draw = random.Random(last_started_us).random()
         interval = cfg.interval_s * (1 + cfg.jitter * (2 * draw - 1))
         return max(0.0, interval - (now_us - last_started_us) / MICROS)
-
-
-def _add_lease_purge(report: SweepReport, leases: int, requests: int, keys: int) -> None:
-    report.purged("leases", leases)
-    report.purged("lease_requests", requests)
-    report.purged("lease_keys", keys)
 
 
 def _blocked(obj: Obj, now_us: int) -> BlockedObject:

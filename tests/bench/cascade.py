@@ -98,13 +98,11 @@ import contextlib
 import contextvars
 import cProfile
 import datetime
-import json
 import multiprocessing as mp
 import pstats
 import queue as queue_mod
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -121,7 +119,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from tests.bench import etcd as etcd_mod
 from tests.bench.procstat import CpuSnapshot, cpu_report, cpu_seconds, pids_named
-from tests.bench.report import fmt, ratio
+from tests.bench.report import emit_record, fmt, interrupt_on_sigterm, ratio
 from tests.bench.targets import (
     BENCH_DB_PREFIX,
     REPO_ROOT,
@@ -378,7 +376,13 @@ class Seeds:
         # (backend, scenario) -> (SQLite path or PostgreSQL database name, populate seconds)
         self.seeds: dict[tuple[str, str], tuple[str, float]] = {}
 
-    def _seed(self, backend: str, graph: Graph) -> tuple[str, float]:
+    def populate(self, url: str, backend: str, graph: Any) -> float:
+        """Write the seed (a subclass seeds its own benchmark's data); seconds taken."""
+        populate_s = asyncio.run(populate(url, graph))
+        log(f"  seeded {graph.dependents + 1} objects ({backend}) in {populate_s:.1f} s")
+        return populate_s
+
+    def _seed(self, backend: str, graph: Any) -> tuple[str, float]:
         key = (backend, graph.scenario)
         if key not in self.seeds:
             if backend == "sqlite":
@@ -386,13 +390,11 @@ class Seeds:
                 url = f"sqlite:///{name}"
             else:
                 assert self.admin_url is not None
-                name = f"{BENCH_DB_PREFIX}{self.token}_seed_{graph.scenario}"
+                name = f"{BENCH_DB_PREFIX}{self.token}_seed_{graph.scenario.replace('-', '_')}"
                 _pg_admin(self.admin_url, f'CREATE DATABASE "{name}"')
                 url = _pg_dsn(self.admin_url, name)
             self.seeds[key] = (name, 0.0)  # dropped by close() even if populating fails
-            populate_s = asyncio.run(populate(url, graph))
-            log(f"  seeded {graph.dependents + 1} objects ({backend}) in {populate_s:.1f} s")
-            self.seeds[key] = (name, populate_s)
+            self.seeds[key] = (name, self.populate(url, backend, graph))
         return self.seeds[key]
 
     @contextlib.contextmanager
@@ -1086,21 +1088,8 @@ class Bench:
     source_at_end: dict[str, Any] = field(default_factory=dict)
 
     def emit(self, line: Record) -> None:
-        line = {
-            "ts": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            **line,
-            "host": self.host,
-        }
-        text = json.dumps(line, default=str)
-        print(text, flush=True)
-        if self.args.out:
-            with open(self.args.out, "a") as out:
-                out.write(text + "\n")
-        if "error" in line:
+        if emit_record(line, self.host, self.args.out, log):
             self.failures += 1
-            log(f"FAILED: {line['error']}")
-            if line.get("trace"):
-                log(line["trace"])
 
     def graph(self, scenario: str) -> Graph:
         if scenario not in self.graphs:
@@ -1521,10 +1510,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def source_info() -> dict[str, Any]:
     """The commit measured, and whether server/ differs from it (others may be editing)."""
 
@@ -1553,7 +1538,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.scenario_list:
         log("no cascade scenario selected (flat, tree): nothing to do")
         return 0
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     dependents = args.dependents or (QUICK_DEPENDENTS if args.quick else FULL_DEPENDENTS)
     pg_url, pg_reason = pg_admin_url()
     host = {**host_info(), **source_info()}

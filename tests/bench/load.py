@@ -59,7 +59,6 @@ import contextlib
 import datetime
 import json
 import platform
-import signal
 import socket
 import sys
 import time
@@ -68,7 +67,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tests.bench import etcd as etcd_mod
-from tests.bench.report import Record, shape, table
+from tests.bench.report import Record, interrupt_on_sigterm, shape, table
 from tests.bench.runner import run_workers
 from tests.bench.targets import Running, etcd_target, noop_target, pg_admin_url, tether_target
 
@@ -444,13 +443,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     etcd_binary = etcd_mod.find_etcd(args.etcd)
     pg_url, pg_reason = pg_admin_url()
     bench = Bench(args, etcd_binary, pg_url, host=host_info())

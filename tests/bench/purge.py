@@ -88,14 +88,12 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import json
 import math
 import multiprocessing as mp
 import os
 import pstats
 import queue as queue_mod
 import random
-import signal
 import sqlite3
 import sys
 import time
@@ -119,13 +117,12 @@ from tests.bench.cascade import (
     _etcd_fill,
     _etcd_key,
     _pg_admin,
-    _pg_dsn,
     _wait_leader,
     source_info,
     top_functions,
 )
 from tests.bench.procstat import CpuSnapshot, cpu_report
-from tests.bench.report import fmt, ms_summary, ratio
+from tests.bench.report import emit_record, fmt, interrupt_on_sigterm, ms_summary, ratio
 from tests.bench.targets import etcd_target, noop_target, pg_admin_url
 
 Record = dict[str, Any]
@@ -371,24 +368,12 @@ async def populate(url: str, spec: Spec) -> float:
 class PurgeSeeds(Seeds):
     """``cascade.Seeds`` with this benchmark's seed, and a CHECKPOINT after each copy."""
 
-    def _seed(self, backend: str, graph: Any) -> tuple[str, float]:
+    def populate(self, url: str, backend: str, graph: Any) -> float:
         spec: Spec = graph
-        key = (backend, spec.scenario)
-        if key not in self.seeds:
-            if backend == "sqlite":
-                name = str(self.dir / f"seed-{spec.scenario}.db")
-                url = f"sqlite:///{name}"
-            else:
-                assert self.admin_url is not None
-                name = f"tether_bench_{self.token}_seed_{spec.scenario.replace('-', '_')}"
-                _pg_admin(self.admin_url, f'CREATE DATABASE "{name}"')
-                url = _pg_dsn(self.admin_url, name)
-            self.seeds[key] = (name, 0.0)  # dropped by close() even if populating fails
-            log(f"  seeding {spec.total} rows ({', '.join(spec.kinds)}) on {backend}")
-            populate_s = asyncio.run(populate(url, spec))
-            log(f"  seeded in {populate_s:.1f} s")
-            self.seeds[key] = (name, populate_s)
-        return self.seeds[key]
+        log(f"  seeding {spec.total} rows ({', '.join(spec.kinds)}) on {backend}")
+        populate_s = asyncio.run(populate(url, spec))
+        log(f"  seeded in {populate_s:.1f} s")
+        return populate_s
 
     @contextlib.contextmanager
     def fresh(self, backend: str, graph: Any) -> Iterator[tuple[str, float, float]]:
@@ -696,7 +681,7 @@ async def tether_purge(
     from tether_client.pb import saga_pb2, saga_pb2_grpc, sweep_pb2, sweep_pb2_grpc
     from tether_server.app import TetherServer
     from tether_server.config import ServerConfig
-    from tether_server.sweeper import SweepConfig
+    from tether_server.domain.sweep import SweepConfig
 
     sweep = SweepConfig(start_delay_s=NO_PERIODIC_SWEEP_S)
     if args.batch_size is not None or args.pause_ms is not None:
@@ -1071,21 +1056,8 @@ class Bench:
     source_at_end: dict[str, Any] = field(default_factory=dict)
 
     def emit(self, line: Record) -> None:
-        line = {
-            "ts": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            **line,
-            "host": self.host,
-        }
-        text = json.dumps(line, default=str)
-        print(text, flush=True)
-        if self.args.out:
-            with open(self.args.out, "a") as out:
-                out.write(text + "\n")
-        if "error" in line:
+        if emit_record(line, self.host, self.args.out, log):
             self.failures += 1
-            log(f"FAILED: {line['error']}")
-            if line.get("trace"):
-                log(line["trace"])
 
     def _params(self, target: str) -> Record:
         params: Record = {
@@ -1536,10 +1508,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     from tests.bench.load import host_info
 
@@ -1547,7 +1515,7 @@ def main(argv: list[str] | None = None) -> int:
     if "purge" not in args.scenarios.split(","):
         log("the purge scenario is not selected: nothing to do")
         return 0
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     pg_url, pg_reason = pg_admin_url()
     spec = Spec(args.rows, args.kind_list)
     host = {**host_info(), **source_info()}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
+import signal
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +15,36 @@ from tests.bench.procstat import per_op_us
 from tests.bench.runner import max_field, min_field, sum_field
 
 Record = dict[str, Any]
+
+
+def emit_record(line: Record, host: Record, out: str | None, log: Callable[[str], None]) -> bool:
+    """Print one result as a JSON line (and append it to ``out``), stamped with the time and
+    the host; log its error if it has one. True when it records an error."""
+    line = {
+        "ts": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **line,
+        "host": host,
+    }
+    text = json.dumps(line, default=str)
+    print(text, flush=True)
+    if out:
+        with open(out, "a") as sink:
+            sink.write(text + "\n")
+    if "error" not in line:
+        return False
+    log(f"FAILED: {line['error']}")
+    if line.get("trace"):
+        log(line["trace"])
+    return True
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM ends a benchmark as Ctrl-C does (its cleanup runs: seeds, servers)."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def percentile(values: Sequence[float], fraction: float) -> float | None:

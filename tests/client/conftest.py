@@ -82,8 +82,6 @@ def clocks(fake_clock: FakeClock) -> Clocks:
 async def tether(db_url: str, fake_clock: FakeClock) -> AsyncIterator[InProcessServer]:
     server = make_test_server(db_url, fake_clock)
     port = await server.start()
-    # Tests decide when a sweep runs (RunSweep): the fake clock moves in big steps.
-    await server.runner.stop_task("sweep")
     try:
         yield InProcessServer(server, port)
     finally:

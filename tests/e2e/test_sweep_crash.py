@@ -23,6 +23,7 @@ from tests.e2e.test_restart import acquire
 from tests.e2e.test_restart import get as get_lease
 from tests.e2e.test_saga_pipeline import KIND, STARTED, SUCCEEDED, claim, saga_stub, step
 from tests.e2e.test_saga_pipeline import get as get_saga
+from tests.service.sweep_support import BLOCKED, RECONCILE
 from tests.support.server_process import FileClockDriver
 from tether_client.pb import (
     lease_pb2,
@@ -35,6 +36,7 @@ from tether_client.pb import (
 )
 from tether_server.clock import FakeClock
 from tether_server.domain.objects import OwnerRef
+from tether_server.domain.sweep import ACTIONS
 from tether_server.store.database import Database
 from tether_server.store.objects import units
 from tether_server.store.sql import sql
@@ -57,24 +59,8 @@ _TREE = sql(
     "SELECT count(*) AS live, sum(CASE WHEN deletion_ts_us IS NULL THEN 0 ELSE 1 END) AS marked"
     " FROM objects WHERE name <> 'bystander'"
 )
-RECONCILE = [
-    sweep_pb2.SWEEP_PART_EXPIRE_LEASES,
-    sweep_pb2.SWEEP_PART_STALE_SAGAS,
-    sweep_pb2.SWEEP_PART_COLLECT_GARBAGE,
-]
-RECOVERY = [*RECONCILE, sweep_pb2.SWEEP_PART_BLOCKED_OBJECTS]
-COUNTS = (
-    "leases_expired",
-    "sagas_requeued",
-    "sagas_compensating",
-    "sagas_failed",
-    "sagas_quarantined",
-    "objects_collected",
-    "objects_orphaned",
-    "blocked_total",
-    "gc_queue_depth",
-    "backlog",
-)
+RECOVERY = [*RECONCILE, BLOCKED]
+COUNTS = (*ACTIONS, "blocked_total", "gc_queue_depth", "backlog")
 
 
 def _counts(report: sweep_pb2.SweepReport) -> dict[str, int]:
@@ -247,7 +233,7 @@ async def test_startup_sweep_reclaims_exactly_what_a_sigkill_left(
         }
 
         # Nothing is left for a second sweep.
-        again = await sweeps.RunSweep(sweep_pb2.RunSweepRequest(parts=RECONCILE), timeout=30)
+        again = await sweeps.RunSweep(sweep_pb2.RunSweepRequest(parts=list(RECONCILE)), timeout=30)
         assert list(again.report.failures) == []
         assert not any(_counts(again.report).values()), again.report
 

@@ -27,9 +27,9 @@ from tether_client.pb import lease_pb2, lease_pb2_grpc
 from tether_server.app import TetherServer
 from tether_server.clock import FakeClock
 from tether_server.config import ServerConfig
+from tether_server.domain.sweep import SweepConfig
 from tether_server.services.lease import LeaseServiceConfig
 from tether_server.store.leases import AcquireParams
-from tether_server.sweeper import SweepConfig
 
 S = 1_000_000
 # Small, so the idle test advances the fake clock only a little.
@@ -221,9 +221,9 @@ def make_test_server(db_url: str, clock: FakeClock) -> TetherServer:
 async def tether(db_url: str, fake_clock: FakeClock) -> AsyncIterator[Harness]:
     server = make_test_server(db_url, fake_clock)
     port = await server.start()
-    # Tests decide when expiries are recorded and sweeps run; see the module docstring.
+    # Tests decide when expiries are recorded (and, by their config, when sweeps run); see
+    # the module docstring.
     await server.expiry.stop()
-    await server.runner.stop_task("sweep")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     harness = Harness(
         server=server,

@@ -10,6 +10,7 @@ from typing import Any
 
 from tether_client.pb import lease_pb2, sweep_pb2, sweep_pb2_grpc
 from tether_server.app import TetherServer
+from tether_server.domain.sweep import ACTIONS
 from tether_server.store import schema
 from tether_server.store.sql import sql
 from tether_server.store.tx import Tx
@@ -95,18 +96,7 @@ async def sweep_env_for(tether: Harness) -> SweepEnv:
     )
 
 
-ACTION_FIELDS = (
-    "leases_expired",
-    "sagas_requeued",
-    "sagas_compensating",
-    "sagas_failed",
-    "sagas_quarantined",
-    "objects_collected",
-    "objects_orphaned",
-)
-
-
-def actions(report: sweep_pb2.SweepReport, fields: Sequence[str] = ACTION_FIELDS) -> dict[str, int]:
+def actions(report: sweep_pb2.SweepReport, fields: Sequence[str] = ACTIONS) -> dict[str, int]:
     """The report's counts, by name (zeros included), and rows purged per kind."""
     counts: dict[str, Any] = {name: getattr(report, name) for name in fields}
     counts["rows_purged"] = dict(report.rows_purged)

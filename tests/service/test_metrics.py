@@ -22,10 +22,10 @@ from tether_server.cli import build_parser, config_from_args
 from tether_server.clock import FakeClock
 from tether_server.config import ServerConfig
 from tether_server.domain.lease import Refuse
+from tether_server.domain.sweep import SweepConfig
 from tether_server.metrics import Metrics, parse_listen
 from tether_server.services.interceptor import RpcMetricsInterceptor
 from tether_server.services.lease import LeaseServiceConfig
-from tether_server.sweeper import SweepConfig
 
 from .conftest import (
     KEEPALIVE_IDLE_S,

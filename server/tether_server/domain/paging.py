@@ -44,3 +44,14 @@ def decode(token: str, digest: str) -> _Position | None:
     ):
         raise InvalidPageToken()
     return position
+
+
+def int_and_id(position: _Position | None) -> tuple[int, str] | None:
+    """An (integer, id) position, as the pages ordered by a time then an id use; None for
+    the first page."""
+    if position is None:
+        return None
+    match position:
+        case [int(at), str(name)] if 0 <= at < 2**63 and name:
+            return at, name
+    raise InvalidPageToken()

@@ -139,6 +139,21 @@ class SweepLimits:
             raise ValueError("pause_s, blocked_after_s and backlog_warning must be >= 0")
 
 
+@dataclass(frozen=True)
+class SweepConfig:
+    # The periodic sweep (leader only): every interval, spread by +/- jitter (a fraction),
+    # the first one start_delay after this process starts leading.
+    interval_s: float = 300.0
+    jitter: float = 0.1
+    start_delay_s: float = 30.0
+    retention: Retention = field(default_factory=Retention)
+    limits: SweepLimits = field(default_factory=SweepLimits)
+
+    def __post_init__(self) -> None:
+        if not self.interval_s > 0 or not 0 <= self.jitter < 1 or self.start_delay_s < 0:
+            raise ValueError("sweep interval must be > 0, jitter in [0, 1), start delay >= 0")
+
+
 def next_batch_size(size: int, seconds: float, limits: SweepLimits) -> int:
     """The next purge batch's size, after one of ``size`` rows took ``seconds``: scaled
     towards the time target, at most doubling at once, within the limits."""
@@ -172,6 +187,17 @@ class CollectorFailure:
     next_attempt_us: int
 
 
+ACTIONS = (
+    "leases_expired",
+    "sagas_requeued",
+    "sagas_compensating",
+    "sagas_failed",
+    "sagas_quarantined",
+    "objects_collected",
+    "objects_orphaned",
+)
+
+
 @dataclass
 class SweepReport:
     sweep_id: str
@@ -201,22 +227,14 @@ class SweepReport:
         name = f"sagas_{outcome.value}"
         setattr(self, name, getattr(self, name) + 1)
 
-    def purged(self, kind: str, rows: int) -> None:
-        if rows:
-            self.rows_purged[kind] = self.rows_purged.get(kind, 0) + rows
+    def purged_rows(self, by_table: Mapping[str, int]) -> None:
+        for table, rows in by_table.items():
+            if rows:
+                self.rows_purged[table] = self.rows_purged.get(table, 0) + rows
 
-    @property
-    def did_anything(self) -> bool:
-        return bool(
-            self.leases_expired
-            or self.sagas_requeued
-            or self.sagas_compensating
-            or self.sagas_failed
-            or self.sagas_quarantined
-            or self.objects_collected
-            or self.objects_orphaned
-            or any(self.rows_purged.values())
-        )
+    def actions(self) -> dict[str, int]:
+        """What it reconciled, by name (the metrics' ``action`` label)."""
+        return {name: getattr(self, name) for name in ACTIONS}
 
     def summary(self) -> dict[str, Any]:
         """The one log line's fields."""
@@ -225,13 +243,7 @@ class SweepReport:
             "trigger": self.trigger.value,
             "dry_run": self.dry_run,
             "duration_s": round((self.finished_at_us - self.started_at_us) / 1e6, 3),
-            "leases_expired": self.leases_expired,
-            "sagas_requeued": self.sagas_requeued,
-            "sagas_compensating": self.sagas_compensating,
-            "sagas_failed": self.sagas_failed,
-            "sagas_quarantined": self.sagas_quarantined,
-            "objects_collected": self.objects_collected,
-            "objects_orphaned": self.objects_orphaned,
+            **self.actions(),
             "blocked": self.blocked_total,
             "rows_purged": dict(self.rows_purged),
             "failures": len(self.failures),

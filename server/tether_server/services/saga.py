@@ -348,7 +348,7 @@ class SagaService(Drains):
             request.stale_only,
             request.overdue_only,
         )
-        after = _saga_position(paging.decode(request.page_token, digest))
+        after = paging.int_and_id(paging.decode(request.page_token, digest))
         page = await self._store.list(
             ListSagasParams(
                 namespace=namespace,
@@ -468,15 +468,6 @@ def _claimed_to_pb(claimed: Claimed) -> saga_pb2.ClaimSagaResponse:
         lease=lease_to_pb(lease),
         fence=common_pb2.Fence(lease_id=lease.lease_id, fencing_token=lease.fencing_token),
     )
-
-
-def _saga_position(position: list[str | int] | None) -> tuple[int, str] | None:
-    if position is None:
-        return None
-    match position:
-        case [int(created), str(saga_id)] if 0 <= created < 2**63 and saga_id:
-            return created, saga_id
-    raise errors.InvalidPageToken()
 
 
 def _event_to_pb(event: SagaEventRecord) -> saga_pb2.SagaEvent:

@@ -20,6 +20,7 @@ from tether_server.sweeper import Sweeper
 Context = Any  # grpc.aio.ServicerContext
 
 # Sweep ids are UUIDs (version 7); anything else cannot name a report.
+_FIRST = (2**63 - 1, "")
 _SWEEP_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -68,7 +69,8 @@ class SweepService:
         )
         size = validation.page_size(request.page_size, self._limits)
         digest = paging.query_digest("sweep_reports", [t.value for t in triggers])
-        after = _position(paging.decode(request.page_token, digest))
+        # The first page starts after every real position.
+        after = paging.int_and_id(paging.decode(request.page_token, digest)) or _FIRST
         page = await self._store.list_reports(triggers, after, size + 1)
         messages = [conv.report_to_pb(r) for r in page[:size]]
         fits = count_fitting(messages, self._max_response_bytes)
@@ -91,12 +93,3 @@ class SweepService:
                 {"sweep_id": sweep_id},
             )
         return sweep_pb2.GetSweepReportResponse(report=conv.report_to_pb(report))
-
-
-def _position(position: list[str | int] | None) -> tuple[int, str]:
-    if position is None:
-        return (2**62, "")
-    match position:
-        case [int(started), str(sweep_id)] if 0 <= started < 2**62 and sweep_id:
-            return started, sweep_id
-    raise errors.InvalidPageToken()

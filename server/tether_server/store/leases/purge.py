@@ -52,6 +52,10 @@ class LeasePurge:
     requests: int = 0
     keys: int = 0
 
+    def by_table(self) -> dict[str, int]:
+        """The lease rows first: they drive the purge's batches."""
+        return {"leases": self.leases, "lease_requests": self.requests, "lease_keys": self.keys}
+
 
 async def purge_ended(tx: Tx, namespace: str, ended_before_us: int, limit: int) -> LeasePurge:
     """Remove up to ``limit`` leases that ended at or before the cutoff, their request-id

@@ -16,13 +16,6 @@ from tether_server.store.sagas.units import SagaView, full_view
 from tether_server.store.sql import sql
 from tether_server.store.tx import Tx
 
-_STALE = (
-    "(s.state IN ('RUNNING', 'COMPENSATING') AND s.claim_active = 1 AND"
-    " (l.lease_id IS NULL OR l.state <> 'ACTIVE' OR l.expires_at_us <= {now}"
-    " OR l.fencing_token <> s.claim_token))"
-)
-_OVERDUE = "(s.state IN ('PLANNED', 'RUNNING') AND s.deadline_us <= {now})"
-
 
 async def get(tx: Tx, namespace: str, saga_id: str) -> SagaView:
     loaded = await rows.load(tx, namespace, saga_id)
@@ -57,9 +50,9 @@ async def list_sagas(tx: Tx, p: ListSagasParams) -> list[SagaView]:
     if p.kind:
         where.append(f"s.kind = {arg(p.kind)}")
     if p.stale_only:
-        where.append(_STALE.format(now=arg(tx.now_us)))
+        where.append(rows.STALE_WHERE.format(now=arg(tx.now_us)))
     if p.overdue_only:
-        where.append(_OVERDUE.format(now=arg(tx.now_us)))
+        where.append(rows.OVERDUE_WHERE.format(now=arg(tx.now_us)))
     for key, value in sorted(p.labels.items()):
         if tx.is_pg:
             where.append(f"(s.labels::jsonb ->> {arg(key)}) = {arg(value)}")
@@ -127,9 +120,9 @@ class SagaCounts:
 _BY_STATE = sql("SELECT state, count(*) AS n FROM sagas GROUP BY state")
 _STALE_COUNT = sql(
     "SELECT count(*) FROM sagas s LEFT JOIN leases l ON l.lease_id = s.claim_lease_id"
-    f" WHERE {_STALE.format(now='$1')}"
+    f" WHERE {rows.STALE_WHERE.format(now='$1')}"
 )
-_OVERDUE_COUNT = sql(f"SELECT count(*) FROM sagas s WHERE {_OVERDUE.format(now='$1')}")
+_OVERDUE_COUNT = sql(f"SELECT count(*) FROM sagas s WHERE {rows.OVERDUE_WHERE.format(now='$1')}")
 
 
 async def counts(tx: Tx) -> SagaCounts:

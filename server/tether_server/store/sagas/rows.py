@@ -44,6 +44,17 @@ FROM_SAGAS = (
     f"SELECT {_S_COLUMNS}, {LEASE_COLUMNS}"
     " FROM sagas s LEFT JOIN leases l ON l.lease_id = s.claim_lease_id"
 )
+# What time alone decides, as conditions over ``sagas s`` joined with its claim's lease
+# ``l`` (``{now}``: the placeholder of the judging time). Reads list by them; the sweep
+# settles by them.
+DEAD_CLAIM_LEASE = (
+    "(l.lease_id IS NULL OR l.state <> 'ACTIVE' OR l.expires_at_us <= {now}"
+    " OR l.fencing_token <> s.claim_token)"
+)
+STALE_WHERE = (
+    f"(s.state IN ('RUNNING', 'COMPENSATING') AND s.claim_active = 1 AND {DEAD_CLAIM_LEASE})"
+)
+OVERDUE_WHERE = "(s.state IN ('PLANNED', 'RUNNING') AND s.deadline_us <= {now})"
 
 _LOAD = sql(f"{FROM_SAGAS} WHERE s.namespace = $1 AND s.saga_id = $2")
 _LOCK = sql(f"{FROM_SAGAS} WHERE s.namespace = $1 AND s.saga_id = $2 FOR UPDATE OF s")

@@ -51,10 +51,7 @@ from tether_server.store.sql import sql
 from tether_server.store.tx import Tx
 
 CLAIM_KEY_PREFIX = "sagas/"
-_DEAD = (
-    "(l.lease_id IS NULL OR l.state <> 'ACTIVE' OR l.expires_at_us <= $3"
-    " OR l.fencing_token <> s.claim_token)"
-)
+_DEAD = rows.DEAD_CLAIM_LEASE.format(now="$3")
 _OVERDUE = "(s.deadline_us IS NOT NULL AND s.deadline_us <= $3)"
 _NEXT = " ORDER BY s.created_at_us, s.saga_id LIMIT 1 FOR UPDATE OF s SKIP LOCKED"
 _QUEUE = f"{FROM_SAGAS} WHERE s.namespace = $1 AND s.kind = $2"
@@ -546,11 +543,8 @@ async def enforce_deadlines(tx: Tx, limit: int) -> DeadlinePass:
 # ---- the sweep: settle what time decided, purge what retention lets go -----------------------
 
 _DUE_WHERE = (
-    "($1 = '' OR s.namespace = $1) AND ("
-    "(s.state IN ('RUNNING', 'COMPENSATING') AND s.claim_active = 1 AND"
-    " (l.lease_id IS NULL OR l.state <> 'ACTIVE' OR l.expires_at_us <= $2"
-    " OR l.fencing_token <> s.claim_token))"
-    " OR (s.state IN ('PLANNED', 'RUNNING') AND s.deadline_us <= $2))"
+    f"($1 = '' OR s.namespace = $1) AND ({rows.STALE_WHERE.format(now='$2')}"
+    f" OR {rows.OVERDUE_WHERE.format(now='$2')})"
 )
 _DUE_LOCK = sql(f"{FROM_SAGAS} WHERE {_DUE_WHERE} LIMIT $3 FOR UPDATE OF s SKIP LOCKED")
 _DUE_READ = sql(f"{FROM_SAGAS} WHERE {_DUE_WHERE} LIMIT $3")
@@ -585,12 +579,9 @@ async def count_due(tx: Tx, namespace: str) -> int:
     return int(await tx.fetchval(_DUE_COUNT, namespace, tx.now_us))
 
 
-_LOGS = ("saga_annotations", "saga_compensations", "saga_steps")
-_PURGE_ONE = [sql(f"DELETE FROM {t} WHERE namespace = $1 AND saga_id = $2") for t in _LOGS]
-_PURGE_ONE_SAGA = sql("DELETE FROM sagas WHERE namespace = $1 AND saga_id = $2")
-_PURGE_MANY = [
-    sql(f"DELETE FROM {t} WHERE namespace = $1 AND saga_id = ANY($2::text[])")
-    for t in (*_LOGS, "sagas")
+_PURGE = [
+    sql(f"DELETE FROM {table} WHERE namespace = $1 AND saga_id = ANY($2::text[])")
+    for table in ("saga_annotations", "saga_compensations", "saga_steps", "sagas")
 ]
 _TERMINAL = ", ".join(f"'{state.value}'" for state in sorted(domain.TERMINAL))
 _ENDED_WHERE = (
@@ -603,31 +594,33 @@ _PICK_ENDED = sql(
 _COUNT_ENDED = sql(f"SELECT count(*) FROM sagas WHERE {_ENDED_WHERE}")
 
 
+async def _delete(tx: Tx, namespace: str, saga_ids: list[str]) -> None:
+    """Remove (locked, terminal) sagas with their logs; what they owned goes to the
+    garbage collector in the same transaction."""
+    for statement in _PURGE:
+        await tx.execute(statement, namespace, saga_ids)
+    await object_rows.enqueue_owning(tx, saga_ids)
+
+
 async def purge(tx: Tx, namespace: str, saga_id: str) -> bool:
-    """Remove a terminal saga and its logs; what it owns goes to the garbage collector in
-    the same transaction. False when there is no such terminal saga."""
+    """Remove one terminal saga and its logs. False when there is no such terminal saga."""
     loaded = await rows.load(tx, namespace, saga_id, lock=True)
     if loaded is None or not loaded.saga.terminal:
         return False
-    for statement in _PURGE_ONE:
-        await tx.execute(statement, namespace, saga_id)
-    await tx.execute(_PURGE_ONE_SAGA, namespace, saga_id)
-    await object_rows.enqueue_owning(tx, [saga_id])
+    await _delete(tx, namespace, [saga_id])
     return True
 
 
 async def purge_ended(tx: Tx, namespace: str, ended_before_us: int, limit: int) -> int:
-    """Remove up to ``limit`` terminal sagas that ended at or before the cutoff, with their
-    logs; what they owned is queued for the collector. Rows another transaction holds are
-    skipped (a redrive, an annotation): the next batch or sweep gets them."""
+    """Remove up to ``limit`` terminal sagas that ended at or before the cutoff. Rows another
+    transaction holds are skipped (a redrive, an annotation): the next batch or sweep gets
+    them."""
     found = await tx.fetch(_PICK_ENDED, namespace, ended_before_us, limit)
     by_namespace: dict[str, list[str]] = {}
     for row in found:
         by_namespace.setdefault(row["namespace"], []).append(row["saga_id"])
     for ns, ids in by_namespace.items():
-        for statement in _PURGE_MANY:
-            await tx.execute(statement, ns, ids)
-        await object_rows.enqueue_owning(tx, ids)
+        await _delete(tx, ns, ids)
     return len(found)
 
 

@@ -11,13 +11,12 @@ from tether_server.domain.sweep import SweepReport, SweepTrigger
 from tether_server.store import events
 from tether_server.store.database import Database
 from tether_server.store.leases import purge as lease_purge
-from tether_server.store.leases.purge import LeasePurge
 from tether_server.store.objects import read as object_read
 from tether_server.store.sagas import units as saga_units
 from tether_server.store.sql import sql
 from tether_server.store.sweeps import reports
 
-__all__ = ["LeasePurge", "SweepStore"]
+__all__ = ["SweepStore"]
 
 _DUE_LEASES = sql(
     "SELECT count(*) FROM leases WHERE state = 'ACTIVE' AND expires_at_us <= $1"
@@ -72,37 +71,43 @@ class SweepStore:
             lambda tx: object_read.terminating_since(tx, namespace, deleted_before_us, limit)
         )
 
-    # ---- purges: (purge one batch, count what would go) per kind ---------------------------
+    # ---- purges: rows purged (or to purge) per table, the kind's own table first ----------
+    # Events and reports are global: their namespace argument is always empty.
 
-    async def purge_leases(self, namespace: str, before_us: int, limit: int) -> LeasePurge:
-        return await self.db.write(
+    async def purge_leases(self, namespace: str, before_us: int, limit: int) -> dict[str, int]:
+        done = await self.db.write(
             lambda tx: lease_purge.purge_ended(tx, namespace, before_us, limit)
         )
+        return done.by_table()
 
-    async def count_leases(self, namespace: str, before_us: int) -> LeasePurge:
-        return await self.db.read(lambda tx: lease_purge.count_ended(tx, namespace, before_us))
+    async def count_leases(self, namespace: str, before_us: int) -> dict[str, int]:
+        counted = await self.db.read(lambda tx: lease_purge.count_ended(tx, namespace, before_us))
+        return counted.by_table()
 
-    async def purge_sagas(self, namespace: str, before_us: int, limit: int) -> int:
-        return await self.db.write(
+    async def purge_sagas(self, namespace: str, before_us: int, limit: int) -> dict[str, int]:
+        purged = await self.db.write(
             lambda tx: saga_units.purge_ended(tx, namespace, before_us, limit), emits=False
         )
+        return {"sagas": purged}
 
-    async def count_sagas(self, namespace: str, before_us: int) -> int:
-        return await self.db.read(lambda tx: saga_units.count_ended(tx, namespace, before_us))
+    async def count_sagas(self, namespace: str, before_us: int) -> dict[str, int]:
+        counted = await self.db.read(lambda tx: saga_units.count_ended(tx, namespace, before_us))
+        return {"sagas": counted}
 
-    async def purge_events(self, before_us: int, limit: int) -> int:
-        return await self.db.write(lambda tx: events.purge_older(tx, before_us, limit))
+    async def purge_events(self, namespace: str, before_us: int, limit: int) -> dict[str, int]:
+        return {"events": await self.db.write(lambda tx: events.purge_older(tx, before_us, limit))}
 
-    async def count_events(self, before_us: int) -> int:
-        return await self.db.read(lambda tx: events.count_older(tx, before_us))
+    async def count_events(self, namespace: str, before_us: int) -> dict[str, int]:
+        return {"events": await self.db.read(lambda tx: events.count_older(tx, before_us))}
 
-    async def purge_reports(self, before_us: int, limit: int) -> int:
-        return await self.db.write(
+    async def purge_reports(self, namespace: str, before_us: int, limit: int) -> dict[str, int]:
+        purged = await self.db.write(
             lambda tx: reports.purge_older(tx, before_us, limit), emits=False
         )
+        return {"sweep_reports": purged}
 
-    async def count_reports(self, before_us: int) -> int:
-        return await self.db.read(lambda tx: reports.count_older(tx, before_us))
+    async def count_reports(self, namespace: str, before_us: int) -> dict[str, int]:
+        return {"sweep_reports": await self.db.read(lambda tx: reports.count_older(tx, before_us))}
 
     # ---- reports -------------------------------------------------------------------------
 
