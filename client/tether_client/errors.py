@@ -325,6 +325,70 @@ class SweepReportNotFound(NotFound):
     reason = "SWEEP_REPORT_NOT_FOUND"
 
 
+class ServerStarting(Unavailable):
+    """The server is still recovering after its start; retry shortly."""
+
+    reason = "SERVER_STARTING"
+
+
+class CredentialsRequired(Unauthenticated):
+    """The server needs a bearer token or a client certificate; the call had neither."""
+
+    reason = "CREDENTIALS_REQUIRED"
+
+
+class InvalidCredentials(Unauthenticated):
+    """The bearer token is malformed or unknown to the server."""
+
+    reason = "INVALID_CREDENTIALS"
+
+
+class NamespaceForbidden(PermissionDenied):
+    """The principal has no role in the call's namespace."""
+
+    reason = "NAMESPACE_FORBIDDEN"
+
+
+class RoleRequired(PermissionDenied):
+    """The principal's role in the namespace is not enough; ``required_role`` says which."""
+
+    reason = "ROLE_REQUIRED"
+
+    @property
+    def required_role(self) -> str:
+        return self.metadata.get("required_role", "")
+
+
+class ConcurrencyLimit(ResourceExhausted):
+    """The server answers as many calls at once as it allows; retry with backoff."""
+
+    reason = "CONCURRENCY_LIMIT"
+
+
+class StreamLimit(ResourceExhausted):
+    """This connection has as many open streams as the server allows."""
+
+    reason = "STREAM_LIMIT"
+
+
+class MessageTooLarge(ResourceExhausted):
+    """A request message is larger than the server accepts."""
+
+    reason = "MESSAGE_TOO_LARGE"
+
+
+class LeaseLimit(ResourceExhausted):
+    """The principal holds as many live leases as the server allows."""
+
+    reason = "LEASE_LIMIT"
+
+
+class WatchLimit(ResourceExhausted):
+    """The principal has as many open watches as the server allows."""
+
+    reason = "WATCH_LIMIT"
+
+
 class _StepIndexed:
     """The facts of a refusal about one step of a saga."""
 
@@ -388,6 +452,16 @@ class SagaClaimed(FailedPrecondition):
 
 class ClientClosed(Cancelled):
     """A call on a client that was closed."""
+
+
+class TokenOverPlaintext(ValueError):
+    """A bearer token would go unencrypted to a target that is not on this host.
+
+    Raised when a client is built, never by a call: it is a mistake in the client's
+    configuration, not a server's answer, so it is a ``ValueError`` like other bad
+    arguments and not a :class:`TetherError`. Connect with TLS (``credentials=``) or,
+    knowing the token can be read on the way, pass ``insecure_token=True``.
+    """
 
 
 class LeaseNotHeld(TetherError):

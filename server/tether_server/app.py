@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tether_client.pb import lease_pb2, owner_ref_pb2, saga_pb2, sweep_pb2
 from tether_server import __version__
+from tether_server.auth import Authenticator
 from tether_server.clock import Clock, clock_from_spec
 from tether_server.config import ServerConfig
 from tether_server.domain.errors import StoreUnavailable
@@ -22,7 +23,7 @@ from tether_server.expiry import ExpiryLoop
 from tether_server.metrics import Metrics, MetricsHttpServer, start_http
 from tether_server.notify import ChangeHub, ChangeListener
 from tether_server.runtime import AlwaysLeader, Leadership, PgAdvisoryLeader, Runner, TaskSpec
-from tether_server.services.handlers import build_generic_handler
+from tether_server.services.handlers import CORE_LIMIT_FACTOR, CallGate, build_generic_handler
 from tether_server.services.interceptor import RpcMetricsInterceptor
 from tether_server.services.lease import LeaseService
 from tether_server.services.objects import ObjectService
@@ -129,6 +130,9 @@ class TetherServer:
         # When this process may run its first periodic sweep (set by the first pass).
         self._first_sweep_at_us: int | None = None
         self._add_tasks()
+        config.auth.check(config.listen)
+        self.authenticator = Authenticator(config.auth)
+        self.gate = CallGate(self.authenticator, config.max_message_bytes)
         # health.aio is the public asyncio servicer; the stubs do not declare it.
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
@@ -137,23 +141,28 @@ class TetherServer:
         self._draining = False
 
     async def start(self) -> int:
-        """Migrate, bind, recover, then serve. Returns the bound port."""
+        """Migrate, bind and serve, recover, then admit calls. Returns the bound port.
+
+        The port answers from the start, so a client that connects during recovery hears
+        UNAVAILABLE / SERVER_STARTING (and health NOT_SERVING) instead of waiting."""
         await self.db.migrate()
+        limit = self.config.max_message_bytes
         server = grpc.aio.server(
-            options=_GRPC_OPTIONS, interceptors=[RpcMetricsInterceptor(self.metrics)]
+            options=[
+                *_GRPC_OPTIONS,
+                ("grpc.max_receive_message_length", CORE_LIMIT_FACTOR * limit),
+            ],
+            interceptors=[RpcMetricsInterceptor(self.metrics)],
         )
-        self.port = server.add_insecure_port(self.config.listen)
+        credentials = self.config.auth.server_credentials()
+        if credentials is None:
+            self.port = server.add_insecure_port(self.config.listen)
+        else:
+            self.port = server.add_secure_port(self.config.listen, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         # Stable across restarts of one replica, so a restart reaps its predecessor.
         self.replica_name = self.config.replica or f"{socket.gethostname()}:{self.port}"
-        await self._recover()
-        if isinstance(self.db.backend_impl, PgBackend):
-            # Other replicas' commits wake this one's waiters and watchers.
-            self._listener = ChangeListener(
-                self.changes, self.db.backend_impl.connect, CHANGES_CHANNEL, self.instance_id
-            )
-            await self._listener.start()
         lease_service = LeaseService(
             self.leases,
             self.clock,
@@ -174,7 +183,9 @@ class TetherServer:
             (SWEEP_SERVICE, SweepService(self.sweeper, self.sweeps, self.config.limits)),
         ]
         server.add_generic_rpc_handlers(
-            tuple(build_generic_handler(descriptor, impl) for descriptor, impl in services)
+            tuple(
+                build_generic_handler(descriptor, impl, self.gate) for descriptor, impl in services
+            )
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -182,9 +193,18 @@ class TetherServer:
             + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             server,
         )
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
+        await self._recover()
+        if isinstance(self.db.backend_impl, PgBackend):
+            # Other replicas' commits wake this one's waiters and watchers.
+            self._listener = ChangeListener(
+                self.changes, self.db.backend_impl.connect, CHANGES_CHANNEL, self.instance_id
+            )
+            await self._listener.start()
+        self.gate.ready = True
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_listen:
             self._metrics_http = start_http(self.config.metrics_listen, self.metrics.registry)
             self.metrics_port = self._metrics_http.port
@@ -196,6 +216,9 @@ class TetherServer:
                 "version": __version__,
                 "listen": self.config.listen,
                 "port": self.port,
+                "tls": self.config.auth.tls,
+                # "anonymous" is only ever a loopback server unless told otherwise.
+                "auth": self.config.auth.describe(),
                 "metrics_port": self.metrics_port,
                 "store": describe_url(self.config.db_url),
                 "backend": self.db.backend,
@@ -203,7 +226,18 @@ class TetherServer:
                 "instance_id": self.instance_id,
             },
         )
+        if not self.config.auth.requires_credentials:
+            log.warning(
+                "no credentials configured: every caller is the anonymous admin%s",
+                " (on a non-loopback address, as --insecure-allow-anonymous asked)"
+                if self.config.auth.insecure_allow_anonymous
+                else "; serving on loopback only",
+            )
         return self.port
+
+    def reload_credentials(self) -> bool:
+        """Re-read the tokens file (SIGHUP); open calls and streams go on."""
+        return self.authenticator.reload()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: report NOT_SERVING, stop accepting, let calls finish within the grace."""

@@ -123,6 +123,7 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         help="dependents the garbage collector handles per transaction"
         " (env TETHER_GC_BATCH_SIZE; default %(default)s)",
     )
+    _add_auth_options(serve)
     _add_sweep_options(serve)
     _add_log_options(serve)
     serve.set_defaults(handler=_run_serve)
@@ -131,6 +132,51 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     migrate.add_argument("--db", default=_env("TETHER_DB", DEFAULT_DB))
     _add_log_options(migrate)
     migrate.set_defaults(handler=_run_migrate)
+
+
+def _add_auth_options(serve: argparse.ArgumentParser) -> None:
+    files = [
+        ("--tls-cert", "TETHER_TLS_CERT", "PEM certificate chain: serve TLS"),
+        ("--tls-key", "TETHER_TLS_KEY", "PEM private key of --tls-cert"),
+        ("--tls-client-ca", "TETHER_TLS_CLIENT_CA",
+         "PEM CA bundle: require client certificates it signed (mutual TLS); the principal is "
+         "the certificate's first URI SAN, else its subject CN"),
+        ("--auth-tokens", "TETHER_AUTH_TOKENS",
+         "tokens file: bearer tokens, principals, roles and namespaces (re-read on SIGHUP)"),
+    ]  # fmt: skip
+    for flag, env, text in files:
+        serve.add_argument(flag, default=_env(env, ""), metavar="FILE", help=f"{text} (env {env})")
+    serve.add_argument(
+        "--insecure-allow-anonymous",
+        action="store_true",
+        default=_env("TETHER_INSECURE_ALLOW_ANONYMOUS", "") not in ("", "0", "false"),
+        help="without --auth-tokens or --tls-client-ca, serve anonymous callers (as admin) on "
+        "a non-loopback address too; never do this where others can reach the port "
+        "(env TETHER_INSECURE_ALLOW_ANONYMOUS)",
+    )
+    serve.add_argument(
+        "--max-message-size",
+        type=_byte_count,
+        default=_env("TETHER_MAX_MESSAGE_SIZE", "4MiB"),
+        metavar="BYTES",
+        help="largest request message accepted, e.g. 4MiB (env TETHER_MAX_MESSAGE_SIZE; "
+        "default %(default)s)",
+    )
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "kb": 1000, "mb": 1000**2}
+
+
+def _byte_count(text: str) -> int:
+    """``4MiB``, ``512KiB``, ``65536``: a positive size of at most 1 GiB."""
+    number = text.strip().rstrip("BbIiKkMm")
+    unit = text.strip()[len(number) :].lower()
+    if unit not in _BYTE_UNITS or not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4MiB, 512KiB or 65536")
+    value = int(number) * _BYTE_UNITS[unit]
+    if not 1024 <= value <= 1024**3:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size between 1KiB and 1GiB is needed")
+    return value
 
 
 # (flag, env, default, help) of the sweep's durations; 0 keeps rows forever.
@@ -204,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    from tether_server.auth import AuthConfig
     from tether_server.config import ServerConfig
     from tether_server.domain.validation import Limits
     from tether_server.services.lease import LeaseServiceConfig
@@ -221,6 +268,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         metrics_listen=args.metrics_listen,
         gc_batch_size=max(1, args.gc_batch_size),
         sweep=_sweep_config(args),
+        auth=AuthConfig(
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            tokens_file=args.auth_tokens,
+            insecure_allow_anonymous=args.insecure_allow_anonymous,
+        ),
+        max_message_bytes=args.max_message_size,
         lease=dataclasses.replace(
             LeaseServiceConfig(),
             limits=limits,
@@ -238,6 +293,8 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = TetherServer(config)
+    # The tokens file is re-read on SIGHUP; streams and calls in flight go on.
+    loop.add_signal_handler(signal.SIGHUP, server.reload_credentials)
     try:
         await server.start()
         await stop.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tether_server.auth import AuthConfig
 from tether_server.defaults import DEFAULT_DB, DEFAULT_LISTEN
 from tether_server.domain.sweep import SweepConfig
 from tether_server.domain.validation import Limits
@@ -45,6 +46,10 @@ class ServerConfig:
     gc_batch_size: int = 1000
     # Sweeps: the periodic one's schedule, retention per kind, batch sizes.
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    # TLS, mutual TLS, bearer tokens; none of them: anonymous callers on loopback only.
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    # Largest request message accepted (RESOURCE_EXHAUSTED / MESSAGE_TOO_LARGE above).
+    max_message_bytes: int = 4 * 1024 * 1024
 
     @property
     def limits(self) -> Limits:

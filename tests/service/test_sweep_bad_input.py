@@ -9,10 +9,6 @@ import grpc
 import pytest
 
 from tether_client.pb import sweep_pb2
-from tether_server.auth import AuthPolicy
-from tether_server.domain import errors
-from tether_server.services.errors import to_grpc_status
-from tether_server.services.sweep import SweepService
 
 from .conftest import WAIT_S, Harness, error_info
 from .sweep_support import PURGE_EVENTS, PURGE_REPORTS, STALE, SweepEnv, sweep_env_for
@@ -104,12 +100,3 @@ async def test_get_sweep_report_of_a_bad_or_unknown_id(
             sweep_pb2.GetSweepReportRequest(sweep_id=sweep_id), timeout=WAIT_S
         )
     assert error_info(caught.value)[:2] == expected
-
-
-async def test_run_sweep_needs_an_admin_principal() -> None:
-    """Refused before anything runs (no sweeper is even consulted). Today only a dev
-    server's anonymous caller is admin; the security work brings real principals."""
-    service = SweepService(None, None, auth=AuthPolicy(anonymous_is_admin=False))  # type: ignore[arg-type]
-    with pytest.raises(errors.AdminRequired) as caught:
-        await service.RunSweep(sweep_pb2.RunSweepRequest(dry_run=True), context=None)
-    assert to_grpc_status(caught.value).code == grpc.StatusCode.PERMISSION_DENIED

@@ -16,6 +16,9 @@ class TetherError(Exception):
     metadata: Mapping[str, str] = field(default_factory=dict)
 
     reason = "UNSPECIFIED"
+    # Seconds a client should wait before retrying (sent as google.rpc.RetryInfo); None
+    # when a retry cannot help.
+    retry_after_s: float | None = None
 
     def __str__(self) -> str:
         return self.message
@@ -90,10 +93,16 @@ class KeepAliveIdle(TetherError):
 
 class StoreUnavailable(TetherError):
     reason = "STORE_UNAVAILABLE"
+    retry_after_s = 0.5
 
 
 class ServerDraining(TetherError):
     reason = "SERVER_DRAINING"
+
+
+class ServerStarting(TetherError):
+    reason = "SERVER_STARTING"
+    retry_after_s = 1.0
 
 
 class RequestIdConflict(TetherError):
@@ -166,3 +175,40 @@ class UidMismatch(TetherError):
 
 class ResourceVersionConflict(TetherError):
     reason = "RESOURCE_VERSION_CONFLICT"
+
+
+class CredentialsRequired(TetherError):
+    reason = "CREDENTIALS_REQUIRED"
+
+
+class InvalidCredentials(TetherError):
+    reason = "INVALID_CREDENTIALS"
+
+
+class NamespaceForbidden(TetherError):
+    reason = "NAMESPACE_FORBIDDEN"
+
+
+class RoleRequired(TetherError):
+    reason = "ROLE_REQUIRED"
+
+
+class ConcurrencyLimit(TetherError):
+    reason = "CONCURRENCY_LIMIT"
+    retry_after_s = 0.1
+
+
+class StreamLimit(TetherError):
+    reason = "STREAM_LIMIT"
+
+
+class MessageTooLarge(TetherError):
+    reason = "MESSAGE_TOO_LARGE"
+
+
+class LeaseLimit(TetherError):
+    reason = "LEASE_LIMIT"
+
+
+class WatchLimit(TetherError):
+    reason = "WATCH_LIMIT"

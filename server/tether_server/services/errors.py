@@ -7,8 +7,10 @@ reason = the domain error's reason, metadata = the facts a client needs) in the
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -53,6 +55,16 @@ _CODES: dict[type[errors.TetherError], grpc.StatusCode] = {
     errors.UidMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceVersionConflict: grpc.StatusCode.ABORTED,
     errors.SweepReportNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ServerStarting: grpc.StatusCode.UNAVAILABLE,
+    errors.CredentialsRequired: grpc.StatusCode.UNAUTHENTICATED,
+    errors.InvalidCredentials: grpc.StatusCode.UNAUTHENTICATED,
+    errors.NamespaceForbidden: grpc.StatusCode.PERMISSION_DENIED,
+    errors.RoleRequired: grpc.StatusCode.PERMISSION_DENIED,
+    errors.ConcurrencyLimit: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.StreamLimit: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.MessageTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.LeaseLimit: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.WatchLimit: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -71,7 +83,14 @@ def to_grpc_status(error: errors.TetherError) -> grpc.Status:
     )
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
+    details = [detail]
+    if error.retry_after_s is not None:
+        advice = any_pb2.Any()
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(timedelta(seconds=error.retry_after_s))
+        advice.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(advice)
+    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
     return rpc_status.to_status(status)
 
 

@@ -1,9 +1,12 @@
-"""Method handlers built from the service descriptors, with one error boundary.
+"""Method handlers built from the service descriptors, with one boundary for every call.
 
 We register handlers ourselves instead of the generated ``add_*_to_server`` so that
 (1) undecodable request bytes become INVALID_ARGUMENT / MALFORMED_REQUEST instead of
-grpcio's INTERNAL, and (2) every domain error is translated in one place and anything
-unexpected is logged once and answered INTERNAL (a server fault, never a client's).
+grpcio's INTERNAL, and oversized ones RESOURCE_EXHAUSTED / MESSAGE_TOO_LARGE with the
+limit, (2) every call is admitted in one place (the server is ready, the caller is
+authenticated and may call this method in this namespace) before any handler runs, and
+(3) every domain error is translated in one place and anything unexpected is logged once
+and answered INTERNAL (a server fault, never a client's).
 """
 
 from __future__ import annotations
@@ -18,20 +21,70 @@ import grpc
 from google.protobuf import message, message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
-from tether_server.domain import errors
+from tether_server.auth import Authenticator, Principal, set_current_principal
+from tether_server.domain import access, errors
+from tether_server.domain.validation import DEFAULT_NAMESPACE
 from tether_server.services.errors import to_grpc_status
 
 log = logging.getLogger(__name__)
 
+Context = grpc.aio.ServicerContext[Any, Any]
+
+# grpc's own limit sits above ours, so a request a little over ours gets our answer (with
+# the limit in ErrorInfo); only one over twice our limit gets grpc's bare one.
+CORE_LIMIT_FACTOR = 2
+
+
+class CallGate:
+    """Admits calls: the server is ready, the caller known and allowed."""
+
+    def __init__(self, authenticator: Authenticator, max_message_bytes: int) -> None:
+        self.authenticator = authenticator
+        self.max_message_bytes = max_message_bytes
+        # Closed until the start-up recovery is done: calls get UNAVAILABLE / SERVER_STARTING.
+        self.ready = False
+
+    def admit(self, method: str, request: Any, context: Context) -> Principal:
+        if not self.ready:
+            raise errors.ServerStarting("the server is recovering after its start; retry shortly")
+        principal = self.authenticator.authenticate(context.invocation_metadata(), context)
+        if request is not None:
+            self.authorize(principal, method, request)
+        set_current_principal(principal)
+        return principal
+
+    @staticmethod
+    def authorize(principal: Principal, method: str, request: Any) -> None:
+        rule = access.RULES.get(method)
+        requested = getattr(request, "namespace", "")
+        namespace = (
+            access.call_namespace(rule, requested, DEFAULT_NAMESPACE)
+            if rule is not None
+            else requested or DEFAULT_NAMESPACE
+        )
+        access.authorize(principal.name, principal.grants, method, namespace)
+
 
 @dataclass(frozen=True)
 class Malformed:
-    """Stands in for a request whose bytes did not decode."""
+    """Stands in for a request whose bytes did not decode (or were too many)."""
 
     method: str
     problem: str
+    size: int = 0
+    limit: int = 0
 
-    def error(self) -> errors.MalformedRequest:
+    def error(self) -> errors.TetherError:
+        if self.limit:
+            return errors.MessageTooLarge(
+                f"{self.method}: the request is {self.size} bytes; this server accepts at "
+                f"most {self.limit}",
+                {
+                    "method": self.method,
+                    "limit_bytes": str(self.limit),
+                    "size_bytes": str(self.size),
+                },
+            )
         return errors.MalformedRequest(
             f"{self.method}: request could not be decoded: {self.problem}",
             {"method": self.method},
@@ -39,38 +92,44 @@ class Malformed:
 
 
 def build_generic_handler(
-    service: ServiceDescriptor, servicer: object
+    service: ServiceDescriptor, servicer: object, gate: CallGate
 ) -> grpc.GenericRpcHandler[Any, Any]:
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
-        handlers[method.name] = _method_handler(method, getattr(servicer, method.name))
+        handlers[method.name] = _method_handler(
+            f"/{service.full_name}/{method.name}", method, getattr(servicer, method.name), gate
+        )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 def _method_handler(
-    method: MethodDescriptor, impl: Callable[..., Any]
+    path: str, method: MethodDescriptor, impl: Callable[..., Any], gate: CallGate
 ) -> grpc.RpcMethodHandler[Any, Any]:
     request_cls = message_factory.GetMessageClass(method.input_type)
     response_cls = message_factory.GetMessageClass(method.output_type)
-    deserialize = _tolerant_deserializer(method.full_name, request_cls)
+    deserialize = _tolerant_deserializer(method.full_name, request_cls, gate.max_message_bytes)
     serialize = response_cls.SerializeToString
     if method.client_streaming and method.server_streaming:
         return grpc.stream_stream_rpc_method_handler(
-            _bidi(impl), request_deserializer=deserialize, response_serializer=serialize
+            _bidi(path, impl, gate), request_deserializer=deserialize, response_serializer=serialize
         )
     if method.server_streaming:
         return grpc.unary_stream_rpc_method_handler(
-            _server_stream(impl), request_deserializer=deserialize, response_serializer=serialize
+            _server_stream(path, impl, gate),
+            request_deserializer=deserialize,
+            response_serializer=serialize,
         )
     if method.client_streaming:
         raise NotImplementedError("client-streaming RPCs are not part of tether.v1")
     return grpc.unary_unary_rpc_method_handler(
-        _unary(impl), request_deserializer=deserialize, response_serializer=serialize
+        _unary(path, impl, gate), request_deserializer=deserialize, response_serializer=serialize
     )
 
 
-def _tolerant_deserializer(name: str, cls: Any) -> Callable[[bytes], Any]:
+def _tolerant_deserializer(name: str, cls: Any, limit: int) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Any:
+        if len(data) > limit:
+            return Malformed(name, "too large", len(data), limit)
         try:
             return cls.FromString(data)
         except message.DecodeError as exc:
@@ -86,16 +145,38 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], error: errors.Tethe
 
 async def _fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
     if isinstance(exc, errors.TetherError):
+        if isinstance(exc, _REFUSALS):
+            log.info(
+                "call refused",
+                extra={
+                    "reason": exc.reason,
+                    "principal": exc.metadata.get("principal", ""),
+                    "peer": context.peer(),
+                    "detail": exc.message,
+                },
+            )
         await abort(context, exc)
     log.exception("unexpected error in %s", type(exc).__name__)
     await context.abort(grpc.StatusCode.INTERNAL, "internal server error; see the server log")
 
 
-def _unary(impl: Callable[..., Any]) -> Callable[..., Any]:
+_REFUSALS = (
+    errors.CredentialsRequired,
+    errors.InvalidCredentials,
+    errors.NamespaceForbidden,
+    errors.RoleRequired,
+    errors.AdminRequired,
+    errors.NotLeaseHolder,
+)
+
+
+def _unary(path: str, impl: Callable[..., Any], gate: CallGate) -> Callable[..., Any]:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             if isinstance(request, Malformed):
+                gate.admit(path, None, context)
                 raise request.error()
+            gate.admit(path, request, context)
             return await impl(request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -105,11 +186,13 @@ def _unary(impl: Callable[..., Any]) -> Callable[..., Any]:
     return handle
 
 
-def _server_stream(impl: Callable[..., Any]) -> Callable[..., Any]:
+def _server_stream(path: str, impl: Callable[..., Any], gate: CallGate) -> Callable[..., Any]:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             if isinstance(request, Malformed):
+                gate.admit(path, None, context)
                 raise request.error()
+            gate.admit(path, request, context)
             async for response in impl(request, context):
                 yield response
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -120,12 +203,15 @@ def _server_stream(impl: Callable[..., Any]) -> Callable[..., Any]:
     return handle
 
 
-def _bidi(impl: Callable[..., Any]) -> Callable[..., Any]:
+def _bidi(path: str, impl: Callable[..., Any], gate: CallGate) -> Callable[..., Any]:
     async def handle(
         requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
         try:
-            async for response in impl(_checked(requests), context):
+            # Who is asked once, at the stream's start; each message's namespace is judged
+            # as it arrives (a stream is not refused for a namespace it never uses).
+            principal = gate.admit(path, None, context)
+            async for response in impl(_checked(requests, path, principal), context):
                 yield response
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -135,8 +221,11 @@ def _bidi(impl: Callable[..., Any]) -> Callable[..., Any]:
     return handle
 
 
-async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _checked(
+    requests: AsyncIterator[Any], path: str, principal: Principal
+) -> AsyncIterator[Any]:
     async for request in requests:
         if isinstance(request, Malformed):
             raise request.error()
+        CallGate.authorize(principal, path, request)
         yield request

@@ -110,6 +110,42 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_SWEEP_REPORT_NOT_FOUND: _ErrorReason.ValueType  # 35
     """NOT_FOUND: GetSweepReport names no stored report (never written, or purged)."""
+    ERROR_REASON_CREDENTIALS_REQUIRED: _ErrorReason.ValueType  # 36
+    """UNAUTHENTICATED: the server needs credentials (a bearer token or a client
+    certificate) and the call carried none.
+    """
+    ERROR_REASON_INVALID_CREDENTIALS: _ErrorReason.ValueType  # 37
+    """UNAUTHENTICATED: the bearer token is malformed or unknown to the server."""
+    ERROR_REASON_NAMESPACE_FORBIDDEN: _ErrorReason.ValueType  # 38
+    """PERMISSION_DENIED: the principal has no role in this namespace; metadata "principal",
+    "namespace".
+    """
+    ERROR_REASON_ROLE_REQUIRED: _ErrorReason.ValueType  # 39
+    """PERMISSION_DENIED: the principal's role in this namespace is not enough for the call;
+    metadata "principal", "namespace", "required_role".
+    """
+    ERROR_REASON_CONCURRENCY_LIMIT: _ErrorReason.ValueType  # 40
+    """RESOURCE_EXHAUSTED: the server is answering as many calls as it allows at once; retry
+    with backoff; metadata "limit".
+    """
+    ERROR_REASON_STREAM_LIMIT: _ErrorReason.ValueType  # 41
+    """RESOURCE_EXHAUSTED: this connection has as many open streams as allowed; metadata
+    "limit".
+    """
+    ERROR_REASON_MESSAGE_TOO_LARGE: _ErrorReason.ValueType  # 42
+    """RESOURCE_EXHAUSTED: a request message is larger than the server accepts; metadata
+    "limit_bytes", "size_bytes".
+    """
+    ERROR_REASON_LEASE_LIMIT: _ErrorReason.ValueType  # 43
+    """RESOURCE_EXHAUSTED: the principal holds as many live leases as allowed; metadata
+    "principal", "limit".
+    """
+    ERROR_REASON_WATCH_LIMIT: _ErrorReason.ValueType  # 44
+    """RESOURCE_EXHAUSTED: the principal has as many open watches as allowed; metadata
+    "principal", "limit".
+    """
+    ERROR_REASON_SERVER_STARTING: _ErrorReason.ValueType  # 45
+    """UNAVAILABLE: the server is still recovering after its start; retry shortly."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every reason tether puts in google.rpc.ErrorInfo (domain "tether.dev").
@@ -200,6 +236,42 @@ deleted and recreated); metadata "uid", "expected_uid".
 """
 ERROR_REASON_SWEEP_REPORT_NOT_FOUND: ErrorReason.ValueType  # 35
 """NOT_FOUND: GetSweepReport names no stored report (never written, or purged)."""
+ERROR_REASON_CREDENTIALS_REQUIRED: ErrorReason.ValueType  # 36
+"""UNAUTHENTICATED: the server needs credentials (a bearer token or a client
+certificate) and the call carried none.
+"""
+ERROR_REASON_INVALID_CREDENTIALS: ErrorReason.ValueType  # 37
+"""UNAUTHENTICATED: the bearer token is malformed or unknown to the server."""
+ERROR_REASON_NAMESPACE_FORBIDDEN: ErrorReason.ValueType  # 38
+"""PERMISSION_DENIED: the principal has no role in this namespace; metadata "principal",
+"namespace".
+"""
+ERROR_REASON_ROLE_REQUIRED: ErrorReason.ValueType  # 39
+"""PERMISSION_DENIED: the principal's role in this namespace is not enough for the call;
+metadata "principal", "namespace", "required_role".
+"""
+ERROR_REASON_CONCURRENCY_LIMIT: ErrorReason.ValueType  # 40
+"""RESOURCE_EXHAUSTED: the server is answering as many calls as it allows at once; retry
+with backoff; metadata "limit".
+"""
+ERROR_REASON_STREAM_LIMIT: ErrorReason.ValueType  # 41
+"""RESOURCE_EXHAUSTED: this connection has as many open streams as allowed; metadata
+"limit".
+"""
+ERROR_REASON_MESSAGE_TOO_LARGE: ErrorReason.ValueType  # 42
+"""RESOURCE_EXHAUSTED: a request message is larger than the server accepts; metadata
+"limit_bytes", "size_bytes".
+"""
+ERROR_REASON_LEASE_LIMIT: ErrorReason.ValueType  # 43
+"""RESOURCE_EXHAUSTED: the principal holds as many live leases as allowed; metadata
+"principal", "limit".
+"""
+ERROR_REASON_WATCH_LIMIT: ErrorReason.ValueType  # 44
+"""RESOURCE_EXHAUSTED: the principal has as many open watches as allowed; metadata
+"principal", "limit".
+"""
+ERROR_REASON_SERVER_STARTING: ErrorReason.ValueType  # 45
+"""UNAVAILABLE: the server is still recovering after its start; retry shortly."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
