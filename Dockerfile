@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # tether server image: `docker build -t tether .` then
-#   docker run -p 50051:50051 -v tether-data:/data tether
+#   docker run -p 50051:50051 -v tether-data:/data -v ./secrets:/secrets:ro \
+#     -e TETHER_AUTH_TOKENS=/secrets/tokens tether
+#   (it listens on 0.0.0.0, so it needs credentials: README "Security")
 #   docker run tether migrate --db postgresql://...       (any `tether` subcommand)
 
 # --- builder: wheels for tether-client, tether-server and every dependency ------------
@@ -46,8 +48,10 @@ USER 10001:10001
 EXPOSE 50051
 
 # grpc.health.v1 check of the whole server (service ""), on the port TETHER_LISTEN names.
+# With TLS on (TETHER_TLS_CERT) the check cannot know which name or client certificate to
+# present: it only checks that the port accepts connections.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; port = os.environ.get('TETHER_LISTEN', '0.0.0.0:50051').rsplit(':', 1)[1]; r = g.HealthStub(grpc.insecure_channel(f'127.0.0.1:{port}')).Check(h.HealthCheckRequest(service=''), timeout=3); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
+    CMD ["python", "-c", "import os, socket, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; port = int(os.environ.get('TETHER_LISTEN', '0.0.0.0:50051').rsplit(':', 1)[1]); tls = bool(os.environ.get('TETHER_TLS_CERT')); socket.create_connection(('127.0.0.1', port), timeout=3).close() if tls else None; sys.exit(0 if tls or g.HealthStub(grpc.insecure_channel(f'127.0.0.1:{port}')).Check(h.HealthCheckRequest(service=''), timeout=3).status == h.HealthCheckResponse.SERVING else 1)"]
 
 # Exec form: tether is PID 1 and receives SIGTERM from `docker stop` to drain and exit.
 ENTRYPOINT ["tether"]

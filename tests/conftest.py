@@ -9,6 +9,7 @@
 - ``pg_admin_url``: the PostgreSQL admin URL (skips locally / fails under CI when unset).
 - ``fake_clock``: a ``FakeClock`` for in-process tests.
 - ``file_clock`` and ``server_factory``: drive real server processes.
+- ``test_pki``: a CA, server and client certificates for TLS tests (tests/support/certs.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tests.support import templates
 from tests.support.server_process import FileClockDriver, ServerProcess
 
 if TYPE_CHECKING:
+    from tests.support.certs import TestPki
     from tether_server.clock import FakeClock
 
 BACKENDS = ("sqlite", "postgres")
@@ -101,6 +103,14 @@ def empty_db_url(request: pytest.FixtureRequest, db_factory: DbFactory) -> str:
 def _drop_template_databases() -> Iterator[None]:
     yield
     templates.drop_templates()
+
+
+@pytest.fixture(scope="session")
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    """Certificates shared by the session's tests (read-only: make your own to change them)."""
+    from tests.support.certs import make_test_pki  # only the tests that use it need it
+
+    return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

@@ -15,10 +15,17 @@ Objects with finalizers go once a ``FinalizerWorker`` lets them (:mod:`tether_cl
     await worker.run()
 
 Scripts without asyncio use ``TetherClientSync`` (same methods, blocking).
+
+Over TLS, with a bearer token (refused over plaintext unless the server is on this host)::
+
+    credentials = tls_credentials(ca_file="ca.pem")  # + cert_file=, key_file= for mTLS
+    async with TetherClient("tether.example:50051", credentials=credentials, token=t) as client:
+        ...
 """
 
 from tether_client.client import OnLost, TetherClient, default_holder
 from tether_client.clock import Clock, ManualClock, SystemClock
+from tether_client.connection import tls_credentials
 from tether_client.errors import LeaseLost, LeaseNotHeld, TetherError
 from tether_client.keeper import HeldLease, KeeperConfig, KeeperStats
 from tether_client.objects import FinalizerWorker, RefuseFinalization
@@ -48,4 +55,5 @@ __all__ = [
     "TetherError",
     "__version__",
     "default_holder",
+    "tls_credentials",
 ]

@@ -23,8 +23,9 @@ import grpc
 from tether_client import cli_format as fmt
 from tether_client.cli_run import EXIT_LEASE_LOST, Runner, RunSpec
 from tether_client.client import TetherClient
-from tether_client.convert import parse_duration
-from tether_client.errors import LeaseHeld, LockDelay, TetherError, WaitTimeout
+from tether_client.connection import tls_credentials
+from tether_client.convert import parse_duration, parse_int
+from tether_client.errors import LeaseHeld, LockDelay, TetherError, TokenOverPlaintext, WaitTimeout
 from tether_client.pb import lease_pb2
 from tether_client.retry import RetryPolicy
 
@@ -65,20 +66,19 @@ def _positive_duration(text: str) -> float:
 
 
 def _non_negative_int(text: str) -> int:
+    # Bounded by what an int64 field holds: a bigger number is a usage error, not an
+    # overflow when the request is built.
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
+        return parse_int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be more than zero")
-    return value
+    try:
+        return parse_int(text, minimum=1)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -148,13 +148,28 @@ def _add_connection_options(
         "--tls",
         action="store_true",
         default=_env_flag("TETHER_TLS"),
-        help="connect with TLS (env TETHER_TLS=1; implied by --ca-file)",
+        help="connect with TLS (env TETHER_TLS=1; implied by --ca-file and --cert)",
     )
     add(
         "--ca-file",
         default=env("TETHER_CA_FILE", ""),
         metavar="PEM",
         help="CA certificates to trust (env TETHER_CA_FILE; default: the system's)",
+    )
+    add(
+        "--cert",
+        dest="cert_file",
+        default=env("TETHER_CERT", ""),
+        metavar="PEM",
+        help="client certificate for mutual TLS, with --key (env TETHER_CERT)",
+    )
+    add(
+        "--key",
+        # Not "key": the commands' KEY argument has that name.
+        dest="key_file",
+        default=env("TETHER_KEY", ""),
+        metavar="PEM",
+        help="the client certificate's unencrypted private key (env TETHER_KEY)",
     )
     add(
         "--token",
@@ -164,12 +179,28 @@ def _add_connection_options(
         help="bearer token sent with every call (env TETHER_TOKEN)",
     )
     add(
+        "--token-file",
+        default=env("TETHER_TOKEN_FILE", ""),
+        metavar="FILE",
+        help="read the bearer token from FILE instead (env TETHER_TOKEN_FILE)",
+    )
+    add(
+        "--insecure-token",
+        action="store_true",
+        default=_env_flag("TETHER_INSECURE_TOKEN"),
+        help="allow the token over plaintext to a server not on this host "
+        "(env TETHER_INSECURE_TOKEN=1; anyone on the way can read it)",
+    )
+    add(
         "--timeout",
         type=_positive_duration,
         default=env("TETHER_TIMEOUT", "10s"),
         metavar="DURATION",
         help="deadline of each call, retries included (env TETHER_TIMEOUT; default %(default)s)",
     )
+    # Option combinations are checked after parsing (make_client); their refusal is a usage
+    # error of the command they were given to.
+    parser.set_defaults(usage_error=parser.error)
 
 
 def _add_verbose_option(parser: argparse.ArgumentParser, *, leaf: bool) -> None:
@@ -197,29 +228,70 @@ def _add_json_option(parser: argparse.ArgumentParser, *, leaf: bool) -> None:
     )
 
 
-def make_client(args: argparse.Namespace, *, holder: str) -> TetherClient:
-    credentials = None
-    if args.tls or args.ca_file:
+def _channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials when any TLS option is given; ``None`` for plaintext."""
+    if bool(args.cert_file) != bool(args.key_file):
+        raise UsageError("--cert and --key go together (a client certificate and its key)")
+    if not (args.tls or args.ca_file or args.cert_file):
+        return None
+    try:
+        return tls_credentials(args.ca_file or None, args.cert_file or None, args.key_file or None)
+    except OSError as exc:
+        raise CliError(f"{exc.strerror or exc}: {exc.filename}") from None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _bearer_token(args: argparse.Namespace) -> str | None:
+    if args.auth_token and args.token_file:
+        raise UsageError(
+            "give --token or --token-file, not both (env TETHER_TOKEN, TETHER_TOKEN_FILE)"
+        )
+    token: str = args.auth_token
+    if args.token_file:
         try:
-            roots = Path(args.ca_file).read_bytes() if args.ca_file else None
-        except OSError as exc:
-            raise CliError(f"--ca-file: {exc.strerror or exc}: {args.ca_file}") from None
-        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+            token = Path(args.token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not text"
+            raise CliError(f"--token-file: {reason}: {args.token_file}") from None
+        if not token:
+            raise CliError(f"--token-file: no token in {args.token_file}")
+    # gRPC metadata takes printable ASCII only; it would fail later, at the first call.
+    if token and not (token.isascii() and token.isprintable() and " " not in token):
+        raise UsageError("the bearer token must be printable ASCII without spaces")
+    return token or None
+
+
+def make_client(args: argparse.Namespace, *, holder: str) -> TetherClient:
+    """A client for the connection options; ``UsageError`` for ones that do not go together,
+    ``CliError`` for files that cannot be used."""
+    credentials = _channel_credentials(args)
+    token = _bearer_token(args)
     try:
         return TetherClient(
             args.target,
             namespace=args.namespace,
             holder=holder,
             credentials=credentials,
-            token=args.auth_token or None,
+            token=token,
+            insecure_token=args.insecure_token,
             retry=RetryPolicy(default_timeout=args.timeout),
         )
+    except TokenOverPlaintext:
+        raise UsageError(
+            f"the token would go unencrypted to {args.target}: add --tls (and --ca-file), "
+            "or --insecure-token to send it anyway"
+        ) from None
     except ValueError as exc:
         raise CliError(f"--target: {exc}") from None
 
 
 class CliError(Exception):
     """A problem with what the user asked for, found after parsing: one line, exit 1."""
+
+
+class UsageError(CliError):
+    """Options that do not go together, found after parsing: the command's usage, exit 2."""
 
 
 def report(error: TetherError) -> None:
@@ -252,6 +324,8 @@ def _lease_handler(
             return asyncio.run(main())
         except TetherError as exc:
             report_error(exc)
+        except UsageError as exc:
+            args.usage_error(str(exc))  # exits with status 2, like argparse's own errors
         except CliError as exc:
             print(f"tether: {exc}", file=sys.stderr, flush=True)
         return EXIT_ERROR
@@ -402,7 +476,8 @@ then SIGKILL after --grace; a lost lease is not released. SIGINT, SIGTERM and SI
 
 exit status:
   the command's own status (128+N if signal N killed it) when the lease was held throughout
-  {EXIT_LEASE_LOST}   the lease was lost while the command ran (EX_TEMPFAIL), whatever it did
+  {EXIT_LEASE_LOST}   the lease was lost while the command ran (EX_TEMPFAIL), whatever it did;
+       also when the release finds it was revoked or expired
   1    the lease could not be acquired (held, lock-delay, --wait ran out); nothing was run
   2    usage error
   126  COMMAND could not be executed;  127  COMMAND not found

@@ -6,7 +6,9 @@ stopped, because another holder may already be running. The command gets its fen
 in the environment to fence its own writes.
 
 Exit status: the command's own (128+N when signal N killed it) while the lease was held
-throughout; ``EXIT_LEASE_LOST`` (75, EX_TEMPFAIL) once it was lost, whatever the command did.
+throughout; ``EXIT_LEASE_LOST`` (75, EX_TEMPFAIL) once it was lost, whatever the command did,
+also when only the release at the end finds that the lease was revoked (or expired) while
+the command ran.
 """
 
 from __future__ import annotations
@@ -90,7 +92,12 @@ class Runner:
             ) as lease:
                 return await self._run_command(lease)
         except LeaseLost as exc:
-            say(f"lease lost before the command started ({exc})")
+            if self.proc is None:
+                say(f"lease lost before the command started ({exc})")
+            else:
+                # Raised by the release: the server ended the lease while the command ran.
+                status = exit_status(self.proc.returncode or 0)
+                say(f"lease lost while the command ran (it exited {status}): {exc.message}")
             return EXIT_LEASE_LOST
         except asyncio.CancelledError:
             # A signal while acquiring: nothing runs yet, so there is nothing to forward it to.
@@ -137,7 +144,9 @@ class Runner:
         error = lease.lost_error
         why = f"lease lost: {error.message if error else lease.lease_id}"
         proc = self.proc
-        if proc is None or proc.returncode is not None:
+        if proc is not None and proc.returncode is not None:
+            return  # the command is done; a release refused for it is reported on exit
+        if proc is None:
             say(why)
             return
         grace = duration(self.spec.grace)

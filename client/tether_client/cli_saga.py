@@ -22,6 +22,7 @@ from tether_client.cli_lease import (
     _positive_int,
 )
 from tether_client.client import TetherClient
+from tether_client.convert import parse_int
 from tether_client.errors import TetherError
 from tether_client.pb import common_pb2, saga_pb2
 from tether_client.saga import from_struct, from_value
@@ -59,13 +60,11 @@ _states = fmt.name_list(STATES, "state")
 
 
 def _non_negative_index(text: str) -> int:
+    # Step indexes are int32 on the wire.
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a step index: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a step index is not negative: {text!r}")
-    return value
+        return parse_int(text, maximum=2**31 - 1)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"step index: {exc}") from None
 
 
 # --- text ---------------------------------------------------------------------------------

@@ -58,7 +58,10 @@ class TetherClient:
 
     ``targets`` is one ``host:port`` or several (a comma-separated string or a list): calls
     go to one and fail over to the next when it is unavailable. ``credentials`` are TLS
-    channel credentials; ``token`` a bearer token or a function returning the current one.
+    channel credentials (:func:`tether_client.tls_credentials` builds them from PEM files);
+    ``token`` a bearer token or a function returning the current one. Without credentials
+    the token is refused (:class:`~tether_client.errors.TokenOverPlaintext`) unless every
+    target is on this host or ``insecure_token=True`` says plaintext is acceptable.
     """
 
     def __init__(
@@ -69,13 +72,18 @@ class TetherClient:
         holder: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         token: TokenSource | None = None,
+        insecure_token: bool = False,
         channel_options: Sequence[tuple[str, int | str]] = (),
         retry: RetryPolicy | None = None,
         keeper: KeeperConfig | None = None,
         clock: Clock | None = None,
     ) -> None:
         self.connection = Connection(
-            targets, credentials=credentials, token=token, options=channel_options
+            targets,
+            credentials=credentials,
+            token=token,
+            insecure_token=insecure_token,
+            options=channel_options,
         )
         self.namespace = namespace
         self.holder = holder or default_holder()
@@ -141,6 +149,31 @@ class TetherClient:
 
         return await self.call(attempt, safe=safe, timeout=timeout, attempt_timeout=attempt_timeout)
 
+    async def unary_timed(
+        self,
+        method: Unary[Req, Resp],
+        request: Req,
+        *,
+        safe: bool,
+        timeout: float | None,
+        attempt_timeout: float | None = None,
+    ) -> tuple[Resp, float]:
+        """:meth:`unary`, and when (on this client's clock) the attempt that got the answer
+        was sent. The server acted after that send, whatever earlier attempts did."""
+        sent_at = self.clock.monotonic()
+
+        async def attempt(
+            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
+        ) -> Resp:
+            nonlocal sent_at
+            sent_at = self.clock.monotonic()  # attempts run one after another
+            return await method(endpoint)(request, timeout=left, metadata=metadata)
+
+        response = await self.call(
+            attempt, safe=safe, timeout=timeout, attempt_timeout=attempt_timeout
+        )
+        return response, sent_at
+
     def _ns(self, namespace: str | None) -> str:
         return self.namespace if namespace is None else namespace
 
@@ -164,6 +197,35 @@ class TetherClient:
         Raises ``LeaseHeld`` / ``LockDelay`` (no wait) or ``WaitTimeout``. Retried on
         transient failures: the generated request id makes a repeat return the first result.
         """
+        response, _ = await self.acquire_timed(
+            key,
+            ttl=ttl,
+            holder=holder,
+            namespace=namespace,
+            wait=wait,
+            lock_delay=lock_delay,
+            labels=labels,
+            request_id=request_id,
+            timeout=timeout,
+        )
+        return response
+
+    async def acquire_timed(
+        self,
+        key: str,
+        *,
+        ttl: Seconds,
+        holder: str | None = None,
+        namespace: str | None = None,
+        wait: Seconds = 0,
+        lock_delay: Seconds = 0,
+        labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> tuple[lease_pb2.AcquireResponse, float]:
+        """:meth:`acquire`, and when (on this client's clock) the attempt that got the answer
+        was sent: a grant's deadline counts from that send, not from the first attempt's,
+        which may lie a whole outage earlier."""
         request = lease_pb2.AcquireRequest(
             namespace=self._ns(namespace),
             key=key,
@@ -175,7 +237,7 @@ class TetherClient:
             request_id=request_id or uuid.uuid4().hex,
         )
         call_timeout, attempt_timeout = self.retry_policy.waiting(seconds(wait), timeout)
-        return await self.unary(
+        return await self.unary_timed(
             lambda e: e.lease.Acquire,
             request,
             safe=True,
@@ -210,7 +272,9 @@ class TetherClient:
         namespace: str | None = None,
         timeout: float | None = None,
     ) -> lease_pb2.Lease:
-        """End a lease as its holder. Idempotent: releasing again returns the ended lease."""
+        """End a lease as its holder. Releasing a released lease again returns it; a lease
+        that expired or was revoked first is refused (``LeaseExpired`` / ``LeaseRevoked``):
+        whatever was done under it since then was not protected."""
         request = lease_pb2.ReleaseRequest(
             namespace=self._ns(namespace),
             lease_id=lease_id,
@@ -376,6 +440,10 @@ class TetherClient:
         ``on_lost="cancel"`` cancels the body when the lease is lost, and the block raises
         ``LeaseLost``; a callable is called with the lease instead. Either way
         ``lease.lost`` is set and every later ``lease.fencing_token`` raises ``LeaseLost``.
+        When the release on exit finds that the server ended the lease first (revoked, or
+        expired before this client's safety deadline), the lease is lost the same way and a
+        block that ended normally raises ``LeaseLost`` (its ``cause`` says which): the work
+        ran without the lease for a while. A block that raised keeps its error, with a note.
         """
         callback: LostCallback | None = None if on_lost == "cancel" else on_lost
         return self.keeper.hold(

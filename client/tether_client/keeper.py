@@ -18,6 +18,16 @@ with exponential backoff and full jitter, failing over between targets, and re-s
 was in flight. A stream that stops answering (a black-holed connection) is treated as
 broken once a request goes unacknowledged for ``ack_timeout``. After ``fallback_after``
 failed streams in a row, due renewals go by unary ``Renew`` until a stream works again.
+A renewal that failed for a transient reason is retried after growing, jittered delays
+capped at half the lease's margin; unary renewals share one view of the server: after a
+failure, one renewal at a time probes it and the others wait for its outcome, so an outage
+costs a bounded number of calls however many leases are held.
+
+A grant's deadline counts from the send of the Acquire attempt that got it (attempts may
+span an outage); a grant whose answer arrives past its safety deadline is released, never
+handed out. A release the server refuses because the lease ended first (revoked, or
+expired although the release went out before the safety deadline) makes the lease lost:
+the work ran without it for a while, and the hold says so by raising ``LeaseLost``.
 """
 
 from __future__ import annotations
@@ -35,14 +45,16 @@ from tether_client.connection import Endpoint
 from tether_client.convert import duration_seconds, to_datetime
 from tether_client.errors import (
     DeadlineExceeded,
+    LeaseExpired,
     LeaseHeld,
     LeaseLost,
     LeaseNotHeld,
+    LeaseRevoked,
     TetherError,
     from_error_detail,
 )
 from tether_client.pb import common_pb2, lease_pb2
-from tether_client.retry import RetryPolicy, is_transient
+from tether_client.retry import RetryPolicy, growing_delay, is_transient
 
 if TYPE_CHECKING:
     from tether_client.client import TetherClient
@@ -73,12 +85,20 @@ class KeeperConfig:
     # When renewals go out, leases due within this fraction of their ttl go along.
     coalesce_fraction: float = 0.1
     release_timeout: float = 10.0
+    # A renewal that failed transiently is retried after a growing, jittered delay from
+    # this, capped at min(renew_retry_max, half the lease's margin): once the server is back,
+    # the retry still lands well before the safety deadline.
+    renew_retry_initial: float = 0.05
+    renew_retry_max: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 < self.renew_fraction < 1:
             raise ValueError("renew_fraction must be between 0 and 1")
         if not 0 <= self.safety_margin_fraction < 1 - self.renew_fraction:
             raise ValueError("safety_margin_fraction must leave room to renew before it")
+        if not 0 < self.renew_retry_initial <= self.renew_retry_max:
+            # Zero would retry a failed renewal at once, over and over.
+            raise ValueError("renew_retry_initial must be positive and at most renew_retry_max")
 
 
 @dataclass
@@ -91,6 +111,8 @@ class KeeperStats:
     renewals_sent: int = 0
     pings_sent: int = 0
     unary_renewals: int = 0
+    # Unary renewals that waited for another lease's probe instead of calling themselves.
+    unary_renewals_held_back: int = 0
     renewals_acked: int = 0
     leases_lost: int = 0
 
@@ -119,6 +141,8 @@ class HeldLease:
         self._safe_until = float("-inf")
         self._next_renew = float("-inf")
         self._in_flight = False
+        # Transient renewal failures in a row: the retry delay grows with them.
+        self._retries = 0
         self._progress: bytes | None = None
         self._lost = asyncio.Event()
         self._lost_error: LeaseLost | None = None
@@ -216,6 +240,7 @@ class HeldLease:
 
     def _acked(self, sent_at: float, granted_ttl: float, expires_at: datetime | None) -> None:
         self._in_flight = False
+        self._retries = 0
         if self._lost.is_set():
             return
         # Assigned, not maxed: a renewal granting a shorter ttl moved the server's deadline
@@ -321,6 +346,11 @@ class Keeper:
         self._backoff = RetryPolicy(
             initial_backoff=config.reconnect_initial, max_backoff=config.reconnect_max
         )
+        # Unary renewals share one view of the server. After a transient failure only one
+        # goes out at a time (a probe), not before _unary_next_at; the others wait for it.
+        self._unary_failures = 0
+        self._unary_next_at = float("-inf")
+        self._unary_in_flight = 0
         self._closed = False
         # The loop the keeper runs on: losses seen from other threads are handed to it.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -351,8 +381,9 @@ class Keeper:
         timeout: float | None,
     ) -> _Hold:
         async def acquire() -> HeldLease:
-            sent_at = self.clock.monotonic()
-            response = await self.client.acquire(
+            # The deadline counts from the attempt that got the grant: the first attempt
+            # may lie a whole outage earlier, which would hand out a lease lost on arrival.
+            response, sent_at = await self.client.acquire_timed(
                 key,
                 ttl=ttl,
                 holder=holder,
@@ -373,10 +404,16 @@ class Keeper:
             self._claimed.add(lease.lease_id)
             try:
                 await self._start_deadline(lease, response, sent_at, wait, timeout)
+                if self.clock.monotonic() >= lease._safe_until:
+                    # The answer took longer than the lease is surely live: lost on arrival.
+                    raise LeaseLost(
+                        f"lease {lease.lease_id} on {key!r}: granted, but the answer arrived "
+                        "after its safety deadline; released it"
+                    )
             except BaseException:
                 # Acquired but not kept: give the key back rather than leave it for the ttl.
                 self._claimed.discard(lease.lease_id)
-                await asyncio.shield(self.release(lease))
+                await asyncio.shield(self.release(lease, report=False))
                 raise
             if progress is not None:
                 lease.set_progress(progress)
@@ -401,9 +438,11 @@ class Keeper:
         else:
             # An existing lease handed back, or one granted at some unknown moment of a
             # wait: only a renewal from a known send time gives a sound deadline.
-            sent_at = self.clock.monotonic()
-            renewed = await self.client.renew(
-                lease.lease_id, lease._token, namespace=lease.namespace, timeout=timeout
+            request = lease_pb2.RenewRequest(
+                namespace=lease.namespace, lease_id=lease.lease_id, fencing_token=lease._token
+            )
+            renewed, sent_at = await self.client.unary_timed(
+                lambda e: e.lease.Renew, request, safe=True, timeout=timeout
             )
             lease._acked(sent_at, duration_seconds(renewed.ttl), to_datetime(renewed.expires_at))
 
@@ -424,20 +463,48 @@ class Keeper:
         self._claimed.discard(lease.lease_id)
         self._wake.set()
 
-    async def release(self, lease: HeldLease) -> None:
-        """Release a lease this client still holds (never one it lost)."""
+    async def release(self, lease: HeldLease, *, report: bool = True) -> LeaseLost | None:
+        """Release a lease this client still holds (never one it lost).
+
+        With ``report``, a refusal because the lease ended first declares it lost and
+        returns that loss: a revocation, or an expiry although the release went out before
+        the safety deadline (the server's deadline came before this client's). An expiry
+        found by a release sent after that deadline (retried through an outage) is only a
+        late release: the work had ended while the lease was surely live.
+        """
         lease._released = True
+        request = lease_pb2.ReleaseRequest(
+            namespace=lease.namespace,
+            lease_id=lease.lease_id,
+            fencing_token=lease._token,
+            holder=lease.holder,
+        )
+        sent_at = self.clock.monotonic()
+
+        async def attempt(
+            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
+        ) -> lease_pb2.ReleaseResponse:
+            nonlocal sent_at
+            sent_at = self.clock.monotonic()  # of the attempt that got the last answer
+            return await endpoint.lease.Release(request, timeout=left, metadata=metadata)
+
         try:
-            await self.client.release(
+            await self.client.call(attempt, safe=True, timeout=self.config.release_timeout)
+        except (LeaseExpired, LeaseRevoked) as exc:
+            if report and (isinstance(exc, LeaseRevoked) or sent_at < lease._safe_until):
+                lease._released = False
+                self.declare_lost(lease, exc, releasing=True)
+                return lease._lost_error
+            log.warning(
+                "lease %s on %r had ended before its release arrived: %s",
                 lease.lease_id,
-                lease._token,
-                holder=lease.holder,
-                namespace=lease.namespace,
-                timeout=self.config.release_timeout,
+                lease.key,
+                exc,
             )
         except TetherError as exc:
             # The ttl is the grace: a release that cannot get through only delays takeover.
             log.warning("release of lease %s on %r failed: %s", lease.lease_id, lease.key, exc)
+        return None
 
     # --- loss ----------------------------------------------------------------------------
 
@@ -461,13 +528,21 @@ class Keeper:
             return self._loop is None
         return self._loop is None or running is self._loop
 
-    def declare_lost(self, lease: HeldLease, cause: TetherError | None) -> None:
+    def declare_lost(
+        self, lease: HeldLease, cause: TetherError | None, *, releasing: bool = False
+    ) -> None:
         if lease._lost.is_set() or lease._released:
             return
         if cause is None:
             message = (
                 f"lease {lease.lease_id} on {lease.key!r}: no renewal acknowledged before the "
                 f"safety deadline; the server may expire it at any moment"
+            )
+        elif releasing:
+            message = (
+                f"lease {lease.lease_id} on {lease.key!r}: the server refused its release, it "
+                f"had ended before the holder let go ({cause}); the work ran without it for "
+                "a while"
             )
         else:
             message = f"lease {lease.lease_id} on {lease.key!r}: the server refused a renewal"
@@ -538,21 +613,45 @@ class Keeper:
         if due and stream is not None:
             self._send_renewals(stream, due, now)
         elif due and self._stream_failures >= self.config.fallback_after:
-            for lease in due:
-                self._renew_unary(lease, now)
+            self._renew_unary_due(due, now)
         if stream is not None and now - stream.last_send >= self.config.ping_interval:
             self._send_ping(stream, now)
         await self._sleep(self._next_wake(now) - now)
 
     def _next_wake(self, now: float) -> float:
         moments = [lease._safe_until for lease in self._leases.values()]
-        moments += [lease._next_renew for lease in self._leases.values() if not lease._in_flight]
+        waiting = [lease._next_renew for lease in self._leases.values() if not lease._in_flight]
+        if waiting:
+            # A due renewal that cannot go out yet must not spin the loop: it goes once a
+            # stream or the unary probe lets it.
+            moments.append(max(min(waiting), self._renew_gate(now)))
         if self._stream is not None:
             moments.append(self._stream.stalled_at())
             moments.append(self._stream.last_send + self.config.ping_interval)
         else:
             moments.append(self._next_stream_attempt)
         return max(now, min(moments))
+
+    def _renew_gate(self, now: float) -> float:
+        """The earliest moment a due renewal can be sent."""
+        if self._stream is not None:
+            return now
+        if self._stream_failures < self.config.fallback_after:
+            return self._next_stream_attempt
+        if self._unary_failures == 0:
+            return now
+        if self._unary_in_flight:
+            return float("inf")  # the probe's outcome wakes the loop
+        return self._unary_next_at
+
+    def _retry_delay(self, attempt: int) -> float:
+        """Growing and jittered, capped well below the smallest margin of the leases held."""
+        margin = min(
+            (lease._margin for lease in self._leases.values()),
+            default=self.config.min_safety_margin,
+        )
+        cap = min(self.config.renew_retry_max, margin / 2)
+        return growing_delay(attempt, self.config.renew_retry_initial, cap)
 
     async def _sleep(self, delay: float) -> None:
         if delay <= 0:
@@ -616,6 +715,7 @@ class Keeper:
             return
         stream.last_response = self.clock.monotonic()
         self._stream_failures = 0
+        self._unary_failures = 0
         results = {result.lease_id: result for result in response.results}
         for lease, progress in record.leases:
             result = results.get(lease.lease_id)
@@ -650,19 +750,30 @@ class Keeper:
     def _retry_later(
         self, lease: HeldLease, progress: bytes | None, at: float | None = None
     ) -> None:
+        """Renew ``lease`` again at ``at``, or after its own growing delay."""
         lease._in_flight = False
         if progress is not None and lease._progress is None:
             lease._progress = progress
-        now = self.clock.monotonic()
-        lease._next_renew = at if at is not None else now + self._backoff.delay(1)
+        if at is None:
+            lease._retries += 1
+            at = self.clock.monotonic() + self._retry_delay(lease._retries)
+        lease._next_renew = at
 
-    def _refused(self, lease: HeldLease, error: TetherError, progress: bytes | None) -> None:
+    def _refused(
+        self,
+        lease: HeldLease,
+        error: TetherError,
+        progress: bytes | None,
+        at: float | None = None,
+    ) -> bool:
+        """Retry a transient failure (True), or declare the lease lost (False)."""
         # A renewal that timed out (not a server refusal) may still land: try again soon.
         timed_out = isinstance(error, DeadlineExceeded) and not error.reason
         if is_transient(error) or timed_out:
-            self._retry_later(lease, progress)
-        else:
-            self.declare_lost(lease, error)
+            self._retry_later(lease, progress, at)
+            return True
+        self.declare_lost(lease, error)
+        return False
 
     def _close_stream(self) -> None:
         stream, self._stream = self._stream, None
@@ -671,10 +782,28 @@ class Keeper:
 
     # --- unary fallback ------------------------------------------------------------------
 
+    def _renew_unary_due(self, due: list[HeldLease], now: float) -> None:
+        if self._unary_failures == 0:
+            for lease in due:
+                self._renew_unary(lease, now)
+        elif not self._unary_in_flight and now >= self._unary_next_at:
+            # The server did not answer lately: the most urgent lease probes it alone.
+            self._renew_unary(min(due, key=lambda lease: lease._safe_until), now)
+            self.stats.unary_renewals_held_back += len(due) - 1
+        # Otherwise a probe is out or backing off: its outcome wakes the loop.
+
+    def _unary_failed(self, failures_at_send: int) -> None:
+        # Renewals that went out together and failed together are one failure, not many.
+        self._unary_failures = max(self._unary_failures, failures_at_send + 1)
+        retry_at = self.clock.monotonic() + self._retry_delay(self._unary_failures)
+        self._unary_next_at = max(self._unary_next_at, retry_at)
+
     def _renew_unary(self, lease: HeldLease, now: float) -> None:
         lease._in_flight = True
         lease.renewals_sent += 1
         self.stats.unary_renewals += 1
+        failures = self._unary_failures
+        self._unary_in_flight += 1
         progress = lease._take_progress()
         request = lease_pb2.RenewRequest(
             namespace=lease.namespace, lease_id=lease.lease_id, fencing_token=lease._token
@@ -690,11 +819,18 @@ class Keeper:
                     lambda e: e.lease.Renew, request, safe=False, timeout=timeout
                 )
             except TetherError as error:
-                self._refused(lease, error, progress)
+                # Due again at once; the keeper's probe schedule decides when it goes.
+                if self._refused(lease, error, progress, at=self.clock.monotonic()):
+                    self._unary_failed(failures)
+                else:
+                    self._unary_failures = 0  # refused, but the server answered
             else:
+                self._unary_failures = 0
                 self.stats.renewals_acked += 1
                 lease._acked(now, duration_seconds(response.ttl), to_datetime(response.expires_at))
-            self._wake.set()
+            finally:
+                self._unary_in_flight -= 1
+                self._wake.set()
 
         task = asyncio.create_task(renew(), name="tether-renew")
         self._unary.add(task)
@@ -756,7 +892,13 @@ class _Hold:
         self._keeper.remove(lease)
         lost = lease.lost
         if not lost:
-            await self._keeper.release(lease)
+            ended = await self._keeper.release(lease)
+            if ended is not None:
+                # The lease ended under the body: the caller must not take the work as done
+                # under it. A body that failed anyway keeps its own error, with the news.
+                if exc is None:
+                    raise ended
+                exc.add_note(f"tether: {ended.message}")
         if (
             lease._cancel_requested
             and self._task is not None

@@ -10,6 +10,7 @@ counts as ``Unavailable`` and the next one goes to the next target.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -61,6 +62,15 @@ class RetryPolicy:
         state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
         state.attempt_number = attempt_number
         return float(self.backoff()(state))
+
+
+def growing_delay(attempt: int, initial: float, cap: float) -> float:
+    """The delay before retry ``attempt`` (1 = first): ``initial * 2**(attempt-1)``, capped
+    at ``cap``, half of it fixed and half random ("equal jitter"). The random half keeps
+    clients from retrying in step; the fixed half bounds how often anyone retries, so an
+    outage of a given length sees a bounded number of attempts."""
+    high = min(cap, initial * 2.0 ** min(attempt - 1, 60))
+    return high / 2 + random.uniform(0, high / 2)
 
 
 def is_transient(error: BaseException) -> bool:
@@ -123,4 +133,4 @@ async def invoke(
     return result
 
 
-__all__ = ["Attempt", "RetryPolicy", "Unary", "invoke", "is_transient"]
+__all__ = ["Attempt", "RetryPolicy", "Unary", "growing_delay", "invoke", "is_transient"]

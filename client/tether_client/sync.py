@@ -205,6 +205,7 @@ class TetherClientSync(_Facade[TetherClient]):
         holder: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         token: TokenSource | None = None,
+        insecure_token: bool = False,
         channel_options: Sequence[tuple[str, int | str]] = (),
         retry: RetryPolicy | None = None,
         keeper: KeeperConfig | None = None,
@@ -220,6 +221,7 @@ class TetherClientSync(_Facade[TetherClient]):
                 holder=holder,
                 credentials=credentials,
                 token=token,
+                insecure_token=insecure_token,
                 channel_options=channel_options,
                 retry=retry,
                 keeper=keeper,
@@ -306,6 +308,8 @@ class TetherClientSync(_Facade[TetherClient]):
         Check ``lease.lost`` (or read ``lease.fencing_token``, which raises ``LeaseLost``)
         before each step; ``on_lost`` is called with the lease when it is lost. Unlike the
         async client, a blocking body cannot be cancelled: ``on_lost="cancel"`` is refused.
+        As there, a block that ended normally raises ``LeaseLost`` when the release finds
+        the lease was revoked (or expired) first: the work did not run under it throughout.
         """
         if on_lost is not None and not callable(on_lost):
             raise ValueError(

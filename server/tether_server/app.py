@@ -26,8 +26,10 @@ from tether_server.runtime import AlwaysLeader, Leadership, PgAdvisoryLeader, Ru
 from tether_server.services.handlers import CORE_LIMIT_FACTOR, CallGate, build_generic_handler
 from tether_server.services.interceptor import RpcMetricsInterceptor
 from tether_server.services.lease import LeaseService
+from tether_server.services.limits import LimitsInterceptor
 from tether_server.services.objects import ObjectService
 from tether_server.services.saga import SagaService
+from tether_server.services.streaming import WatchSlots
 from tether_server.services.sweep import SweepService
 from tether_server.store.batch import BatchResult
 from tether_server.store.database import Database, describe_url
@@ -114,7 +116,11 @@ class TetherServer:
         self.runner = Runner(self.clock, self.leadership, on_run=self.metrics.task_run)
         # The store's clock: deadlines are judged by it (the database's on PostgreSQL).
         self.expiry = ExpiryLoop(
-            self.leases, self.db.clock, config.expiry, on_lag=self.metrics.expiry_lag
+            self.leases,
+            self.db.clock,
+            config.expiry,
+            on_lag=self.metrics.expiry_lag,
+            on_clock_step=self.metrics.clock_step,
         )
         self.expiry.attach(self.runner)
         self.sweeps = SweepStore(self.db)
@@ -146,13 +152,17 @@ class TetherServer:
         The port answers from the start, so a client that connects during recovery hears
         UNAVAILABLE / SERVER_STARTING (and health NOT_SERVING) instead of waiting."""
         await self.db.migrate()
-        limit = self.config.max_message_bytes
+        limits = self.config.resource_limits
         server = grpc.aio.server(
             options=[
                 *_GRPC_OPTIONS,
-                ("grpc.max_receive_message_length", CORE_LIMIT_FACTOR * limit),
+                (
+                    "grpc.max_receive_message_length",
+                    CORE_LIMIT_FACTOR * self.config.max_message_bytes,
+                ),
             ],
-            interceptors=[RpcMetricsInterceptor(self.metrics)],
+            # Metrics first: calls the limits refuse are counted as RESOURCE_EXHAUSTED.
+            interceptors=[RpcMetricsInterceptor(self.metrics), LimitsInterceptor(limits)],
         )
         credentials = self.config.auth.server_credentials()
         if credentials is None:
@@ -163,6 +173,8 @@ class TetherServer:
             raise OSError(f"cannot listen on {self.config.listen}")
         # Stable across restarts of one replica, so a restart reaps its predecessor.
         self.replica_name = self.config.replica or f"{socket.gethostname()}:{self.port}"
+        # One count of open watches per principal, shared by every Watch* RPC.
+        watches = WatchSlots(limits.max_watches_per_principal)
         lease_service = LeaseService(
             self.leases,
             self.clock,
@@ -170,11 +182,17 @@ class TetherServer:
             self.metrics,
             self.config.lease,
             instance_id=self.instance_id,
+            limits=limits,
+            watches=watches,
         )
         self._lease_service = lease_service
-        saga_service = SagaService(self.sagas, self.clock, self.changes, self.config.saga)
+        saga_service = SagaService(
+            self.sagas, self.clock, self.changes, self.config.saga, watches=watches
+        )
         self._saga_service = saga_service
-        object_service = ObjectService(self.objects, self.changes, self.config.objects)
+        object_service = ObjectService(
+            self.objects, self.changes, self.config.objects, watches=watches
+        )
         self._object_service = object_service
         services: list[tuple[Any, object]] = [
             (LEASE_SERVICE, lease_service),

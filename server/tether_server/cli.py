@@ -20,8 +20,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tether_client.convert import parse_duration
+from tether_client.convert import parse_duration, parse_int
 from tether_server import __version__, logs
+from tether_server.cli_limits import add_limit_options, limits_from_args
 from tether_server.defaults import DEFAULT_DB, DEFAULT_LISTEN
 
 if TYPE_CHECKING:
@@ -39,6 +40,14 @@ def _seconds(text: str) -> float:
     """A duration flag, parsed as the client's CLI parses them (``30s``, ``1m30s``, ...)."""
     try:
         return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _batch_size(text: str) -> int:
+    """Rows per transaction: 1 to 1 000 000 (more would hold the store for seconds)."""
+    try:
+        return parse_int(text, minimum=1, maximum=1_000_000)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -96,6 +105,15 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         help="DURATION (env TETHER_KEEPALIVE_IDLE_TIMEOUT; default %(default)s)",
     )
     serve.add_argument(
+        "--clock-step-threshold",
+        type=_seconds,
+        default=_env("TETHER_CLOCK_STEP_THRESHOLD", "5s"),
+        metavar="DURATION",
+        help="a wall clock jumping ahead of the monotonic clock by more than this is a step:"
+        " live lease deadlines move with it instead of expiring (SQLite; 0 turns it off;"
+        " env TETHER_CLOCK_STEP_THRESHOLD; default %(default)s)",
+    )
+    serve.add_argument(
         "--leader-check-interval",
         type=_seconds,
         default=_env("TETHER_LEADER_CHECK_INTERVAL", "1s"),
@@ -117,13 +135,14 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     )
     serve.add_argument(
         "--gc-batch-size",
-        type=int,
-        default=int(_env("TETHER_GC_BATCH_SIZE", "1000")),
+        type=_batch_size,
+        default=_env("TETHER_GC_BATCH_SIZE", "1000"),
         metavar="N",
         help="dependents the garbage collector handles per transaction"
         " (env TETHER_GC_BATCH_SIZE; default %(default)s)",
     )
     _add_auth_options(serve)
+    add_limit_options(serve)
     _add_sweep_options(serve)
     _add_log_options(serve)
     serve.set_defaults(handler=_run_serve)
@@ -210,8 +229,8 @@ def _add_sweep_options(serve: argparse.ArgumentParser) -> None:
         )
     serve.add_argument(
         "--sweep-batch-size",
-        type=int,
-        default=int(_env("TETHER_SWEEP_BATCH_SIZE", "1000")),
+        type=_batch_size,
+        default=_env("TETHER_SWEEP_BATCH_SIZE", "1000"),
         metavar="N",
         help="most rows per sweep transaction; purge batches shrink to take about 25 ms"
         " (env TETHER_SWEEP_BATCH_SIZE; default %(default)s)",
@@ -253,6 +272,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     from tether_server.auth import AuthConfig
     from tether_server.config import ServerConfig
     from tether_server.domain.validation import Limits
+    from tether_server.expiry import ExpiryConfig
     from tether_server.services.lease import LeaseServiceConfig
 
     limits = Limits(min_ttl_us=round(args.min_ttl * 1e6), max_ttl_us=round(args.max_ttl * 1e6))
@@ -266,7 +286,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         replica=args.replica,
         leader_check_interval_s=args.leader_check_interval,
         metrics_listen=args.metrics_listen,
-        gc_batch_size=max(1, args.gc_batch_size),
+        gc_batch_size=args.gc_batch_size,
+        expiry=ExpiryConfig(clock_step_threshold_s=args.clock_step_threshold),
         sweep=_sweep_config(args),
         auth=AuthConfig(
             tls_cert=args.tls_cert,
@@ -276,6 +297,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             insecure_allow_anonymous=args.insecure_allow_anonymous,
         ),
         max_message_bytes=args.max_message_size,
+        resource_limits=limits_from_args(args),
         lease=dataclasses.replace(
             LeaseServiceConfig(),
             limits=limits,

@@ -10,6 +10,7 @@ from tether_server.domain.sweep import SweepConfig
 from tether_server.domain.validation import Limits
 from tether_server.expiry import ExpiryConfig
 from tether_server.services.lease import LeaseServiceConfig
+from tether_server.services.limits import ServerLimits
 from tether_server.services.objects import ObjectServiceConfig
 from tether_server.services.saga import SagaServiceConfig
 
@@ -48,6 +49,8 @@ class ServerConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     # TLS, mutual TLS, bearer tokens; none of them: anonymous callers on loopback only.
     auth: AuthConfig = field(default_factory=AuthConfig)
+    # Caps on concurrent calls, streams per connection, live leases and watches per principal.
+    resource_limits: ServerLimits = field(default_factory=ServerLimits)
     # Largest request message accepted (RESOURCE_EXHAUSTED / MESSAGE_TOO_LARGE above).
     max_message_bytes: int = 4 * 1024 * 1024
 

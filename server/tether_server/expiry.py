@@ -6,18 +6,30 @@ so leases granted by other replicas are expired too. It sleeps until that deadli
 commit of this process that creates an earlier one wakes it at once
 (``deadline_created``): no fixed tick. Replicas running it at once split rows with
 SKIP LOCKED, so it runs on every replica, not only on the leader.
+
+Clock steps: when the store's clock is this process's clock (SQLite, or an injected one)
+the loop guards it (clock_step.py): a forward step of the wall clock is held back, the
+task woken, and the pass first moves every live deadline by the step (one transaction),
+then lets the clock report the new time once that committed. No pass expires anything on
+the stepped time before the deadlines moved. See docs/clock.md.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tether_server.clock import MICROS, Clock
+from tether_server.clock import MICROS, Clock, GuardedClock
+from tether_server.clock_step import DEFAULT_THRESHOLD_S, Look
 from tether_server.domain.lease import Lease
 from tether_server.runtime.runner import Runner, TaskSpec
-from tether_server.store.leases import LeaseStore
+from tether_server.store.batch import BatchResult
+from tether_server.store.leases import LeaseStore, ShiftResult
+from tether_server.store.leases.shift import committed_shifts
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +46,17 @@ class ExpiryConfig:
     # Shortest sleep while overdue leases are locked by someone else.
     min_interval_s: float = 0.05
     retry_after_error_s: float = 1.0
+    # A wall clock advancing more than the monotonic clock by over this between two looks
+    # has stepped: live deadlines move by the step (docs/clock.md). 0 turns that off.
+    clock_step_threshold_s: float = DEFAULT_THRESHOLD_S
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_batches_per_tick < 1:
             raise ValueError("batch_size and max_batches_per_tick must be positive")
         if self.max_interval_s <= 0 or self.retry_after_error_s <= 0:
             raise ValueError("intervals must be positive")
+        if not math.isfinite(self.clock_step_threshold_s) or self.clock_step_threshold_s < 0:
+            raise ValueError("clock_step_threshold_s must be a non-negative number")
 
 
 @dataclass
@@ -48,6 +65,8 @@ class ExpiryPass:
     # Seconds until the next known deadline (capped by max_interval_s).
     sleep_s: float = 0.0
     backlog: bool = False
+    # The clock step this pass moved deadlines by, before expiring anything.
+    shift: ShiftResult | None = None
 
 
 class ExpiryLoop:
@@ -59,10 +78,13 @@ class ExpiryLoop:
         clock: Clock,
         config: ExpiryConfig | None = None,
         on_lag: Callable[[float], None] | None = None,
+        on_clock_step: Callable[[float], None] | None = None,
     ):
         self._store = store
         # Called with how late (seconds) after its deadline each expiry was recorded.
         self._on_lag = on_lag
+        # Called with the size (seconds) of each clock step the deadlines moved by.
+        self._on_clock_step = on_clock_step
         self._clock = clock
         self._config = config or ExpiryConfig()
         self._runner: Runner | None = None
@@ -70,6 +92,16 @@ class ExpiryLoop:
         # earliest deadline created while a pass ran (it may have read the store before).
         self._next_look_us: int | None = None
         self._created_during_pass: int | None = None
+        # The guarded clock (None: steps are not corrected, e.g. the database's clock), the
+        # event loop its step listener wakes the task on, and shifts not yet committed.
+        self._guarded: GuardedClock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._shifts_in_flight = 0
+        threshold_s = self._config.clock_step_threshold_s
+        if isinstance(clock, GuardedClock) and threshold_s > 0:
+            self._guarded = clock
+            clock.guard_steps(round(threshold_s * MICROS), self._step_detected)
+            store.db.after_commit(self._after_commit)
 
     def attach(self, runner: Runner) -> None:
         cfg = self._config
@@ -83,6 +115,8 @@ class ExpiryLoop:
             )
         )
         self._runner = runner
+        with contextlib.suppress(RuntimeError):  # no loop yet: the first pass records it
+            self._loop = asyncio.get_running_loop()
 
     def start(self) -> None:
         if self._runner is not None:
@@ -109,6 +143,8 @@ class ExpiryLoop:
     async def run_once(self) -> ExpiryPass:
         cfg = self._config
         result = ExpiryPass(sleep_s=cfg.max_interval_s)
+        # Before expiring anything: until the deadlines moved the clock holds a step back.
+        result.shift = await self._shift_for_clock_step()
         for _ in range(cfg.max_batches_per_tick):
             batch = await self._store.lease_expire_due(cfg.batch_size)
             result.expired.extend(batch.expired)
@@ -133,6 +169,7 @@ class ExpiryLoop:
         return result
 
     async def _task_pass(self) -> float:
+        self._loop = asyncio.get_running_loop()
         self._next_look_us = None
         self._created_during_pass = None
         result = await self.run_once()
@@ -147,3 +184,60 @@ class ExpiryLoop:
             sleep_s = min(sleep_s, max(1e-6, (self._created_during_pass - now) / MICROS))
         self._next_look_us = now + round(sleep_s * MICROS)
         return sleep_s
+
+    # ---- clock steps ----------------------------------------------------------------
+
+    async def _shift_for_clock_step(self) -> ShiftResult | None:
+        clock = self._guarded
+        if clock is None:
+            return None
+        step_us = clock.claim_step()
+        if step_us <= 0:
+            return None
+        self._shifts_in_flight += 1
+        try:
+            shift = await self._store.lease_shift_deadlines(step_us)
+        except Exception:
+            # Not committed: the clock keeps holding the step back for the next pass. (A
+            # cancelled caller leaves the shift in flight: its batch may still commit.)
+            self._shifts_in_flight -= 1
+            clock.release_step(step_us)
+            raise
+        log.warning(
+            "moved live lease deadlines by a wall-clock step",
+            extra={
+                "step_s": step_us / MICROS,
+                "leases": shift.leases,
+                "lock_delays": shift.keys,
+            },
+        )
+        if self._on_clock_step is not None:
+            self._on_clock_step(step_us / MICROS)
+        return shift
+
+    def _after_commit(self, result: BatchResult) -> None:
+        """The clock reports the stepped time only once the moved deadlines committed, and
+        before the next batch runs (hooks run first)."""
+        if self._shifts_in_flight <= 0 or self._guarded is None:
+            return
+        for shift in committed_shifts(result):
+            self._shifts_in_flight -= 1
+            self._guarded.accept_step(shift.step_us)
+
+    def _step_detected(self, look: Look) -> None:
+        """Called by the clock, from whatever thread read it."""
+        if look.backward_us:
+            log.warning(
+                "wall clock stepped backwards; not corrected: deadlines last longer by it",
+                extra={"step_s": look.backward_us / MICROS},
+            )
+        if not look.forward_us:
+            return
+        log.warning(
+            "wall clock stepped forward; holding it back until lease deadlines move",
+            extra={"step_s": look.forward_us / MICROS},
+        )
+        loop = self._loop
+        if loop is not None and self._runner is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nothing to wake
+                loop.call_soon_threadsafe(self._runner.wake, TASK)

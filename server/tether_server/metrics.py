@@ -160,6 +160,9 @@ class Metrics:
     sweep_blocked_objects: int = 0
     sweep_last_seconds: float = 0.0
     sweep_last_finished_s: float = 0.0
+    # Forward steps of the wall clock corrected by moving live deadlines (docs/clock.md).
+    clock_steps: int = 0
+    clock_step_seconds: float = 0.0
 
     registry: CollectorRegistry = field(init=False, repr=False)
     _store_batch_size: Histogram = field(init=False, repr=False)
@@ -193,6 +196,12 @@ class Metrics:
         """An EXPIRED event was recorded ``seconds`` after the lease's ``expires_at``.
         Feeds ``tether_expiry_lag_seconds``."""
         self._expiry_lag.observe(seconds)
+
+    def clock_step(self, seconds: float) -> None:
+        """A forward wall-clock step of ``seconds`` was corrected. Feeds
+        ``tether_clock_steps_total`` and ``tether_clock_step_seconds_total``."""
+        self.clock_steps += 1
+        self.clock_step_seconds += seconds
 
     def task_run(self, task: str, ok: bool, seconds: float) -> None:
         """One run of the background task ``task`` (a fixed, small set of names: it is a
@@ -330,6 +339,16 @@ class _Collector:
             "tether_gc_oldest_item_age_seconds",
             "Age of the oldest queued owner: grows when the collector falls behind or stops.",
             value=m.gc_oldest_item_age_s,
+        )
+        yield CounterMetricFamily(
+            "tether_clock_steps",
+            "Forward steps of the wall clock detected and corrected (live deadlines moved).",
+            value=m.clock_steps,
+        )
+        yield CounterMetricFamily(
+            "tether_clock_step_seconds",
+            "Seconds of wall-clock steps corrected, in all.",
+            value=m.clock_step_seconds,
         )
         yield from _sweep_families(m)
         yield _histogram(

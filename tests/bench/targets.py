@@ -173,7 +173,11 @@ def tether_target(backend: str, admin_url: str | None, replicas: int = 1) -> Ite
                 for i in range(replicas):
                     # One after the other: the first applies the migrations.
                     server = ServerProcess(
-                        url, extra_args=["--grace", "2s"], log_dir=log_dir, name=f"bench{i}"
+                        url,
+                        # One anonymous principal holds every lease of a bench run.
+                        extra_args=["--grace", "2s", "--max-leases-per-principal", "0"],
+                        log_dir=log_dir,
+                        name=f"bench{i}",
                     )
                     servers.append(server)
                     server.start()

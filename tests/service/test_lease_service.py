@@ -421,21 +421,6 @@ async def test_release_is_idempotent_and_frees_the_key(tether: Harness) -> None:
     assert after.fencing_token > lease.fencing_token
 
 
-async def test_release_of_a_lazily_expired_lease_reports_it_expired(tether: Harness) -> None:
-    lease = await tether.acquire("jobs/a", "w1", ttl_s=5)
-    tether.clock.advance(6)
-    released = (
-        await tether.stub.Release(
-            lease_pb2.ReleaseRequest(
-                lease_id=lease.lease_id, fencing_token=lease.fencing_token, holder="w1"
-            )
-        )
-    ).lease
-    assert released.state == EXPIRED
-    assert ts_us(released.ended_at) == ts_us(lease.expires_at)
-    assert await tether.get(lease.lease_id) == released
-
-
 async def test_revoke_ends_the_lease_and_applies_lock_delay_from_now(tether: Harness) -> None:
     lease = await tether.acquire("jobs/a", "w1", ttl_s=60, lock_delay=dur(10))
     tether.clock.advance(5)

@@ -196,9 +196,18 @@ async def test_release_racing_revoke_ends_the_lease_once(
     )
     revoke = replica.Revoke(lease_pb2.RevokeRequest(lease_id=lease.lease_id), timeout=WAIT_S)
     calls = [release, revoke] if order == "release-first" else [revoke, release]
-    first, second = await asyncio.gather(*calls)
-    ended = {first.lease.SerializeToString(), second.lease.SerializeToString()}
-    assert len(ended) == 1, "both calls must report the same single end"
-    assert first.lease.state in (lease_pb2.LEASE_STATE_RELEASED, lease_pb2.LEASE_STATE_REVOKED)
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    released, revoked = outcomes if order == "release-first" else outcomes[::-1]
+    assert not isinstance(revoked, BaseException), revoked
+    if isinstance(released, grpc.aio.AioRpcError):
+        # The revocation won: the holder is told so, not that it released the lease.
+        code, reason, _ = error_info(released)
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "LEASE_REVOKED")
+        assert revoked.lease.state == lease_pb2.LEASE_STATE_REVOKED
+    else:
+        assert not isinstance(released, BaseException), released
+        # The release won; the revocation reports the same single end.
+        assert released.lease == revoked.lease
+        assert released.lease.state == lease_pb2.LEASE_STATE_RELEASED
     after, _ = await tether.server.db.current_revision()
     assert after == before + 1, "exactly one end event"

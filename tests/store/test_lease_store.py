@@ -527,21 +527,36 @@ async def test_release_refusals(lease_store: LeaseStore) -> None:
         await lease_store.lease_release(release_params(lease, holder="worker-2"))
 
 
-async def test_release_after_deadline_records_the_expiry(
+async def test_release_after_deadline_is_refused_and_writes_nothing(
     lease_store: LeaseStore, fake_clock: FakeClock
 ) -> None:
     lease = await grant(lease_store)
     fake_clock.set(lease.expires_at_us + 3 * S)
 
-    ended = await lease_store.lease_release(release_params(lease))
+    with pytest.raises(errors.LeaseExpired) as refused:
+        await lease_store.lease_release(release_params(lease))
 
-    assert ended.state is LeaseState.EXPIRED
-    assert ended.ended_at_us == lease.expires_at_us
-    assert await lease_store.lease_release(release_params(lease)) == ended
+    assert refused.value.metadata["expired_at"] == format_us(lease.expires_at_us)
+    # The expiry is the loop's to record, not the refused release's.
+    assert await events_of(lease_store, lease.lease_id) == [LeaseEventType.ACQUIRED]
+    await lease_store.lease_expire_due()
+    with pytest.raises(errors.LeaseExpired):
+        await lease_store.lease_release(release_params(lease))
     assert await events_of(lease_store, lease.lease_id) == [
         LeaseEventType.ACQUIRED,
         LeaseEventType.EXPIRED,
     ]
+
+
+async def test_release_after_revoke_is_refused(
+    lease_store: LeaseStore, fake_clock: FakeClock
+) -> None:
+    lease = await grant(lease_store)
+    revoked = await lease_store.lease_revoke(RevokeParams(lease.namespace, lease.lease_id))
+    with pytest.raises(errors.LeaseRevoked) as refused:
+        await lease_store.lease_release(release_params(lease))
+    assert refused.value.metadata == {"lease_id": lease.lease_id, "state": "REVOKED"}
+    assert await lease_store.lease_get(lease.namespace, lease.lease_id) == revoked
 
 
 async def test_revoke_is_idempotent_and_checks_namespace(

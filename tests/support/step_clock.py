@@ -1,5 +1,8 @@
 """A FakeClock that records each sleep request, so a test knows a background loop (a
-runner task, a leader elector) has finished a step and is asleep."""
+runner task, a leader elector) has finished a step and is asleep.
+
+Like every FakeClock it can also step its wall clock alone (``step_wall``: an NTP step, a
+resumed VM), which a guarded clock holds back until deadlines moved (docs/clock.md)."""
 
 from __future__ import annotations
 

@@ -315,16 +315,26 @@ def test_release_decisions_by_lease_state() -> None:
     assert decide_release(
         live, "lease-1", "default", 3, "worker-1", "alice", DEADLINE - 1
     ) == EndNow(LeaseState.RELEASED)
+    released = make_lease(state=LeaseState.RELEASED, ended_at_us=T0)
     assert (
-        decide_release(live, "lease-1", "default", 3, "worker-1", "alice", DEADLINE)
-        == ExpireFirst()
+        decide_release(released, "lease-1", "default", 3, "worker-1", "alice", T0) == AlreadyEnded()
     )
-    for state in (LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.REVOKED):
-        ended = make_lease(state=state, ended_at_us=T0)
-        assert (
-            decide_release(ended, "lease-1", "default", 3, "worker-1", "alice", T0)
-            == AlreadyEnded()
-        )
+
+
+def test_release_of_an_expired_or_revoked_lease_is_refused() -> None:
+    # Past its deadline, the expiry not yet recorded: expired all the same.
+    for lease in (make_lease(), make_lease(state=LeaseState.EXPIRED, ended_at_us=DEADLINE)):
+        with pytest.raises(errors.LeaseExpired) as expired:
+            decide_release(lease, "lease-1", "default", 3, "worker-1", "alice", DEADLINE)
+        assert expired.value.metadata == {
+            "lease_id": "lease-1",
+            "state": "EXPIRED",
+            "expired_at": format_us(DEADLINE),
+        }
+    revoked = make_lease(state=LeaseState.REVOKED, ended_at_us=T0)
+    with pytest.raises(errors.LeaseRevoked) as exc:
+        decide_release(revoked, "lease-1", "default", 3, "worker-1", "alice", T0)
+    assert exc.value.metadata == {"lease_id": "lease-1", "state": "REVOKED"}
 
 
 def test_revoke_decisions() -> None:

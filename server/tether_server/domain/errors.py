@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 
 @dataclass(eq=False)
@@ -18,7 +19,7 @@ class TetherError(Exception):
     reason = "UNSPECIFIED"
     # Seconds a client should wait before retrying (sent as google.rpc.RetryInfo); None
     # when a retry cannot help.
-    retry_after_s: float | None = None
+    retry_after_s: ClassVar[float | None] = None
 
     def __str__(self) -> str:
         return self.message

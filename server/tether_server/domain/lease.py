@@ -238,8 +238,14 @@ def decide_release(
     holder: str,
     principal: str,
     now_us: int,
-) -> EndDecision:
-    """Only the holder, bound to the principal that acquired, may release."""
+) -> EndNow | AlreadyEnded:
+    """Only the holder, bound to the principal that acquired, may release.
+
+    Releasing again a lease it released is idempotent. A lease that expired or was revoked
+    is refused (LEASE_EXPIRED / LEASE_REVOKED), never reported as released: its holder
+    worked unprotected for a while and must learn so. The refusal writes nothing; the
+    expiry loop records an unrecorded expiry.
+    """
     if lease is None or lease.namespace != namespace:
         raise not_found(lease_id, namespace)
     if lease.principal != principal:
@@ -248,7 +254,11 @@ def decide_release(
         raise not_holder(lease, holder)
     if lease.fencing_token != token:
         raise stale_token(lease, token)
-    return _decide_end(lease, LeaseState.RELEASED, now_us)
+    if lease.is_live(now_us):
+        return EndNow(LeaseState.RELEASED)
+    if lease.state is LeaseState.RELEASED:
+        return AlreadyEnded()
+    raise ended_error(lease, now_us)
 
 
 def decide_revoke(lease: Lease | None, lease_id: str, namespace: str, now_us: int) -> EndDecision:

@@ -27,9 +27,11 @@ from tether_server.services.convert import (
     to_timestamp,
 )
 from tether_server.services.errors import to_error_detail
+from tether_server.services.limits import ServerLimits
 from tether_server.services.streaming import (
     Drains,
     Follow,
+    WatchSlots,
     count_fitting,
     first_of,
     follow_events,
@@ -44,6 +46,7 @@ from tether_server.store.leases import (
     Renewal,
     RevokeParams,
 )
+from tether_server.store.leases.acquire import Held
 from tether_server.store.leases.rows import AREA
 from tether_server.store.replicas import stream_id_for
 
@@ -76,6 +79,8 @@ class LeaseService(Drains):
         config: LeaseServiceConfig | None = None,
         auth: AuthPolicy | None = None,
         instance_id: str = "",
+        limits: ServerLimits | None = None,
+        watches: WatchSlots | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -85,8 +90,19 @@ class LeaseService(Drains):
         self._auth = auth or AuthPolicy()
         # Stream ids start with this process's instance id (see store/replicas.py).
         self._instance_id = instance_id or secrets.token_hex(8)
+        self._max_leases = (limits or ServerLimits()).max_leases_per_principal
+        # One instance for every service of a server: the watch cap counts them together.
+        self._watches = watches or WatchSlots((limits or ServerLimits()).max_watches_per_principal)
         super().__init__()
-        self._open_streams: set[asyncio.Task[Any] | None] = set()
+        # The open KeepAlive and Watch streams of this process: each one's handler task,
+        # then (KeepAlive) its cleanup, so a stopping server can wait for them. An entry
+        # leaves from the call's done callback or the cleanup's end, never only from a
+        # generator's ``finally`` (see WatchSlots).
+        self._open_streams: dict[object, asyncio.Future[Any]] = {}
+
+    @property
+    def open_stream_count(self) -> int:
+        return len(self._open_streams)
 
     @property
     def _limits(self) -> Limits:
@@ -108,6 +124,7 @@ class LeaseService(Drains):
             ),
             labels=validation.labels(request.labels, limits),
             request_id=validation.request_id(request.request_id, limits),
+            max_live_leases=self._max_leases,
         )
         wait_us = validation.wait(duration_us(request.wait, "wait"), limits)
         wait_until = self._clock.now_us() + wait_us
@@ -123,7 +140,7 @@ class LeaseService(Drains):
                 # when the holder's deadline (or the lock-delay) passes, or at the poll
                 # interval as a fallback; never try the write again before one of those.
                 if not await self._wait_for_key(outcome, wait_until, changed, params):
-                    raise _give_up(outcome, waited=wait_us > 0)
+                    raise _give_up(outcome, waited=wait_us > 0, caller=principal.name)
 
     async def _wait_for_key(
         self, refusal: Refuse, wait_until: int, changed: asyncio.Event, params: AcquireParams
@@ -196,7 +213,8 @@ class LeaseService(Drains):
 
         context.add_done_callback(count_end)
         handler = asyncio.current_task()
-        self._open_streams.add(handler)
+        assert handler is not None
+        self._open_streams[stream_id] = handler
         guard = _StreamGuard(self._clock, self._config.keepalive_idle_timeout_s, self._draining)
         # Messages are pipelined: the next one is read and its renewals queued for the store
         # while earlier ones commit, so one stream's messages share group-committed batches
@@ -207,6 +225,30 @@ class LeaseService(Drains):
         reader = asyncio.ensure_future(
             self._read_keepalives(aiter(requests), guard, answers, stream_id, principal)
         )
+        cleanup: asyncio.Future[Any] | None = None
+
+        def close() -> asyncio.Future[Any]:
+            """Stop the stream's tasks and detach its leases; once, from whichever comes
+            first: the generator's ``finally`` or the call's end."""
+            nonlocal cleanup
+            if cleanup is None:
+                reader.cancel()
+                guard.close()
+                while not answers.empty():
+                    left = answers.get_nowait()
+                    if left is not None:
+                        left.cancel()
+                        # Retrieved, so asyncio never logs an answer nobody will send as lost.
+                        left.add_done_callback(_retrieve)
+                # The stream is gone whatever ended it; say so without waiting for the ttl.
+                cleanup = asyncio.ensure_future(self._store.lease_detach_stream(stream_id))
+                self._open_streams[stream_id] = cleanup
+                cleanup.add_done_callback(lambda done: self._stream_closed(stream_id, done))
+            return cleanup
+
+        # A stream cancelled while grpc sends its answer never resumes this generator, and
+        # a second cancel can interrupt the ``finally`` below: the call's end closes it then.
+        context.add_done_callback(lambda _ended: close())
         try:
             while True:
                 answer = await answers.get()
@@ -215,18 +257,8 @@ class LeaseService(Drains):
                     return
                 yield await answer
         finally:
-            reader.cancel()
-            guard.close()
-            while not answers.empty():
-                left = answers.get_nowait()
-                if left is not None:
-                    left.cancel()
-                    # Retrieved, so asyncio never logs an answer nobody will send as lost.
-                    left.add_done_callback(lambda f: f.cancelled() or f.exception())
-            # The stream is gone whatever ended it; say so without waiting for the ttl.
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._store.lease_detach_stream(stream_id))
-            self._open_streams.discard(handler)
+                await asyncio.shield(close())
 
     async def _read_keepalives(
         self,
@@ -258,12 +290,24 @@ class LeaseService(Drains):
                 asyncio.ensure_future(self._keepalive_batch(request, stream_id, principal))
             )
 
+    def _stream_closed(self, stream_id: str, cleanup: asyncio.Future[Any]) -> None:
+        if self._open_streams.get(stream_id) is cleanup:
+            del self._open_streams[stream_id]
+        _retrieve(cleanup)
+
     async def wait_streams_closed(self, timeout_s: float) -> None:
         """After the server stopped: let cancelled stream handlers finish their cleanup
         before the store closes under them."""
-        pending = {task for task in self._open_streams if task is not None}
-        if pending:
-            await asyncio.wait(pending, timeout=timeout_s)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout_s
+        while True:
+            # Lets the done callbacks of calls that just ended start their cleanup.
+            await asyncio.sleep(0)
+            pending = {f for f in self._open_streams.values() if not f.done()}
+            left_s = give_up - loop.time()
+            if not pending or left_s <= 0:
+                return
+            await asyncio.wait(pending, timeout=left_s)
 
     def _drain_error(self) -> errors.TetherError:
         return errors.ServerDraining(
@@ -339,11 +383,7 @@ class LeaseService(Drains):
         namespace = validation.namespace(request.namespace)
         lease_id = validation.lease_id(request.lease_id)
         reason = validation.reason(request.reason, self._limits)
-        if not principal.admin:
-            raise errors.AdminRequired(
-                f"revoking a lease needs an admin; {principal.name!r} is not one",
-                {"principal": principal.name},
-            )
+        # Only admins get here: the RPC boundary checks roles (domain/access.py).
         lease = await self._store.lease_revoke(RevokeParams(namespace, lease_id))
         log.info(
             "lease revoked",
@@ -379,7 +419,7 @@ class LeaseService(Drains):
             "leases", namespace, prefix, holder, sorted(s.value for s in states)
         )
         position = paging.decode(request.page_token, digest)
-        after = _lease_position(position)
+        after = _lease_position(position, limits)
         page = await self._store.lease_list(
             ListLeasesParams(namespace, prefix, holder, states, limit=size + 1, after=after)
         )
@@ -398,6 +438,7 @@ class LeaseService(Drains):
         namespace = validation.namespace(request.namespace)
         prefix = validation.key_prefix(request.key_prefix, self._limits)
         start = validation.revision(request.start_revision)
+        self._watches.take(self._auth.principal_of(context).name, context)
         if start == 0:
             current, _ = await self._store.db.current_revision()
             start = current + 1
@@ -407,29 +448,33 @@ class LeaseService(Drains):
             header_revision=page.header_revision, compact_revision=page.compact_revision
         )
         self._metrics.watch_streams_open += 1
-        self._open_streams.add(asyncio.current_task())
-        try:
-            with self._changes.watch_prefix(AREA, namespace, prefix) as changed:
-                follow = Follow(
-                    read=lambda rev, limit: self._store.lease_events_since(
-                        namespace, prefix, rev, limit
-                    ),
-                    convert=_lease_event_to_pb,
-                    respond=lambda head, compact, events: lease_pb2.WatchResponse(
-                        header_revision=head, compact_revision=compact, events=events
-                    ),
-                    changed=changed,
-                    draining=self._draining,
-                    check_draining=self._check_draining,
-                    batch_size=self._config.watch_batch_size,
-                    poll_interval_s=self._config.poll_interval_s,
-                    max_response_bytes=self._config.max_response_bytes,
-                )
-                async for response in follow_events(follow, start):
-                    yield response
-        finally:
-            self._metrics.watch_streams_open -= 1
-            self._open_streams.discard(asyncio.current_task())
+        handler = asyncio.current_task()
+        assert handler is not None
+        token = object()
+        self._open_streams[token] = handler
+        context.add_done_callback(lambda _ended: self._watch_ended(token))
+        with self._changes.watch_prefix(AREA, namespace, prefix) as changed:
+            follow = Follow(
+                read=lambda rev, limit: self._store.lease_events_since(
+                    namespace, prefix, rev, limit
+                ),
+                convert=_lease_event_to_pb,
+                respond=lambda head, compact, events: lease_pb2.WatchResponse(
+                    header_revision=head, compact_revision=compact, events=events
+                ),
+                changed=changed,
+                draining=self._draining,
+                check_draining=self._check_draining,
+                batch_size=self._config.watch_batch_size,
+                poll_interval_s=self._config.poll_interval_s,
+                max_response_bytes=self._config.max_response_bytes,
+            )
+            async for response in follow_events(follow, start):
+                yield response
+
+    def _watch_ended(self, token: object) -> None:
+        self._metrics.watch_streams_open -= 1
+        del self._open_streams[token]
 
 
 def _lease_event_to_pb(event: LeaseEventRecord) -> lease_pb2.LeaseEvent:
@@ -527,19 +572,36 @@ class _StreamGuard:
             self._waiting.cancel()
 
 
-def _give_up(refusal: Refuse, *, waited: bool) -> errors.TetherError:
+# What LEASE_HELD (and a wait's WAIT_TIMEOUT) tells only the principal holding the lease:
+# with them, anyone else could renew, keep alive or release it.
+_HOLDER_ONLY = ("lease_id", "fencing_token")
+
+
+def _give_up(refusal: Refuse, *, waited: bool, caller: str) -> errors.TetherError:
+    error = refusal.error
+    if isinstance(refusal, Held) and refusal.principal != caller:
+        hidden = {k: v for k, v in error.metadata.items() if k not in _HOLDER_ONLY}
+        error = errors.LeaseHeld(error.message, hidden)
     if not waited:
-        return refusal.error
+        return error
     return errors.WaitTimeout(
-        f"gave up waiting: {refusal.error.message}",
-        {**refusal.error.metadata, "cause": refusal.error.reason},
+        f"gave up waiting: {error.message}", {**error.metadata, "cause": error.reason}
     )
 
 
-def _lease_position(position: list[str | int] | None) -> tuple[str, int] | None:
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Marks a future's outcome as seen, so asyncio never logs it as lost."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _lease_position(
+    position: list[str | int] | None, limits: validation.Limits
+) -> tuple[str, int] | None:
     if position is None:
         return None
     match position:
         case [str(key), int(token)] if 0 < token <= validation.MAX_FENCING_TOKEN:
-            return key, token
+            # The key is checked like a request's key: tokens are client input.
+            return paging.checked(key, lambda k: validation.key(k, limits)), token
     raise errors.InvalidPageToken()

@@ -16,8 +16,15 @@ from tether_server.domain.objects import Desired
 from tether_server.domain.validation import Limits
 from tether_server.notify import ChangeHub
 from tether_server.services import objects_convert as conv
+from tether_server.services.limits import ServerLimits
 from tether_server.services.saga_convert import enum_value, struct_to_dict
-from tether_server.services.streaming import Drains, Follow, count_fitting, follow_events
+from tether_server.services.streaming import (
+    Drains,
+    Follow,
+    WatchSlots,
+    count_fitting,
+    follow_events,
+)
 from tether_server.store.objects import (
     CreateParams,
     DeleteParams,
@@ -60,11 +67,14 @@ class ObjectService(Drains):
         changes: ChangeHub,
         config: ObjectServiceConfig | None = None,
         auth: AuthPolicy | None = None,
+        watches: WatchSlots | None = None,
     ) -> None:
         self._store = store
         self._changes = changes
         self._config = config or ObjectServiceConfig()
         self._auth = auth or AuthPolicy()
+        # Shared with the other services of the server: the watch cap counts them together.
+        self._watches = watches or WatchSlots(ServerLimits().max_watches_per_principal)
         super().__init__()
 
     @property
@@ -164,11 +174,8 @@ class ObjectService(Drains):
     async def ForceRemoveFinalizers(
         self, request: owner_ref_pb2.ForceRemoveFinalizersRequest, context: Context
     ) -> owner_ref_pb2.ForceRemoveFinalizersResponse:
+        # Only admins get here: the RPC boundary checks roles (domain/access.py).
         who = self._auth.principal_of(context)
-        if not who.admin:
-            raise errors.AdminRequired(
-                "this call needs an admin principal", {"principal": who.name}
-            )
         reason = validation.reason(request.reason, self._config.limits)
         if not reason:
             raise errors.InvalidField("reason", "must say why the finalizers are removed")
@@ -246,9 +253,12 @@ class ObjectService(Drains):
         position = paging.decode(request.page_token, digest)
         after = None
         if position is not None:
-            if len(position) != 2 or not all(isinstance(p, str) for p in position):
-                raise errors.InvalidPageToken()
-            after = (str(position[0]), str(position[1]))
+            # Checked like the request fields they stand for: tokens are client input.
+            match position:
+                case [str(kind_part), str(name_part)]:
+                    after = (paging.checked(kind_part, ov.kind), paging.checked(name_part, ov.name))
+                case _:
+                    raise errors.InvalidPageToken()
         page = await self._store.list_objects(
             ListParams(
                 namespace=namespace,
@@ -275,12 +285,13 @@ class ObjectService(Drains):
         owner_uid = ov.uid(request.owner_uid, "owner_uid", required=True)
         size = validation.page_size(request.page_size, self._config.limits)
         digest = paging.query_digest("dependents", namespace, owner_uid, request.recursive)
-        position = paging.decode(request.page_token, digest)
-        after = None
-        if position is not None:
-            if len(position) != 2 or not isinstance(position[0], int):
-                raise errors.InvalidPageToken()
-            after = (position[0], str(position[1]))
+        # A depth (an int4 in the query), then a dependent's uid.
+        after = paging.int_and_id(
+            paging.decode(request.page_token, digest),
+            lambda uid: ov.uid(uid, required=True),
+            low=1,
+            high=2**31 - 1,
+        )
         found = await self._store.dependents(
             namespace, owner_uid, request.recursive, size + 1, after
         )
@@ -315,6 +326,7 @@ class ObjectService(Drains):
         kind = ov.kind(request.kind, required=False)
         selector = selectors.parse(request.label_selector)
         start = validation.revision(request.start_revision)
+        self._watches.take(self._auth.principal_of(context).name, context)
         if start == 0:
             current, _ = await self._store.db.current_revision()
             start = current + 1

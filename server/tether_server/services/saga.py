@@ -17,7 +17,15 @@ from tether_server.domain.validation import Limits
 from tether_server.notify import ChangeHub
 from tether_server.services import saga_convert as conv
 from tether_server.services.convert import duration_us, lease_to_pb, to_duration, to_timestamp
-from tether_server.services.streaming import Drains, Follow, count_fitting, first_of, follow_events
+from tether_server.services.limits import ServerLimits
+from tether_server.services.streaming import (
+    Drains,
+    Follow,
+    WatchSlots,
+    count_fitting,
+    first_of,
+    follow_events,
+)
 from tether_server.store.sagas import (
     Claimed,
     ClaimParams,
@@ -54,12 +62,15 @@ class SagaService(Drains):
         changes: ChangeHub,
         config: SagaServiceConfig | None = None,
         auth: AuthPolicy | None = None,
+        watches: WatchSlots | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
         self._changes = changes
         self._config = config or SagaServiceConfig()
         self._auth = auth or AuthPolicy()
+        # Shared with the other services of the server: the watch cap counts them together.
+        self._watches = watches or WatchSlots(ServerLimits().max_watches_per_principal)
         super().__init__()
 
     @property
@@ -223,7 +234,11 @@ class SagaService(Drains):
         fenced = self._fenced(request, context)
         retry_after = duration_us(request.retry_after, "retry_after")
         if not 0 <= retry_after <= self._config.limits.max_ttl_us:
-            raise errors.InvalidField("retry_after", "must be between 0s and 3600s")
+            raise errors.InvalidField(
+                "retry_after",
+                f"must be between 0s and {self._config.limits.max_ttl_us // 1_000_000}s"
+                " (the server's --max-ttl)",
+            )
         failure = domain.Failure(
             reason=sv.text(request.reason, self._limits.max_error_bytes, "reason"),
             retryable=request.retryable,
@@ -260,12 +275,9 @@ class SagaService(Drains):
 
     # ---- cancel and operator calls --------------------------------------------------
 
-    def _operator_call(self, request: Any, context: Context, *, admin: bool) -> OperatorCall:
+    def _operator_call(self, request: Any, context: Context) -> OperatorCall:
+        # The RPC boundary has checked the caller's role for this call (domain/access.py).
         who = self._auth.principal_of(context)
-        if admin and not who.admin:
-            raise errors.AdminRequired(
-                "this call needs an admin principal", {"principal": who.name}
-            )
         return OperatorCall(
             namespace=validation.namespace(request.namespace),
             saga_id=sv.saga_id(request.saga_id),
@@ -276,19 +288,19 @@ class SagaService(Drains):
     async def CancelSaga(
         self, request: saga_pb2.CancelSagaRequest, context: Context
     ) -> saga_pb2.CancelSagaResponse:
-        view = await self._store.cancel(self._operator_call(request, context, admin=False))
+        view = await self._store.cancel(self._operator_call(request, context))
         return saga_pb2.CancelSagaResponse(saga=conv.view_to_pb(view))
 
     async def QuarantineSaga(
         self, request: saga_pb2.QuarantineSagaRequest, context: Context
     ) -> saga_pb2.QuarantineSagaResponse:
-        view = await self._store.quarantine(self._operator_call(request, context, admin=True))
+        view = await self._store.quarantine(self._operator_call(request, context))
         return saga_pb2.QuarantineSagaResponse(saga=conv.view_to_pb(view))
 
     async def RedriveSaga(
         self, request: saga_pb2.RedriveSagaRequest, context: Context
     ) -> saga_pb2.RedriveSagaResponse:
-        call = self._operator_call(request, context, admin=True)
+        call = self._operator_call(request, context)
         mode = conv.enum_value(
             conv.REDRIVE_FROM_PB, request.mode, "mode", "redrive mode (RETRY_COMPENSATIONS/RESUME)"
         )
@@ -298,7 +310,7 @@ class SagaService(Drains):
     async def MarkStepCompensated(
         self, request: saga_pb2.MarkStepCompensatedRequest, context: Context
     ) -> saga_pb2.MarkStepCompensatedResponse:
-        call = self._operator_call(request, context, admin=True)
+        call = self._operator_call(request, context)
         if not call.reason:
             raise errors.InvalidField("reason", "must say why the step counts as compensated")
         step_index = sv.index(request.step_index, self._limits, "step_index")
@@ -308,7 +320,7 @@ class SagaService(Drains):
     async def AnnotateSaga(
         self, request: saga_pb2.AnnotateSagaRequest, context: Context
     ) -> saga_pb2.AnnotateSagaResponse:
-        call = self._operator_call(request, context, admin=False)
+        call = self._operator_call(request, context)
         if not request.text:
             raise errors.InvalidField("text", "must not be empty")
         text = sv.text(request.text, self._limits.max_annotation_bytes, "text")
@@ -348,7 +360,7 @@ class SagaService(Drains):
             request.stale_only,
             request.overdue_only,
         )
-        after = paging.int_and_id(paging.decode(request.page_token, digest))
+        after = paging.int_and_id(paging.decode(request.page_token, digest), sv.saga_id)
         page = await self._store.list(
             ListSagasParams(
                 namespace=namespace,
@@ -375,6 +387,7 @@ class SagaService(Drains):
         namespace = validation.namespace(request.namespace)
         kind = sv.kind(request.kind, required=False)
         start = validation.revision(request.start_revision)
+        self._watches.take(self._auth.principal_of(context).name, context)
         if start == 0:
             current, _ = await self._store.db.current_revision()
             start = current + 1

@@ -12,6 +12,7 @@ from google.protobuf.message import Message
 from tether_server.domain import errors
 
 R = TypeVar("R", bound=Message)
+Context = Any  # grpc.aio.ServicerContext
 
 
 class Drains:
@@ -31,6 +32,43 @@ class Drains:
 
     def _drain_error(self) -> errors.TetherError:
         return errors.ServerDraining("the server is shutting down; reconnect (to another replica)")
+
+
+class WatchSlots:
+    """Open watch streams (Watch, WatchSagas, WatchObjects) per principal in this server
+    process, one instance shared by every service; ``limit`` 0 means no cap.
+
+    A slot is given back from the call's done callback, which grpc runs however the call
+    ends. A generator's ``finally`` would not do: a stream cancelled while grpc sends one of
+    its messages is closed only when the generator is garbage-collected."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def count(self, principal: str) -> int:
+        return self._open.get(principal, 0)
+
+    def take(self, principal: str, context: Context) -> None:
+        """Count one more watch of ``principal`` until ``context``'s call ends; WatchLimit
+        when it already has ``limit`` open."""
+        open_now = self._open.get(principal, 0)
+        if self.limit and open_now >= self.limit:
+            raise errors.WatchLimit(
+                f"{principal!r} has {open_now} watches open on this server, the most allowed;"
+                " close one first",
+                {"principal": principal, "limit": str(self.limit)},
+            )
+        self._open[principal] = open_now + 1
+        context.add_done_callback(lambda _ended: self._give_back(principal))
+
+    def _give_back(self, principal: str) -> None:
+        left = self._open[principal] - 1
+        if left:
+            self._open[principal] = left
+        else:
+            # No entry per principal that ever watched.
+            del self._open[principal]
 
 
 class EventPage(Protocol):

@@ -6,6 +6,16 @@ of its writes, the clock every decision uses, migrations, and after-commit hooks
 - ``db.after_commit(hook)`` is called with every committed batch (its events and the
   deadlines it created), on the event loop, before any caller of that batch resumes.
 
+Connections: a read waits at most ``pool_timeout_s`` for a connection (PostgreSQL's pool
+of ``pool_size``, SQLite's reader threads); past that, and when PostgreSQL refuses more
+connections, the call answers UNAVAILABLE / STORE_UNAVAILABLE with retry advice.
+
+SQLite: ``migrate()``, which a server runs first thing at start, also takes the file's
+process lock (see sqlite_backend.py), held until ``dispose()``: a second server on the
+file refuses to start. ``tether migrate`` takes it too, briefly, so it refuses to change
+the schema under a running server (whose code expects the schema it started with) instead
+of racing it; stop the server first.
+
 Time: with SQLite the process clock; with PostgreSQL the database's clock, read once and
 then followed on this process's monotonic clock (``DbClock``), so replicas whose clocks
 drift still agree on deadlines and no statement pays a round trip to read the time. A test
@@ -35,7 +45,7 @@ from tether_server.domain.errors import StoreUnavailable
 from tether_server.store import events
 from tether_server.store.batch import BatchResult, Unit
 from tether_server.store.committer import Committer, CommitterConfig
-from tether_server.store.pg_backend import PgBackend
+from tether_server.store.pg_backend import DEFAULT_POOL_SIZE, DEFAULT_POOL_TIMEOUT_S, PgBackend
 from tether_server.store.sql import sql
 from tether_server.store.sqlite_backend import SqliteBackend
 from tether_server.store.tx import Event
@@ -102,7 +112,15 @@ class DbClock:
 
 
 class Database:
-    def __init__(self, url: str, clock: Clock, committer: CommitterConfig | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        clock: Clock,
+        committer: CommitterConfig | None = None,
+        *,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
+    ) -> None:
         self.url = normalize_url(url)
         self.is_sqlite = self.url.startswith("sqlite")
         self.instance_id = ""
@@ -111,7 +129,9 @@ class Database:
         self.db_clock: DbClock | None = None
         if self.is_sqlite:
             self.clock = clock
-            self.backend_impl = SqliteBackend(make_url(self.url).database or "", clock)
+            self.backend_impl = SqliteBackend(
+                make_url(self.url).database or "", clock, pool_timeout_s=pool_timeout_s
+            )
         else:
             if not clock.authoritative:
                 self.db_clock = DbClock()
@@ -119,7 +139,11 @@ class Database:
             self.clock = clock
             dsn = make_url(self.url).set(drivername="postgresql")
             self.backend_impl = PgBackend(
-                dsn.render_as_string(hide_password=False), clock, notify_payload=self._payload
+                dsn.render_as_string(hide_password=False),
+                clock,
+                pool_size=pool_size,
+                notify_payload=self._payload,
+                pool_timeout_s=pool_timeout_s,
             )
         if committer is None and not self.is_sqlite:
             # A batch that needs one savepoint per unit (see pg_backend.py) has as many
@@ -161,8 +185,17 @@ class Database:
 
             await self.db_clock.sync(read_db_us)
 
+    def lock(self) -> None:
+        """SQLite: take the file's process lock until ``dispose()`` (DatabaseInUse when
+        another process serves the file); idempotent. PostgreSQL: nothing (replicas share
+        it)."""
+        if isinstance(self.backend_impl, SqliteBackend):
+            self.backend_impl.lock()
+
     async def migrate(self) -> None:
-        """Apply every Alembic migration not yet applied (idempotent)."""
+        """Apply every Alembic migration not yet applied (idempotent). SQLite: under the
+        file's process lock, kept until ``dispose()`` (see the module docstring)."""
+        self.lock()
         engine = create_async_engine(self.url, poolclass=NullPool)
         if self.is_sqlite:
             _begin_immediate(engine.sync_engine)

@@ -23,17 +23,39 @@ import asyncpg
 
 from tether_server.clock import Clock
 from tether_server.domain.errors import StoreUnavailable, TetherError
-from tether_server.store.batch import BatchResult, Pending, Retry, Unit
+from tether_server.store.batch import RACE_CONSTRAINTS, BatchResult, Pending, Retry, Unit
 from tether_server.store.sql import Sql, sql
 from tether_server.store.tx import Row, Tx
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Transient conflicts after which a unit simply runs again.
-_RETRY_SQLSTATES = {"23505", "40001", "40P01"}
+# Transient conflicts after which a unit simply runs again: serialization failures,
+# deadlocks, and a unique violation only of a known race (see batch.KNOWN_RACES).
+_RETRY_SQLSTATES = {"40001", "40P01"}
+_UNIQUE_VIOLATION = "23505"
+# Errors of the statement itself (data exception, integrity violation, syntax or access
+# rule): a server bug, never an outage, so never answered UNAVAILABLE.
+_FAULT_CLASSES = {"22", "23", "42"}
 _COMMAND_TIMEOUT_S = 15.0
 _CONNECT_TIMEOUT_S = 5.0
+DEFAULT_POOL_SIZE = 10
+# How long a read waits for a pooled connection before answering UNAVAILABLE.
+DEFAULT_POOL_TIMEOUT_S = 10.0
+
+
+def is_race(exc: BaseException) -> bool:
+    """A conflict the unit wins by running again."""
+    state = getattr(exc, "sqlstate", None)
+    if state in _RETRY_SQLSTATES:
+        return True
+    return state == _UNIQUE_VIOLATION and getattr(exc, "constraint_name", None) in RACE_CONSTRAINTS
+
+
+def _is_fault(exc: BaseException) -> bool:
+    state = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and state[:2] in _FAULT_CLASSES
+
 
 # Events, the counter and the cross-replica wake-up in one round trip.
 _FLUSH = sql(
@@ -100,6 +122,13 @@ class PgTx(Tx):
             await self._conn.fetch(_NOTIFY.pg, CHANNEL, notify_payload)
 
 
+def _fault(exc: asyncpg.PostgresError) -> asyncpg.PostgresError:
+    """A unit's statement failed for a reason no retry fixes: its caller gets the error."""
+    if (getattr(exc, "sqlstate", None) or "").startswith("23"):
+        log.error("constraint violation that is no known race: %s", exc)
+    return exc
+
+
 class _NeedsIsolation(Exception):
     """Run the batch again with one savepoint per unit."""
 
@@ -111,12 +140,16 @@ class PgBackend:
         self,
         dsn: str,
         clock: Clock,
-        pool_size: int = 10,
+        pool_size: int = DEFAULT_POOL_SIZE,
         notify_payload: Any = None,
+        pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
     ) -> None:
         self.dsn = dsn
         self._clock = clock
-        self._pool_size = pool_size
+        self.pool_size = pool_size
+        # A full pool (or a server refusing more connections) is an outage of the store
+        # for this call: UNAVAILABLE with retry advice, after at most this long.
+        self.pool_timeout_s = pool_timeout_s
         self._pool: asyncpg.Pool | None = None
         self._writer: asyncpg.Connection | None = None
         self._pool_lock = asyncio.Lock()
@@ -134,13 +167,23 @@ class PgBackend:
             raise
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             await self._drop_writer()
+            if _is_fault(exc):
+                raise
             log.warning("store unavailable: %s", exc)
             raise StoreUnavailable("the store is unavailable; retry with backoff") from exc
 
     async def read(self, unit: Unit[T], *, snapshot: bool = True) -> T:
         try:
             pool = await self._read_pool()
-            async with pool.acquire() as conn:
+            try:
+                conn = await pool.acquire(timeout=self.pool_timeout_s)
+            except TimeoutError as exc:
+                # Every pooled connection stayed busy (or none could be opened) that long.
+                log.warning("store unavailable: no connection within %ss", self.pool_timeout_s)
+                raise StoreUnavailable(
+                    f"no store connection free within {self.pool_timeout_s:g}s; retry with backoff"
+                ) from exc
+            try:
                 tx = PgTx(conn, self._clock)
                 if not snapshot:
                     return await unit(tx)
@@ -148,9 +191,14 @@ class PgBackend:
                 # events read after it agree.
                 async with conn.transaction(isolation="repeatable_read", readonly=True):
                     return await unit(tx)
+            finally:
+                await pool.release(conn)
         except TetherError:
             raise
+        # TooManyConnectionsError (the server's max_connections) is a PostgresError.
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            if _is_fault(exc):
+                raise
             log.warning("store unavailable: %s", exc)
             raise StoreUnavailable("the store is unavailable; retry with backoff") from exc
 
@@ -188,8 +236,7 @@ class PgBackend:
                         raise _NeedsIsolation() from exc
                     await conn.execute("ROLLBACK TO SAVEPOINT unit")
                     tx.drop_unit()
-                    retry = getattr(exc, "sqlstate", None) in _RETRY_SQLSTATES
-                    result = Retry() if retry else exc
+                    result = Retry() if is_race(exc) else _fault(exc)
                 except (asyncpg.InterfaceError, OSError, TimeoutError, asyncio.CancelledError):
                     raise
                 except Exception as exc:
@@ -224,7 +271,7 @@ class PgBackend:
                     self._pool = await asyncpg.create_pool(
                         self.dsn,
                         min_size=1,
-                        max_size=self._pool_size,
+                        max_size=self.pool_size,
                         timeout=_CONNECT_TIMEOUT_S,
                         command_timeout=_COMMAND_TIMEOUT_S,
                     )

@@ -24,6 +24,7 @@ from sqlalchemy import (
 metadata = MetaData()
 
 _ENDED = text("ended_at_us IS NOT NULL")
+_ACTIVE = text("state = 'ACTIVE'")
 
 # One row per key ever leased. Keeps the fencing-token counter so tokens never repeat, even
 # after every lease row of the key is purged, and the key's lock-delay.
@@ -66,6 +67,14 @@ leases = Table(
     Index("ix_leases_stream", "stream_id"),
     # Partial: what the retention purge walks; live leases never enter it.
     Index("ix_leases_ended", "ended_at_us", postgresql_where=_ENDED, sqlite_where=_ENDED),
+    # Partial: a principal's active leases, counted against its cap by every Acquire.
+    Index(
+        "ix_leases_principal_active",
+        "principal",
+        "expires_at_us",
+        postgresql_where=_ACTIVE,
+        sqlite_where=_ACTIVE,
+    ),
 )
 
 # Acquire's idempotency record: the first result of each client request id, and a digest

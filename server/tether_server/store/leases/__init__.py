@@ -24,6 +24,7 @@ from tether_server.store.leases.end import (
 )
 from tether_server.store.leases.read import ListLeasesParams, get, get_by_key, list_leases
 from tether_server.store.leases.renew import Renewal, Renewed, RenewUnit
+from tether_server.store.leases.shift import ShiftResult, shift_deadlines
 from tether_server.store.sql import sql
 from tether_server.store.tx import Tx
 
@@ -39,6 +40,7 @@ __all__ = [
     "Renewal",
     "Renewed",
     "RevokeParams",
+    "ShiftResult",
 ]
 
 _DETACH = sql("UPDATE leases SET stream_id = NULL WHERE stream_id = $1")
@@ -93,6 +95,10 @@ class LeaseStore:
     async def lease_expire_due(self, limit: int = 500) -> ExpiryResult:
         """Record the expiry of up to ``limit`` leases whose deadline has passed."""
         return await self.db.write(lambda tx: expire_due(tx, limit))
+
+    async def lease_shift_deadlines(self, step_us: int) -> ShiftResult:
+        """Move live deadlines by a forward clock step (store/leases/shift.py)."""
+        return await self.db.write(lambda tx: shift_deadlines(tx, step_us), emits=False)
 
     async def lease_detach_stream(self, stream_id: str) -> int:
         """A KeepAlive stream closed: its leases no longer have a live stream attached."""

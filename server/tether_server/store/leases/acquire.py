@@ -35,12 +35,35 @@ class AcquireParams:
     lock_delay_us: int = 0
     labels: Mapping[str, str] | None = None
     request_id: str | None = None
+    # Live leases the principal may hold (0: no cap); counted in this transaction, under
+    # the revision lock every grant takes, so replicas cannot exceed it together.
+    max_live_leases: int = 0
 
 
 @dataclass(frozen=True)
 class AcquireResult:
     lease: Lease
     created: bool
+
+
+@dataclass(frozen=True)
+class Held(Refuse):
+    """A LEASE_HELD refusal naming the holding lease's principal: the service shows the
+    lease's id and token to that principal only."""
+
+    principal: str = ""
+
+
+# The principal's live leases, counted up to the cap (the scan stops there).
+_COUNT_LIVE = sql(
+    "SELECT count(*) FROM (SELECT 1 FROM leases WHERE principal = $1 AND state = 'ACTIVE'"
+    " AND expires_at_us > $2 LIMIT $3) AS live"
+)
+# The key row, locked, when the key exists (a refusal at the cap writes nothing).
+_LOCK_EXISTING_KEY = sql(
+    "SELECT last_fencing_token, available_at_us, current_lease_id FROM lease_keys"
+    " WHERE namespace = $1 AND key = $2 FOR UPDATE"
+)
 
 
 _PLACEHOLDERS = ", ".join(f"${i}" for i in range(1, 20))
@@ -96,17 +119,16 @@ _CASTS = [
     "bigint",
 ]
 _TYPED = ", ".join(f"${i}::{t}" for i, t in enumerate(_CASTS, start=1))
-_CLAIM_KEY_PG = sql(
-    f"""
-    WITH k AS (
+_CLAIM_KEY_TEMPLATE = """
+    WITH {live}k AS (
         INSERT INTO lease_keys (namespace, key, last_fencing_token, available_at_us,
                                 current_lease_id)
-        VALUES ($2::text, $3::text, $7::bigint, 0, $1::text)
+        {source}
         ON CONFLICT (namespace, key) DO UPDATE SET namespace = EXCLUDED.namespace
         RETURNING (xmax = 0) AS inserted, last_fencing_token AS k_last_fencing_token,
             available_at_us AS k_available_at_us, current_lease_id AS k_current_lease_id
     ),
-    l AS (INSERT INTO leases ({rows.COLUMNS}) SELECT {_TYPED} FROM k WHERE k.inserted),
+    l AS (INSERT INTO leases ({columns}) SELECT {typed} FROM k WHERE k.inserted),
     r AS (
         INSERT INTO lease_requests (namespace, request_id, lease_id, fingerprint,
                                     created_at_us)
@@ -114,12 +136,38 @@ _CLAIM_KEY_PG = sql(
         WHERE k.inserted AND $17::text IS NOT NULL
     ),
     c AS (
-        SELECT {rows.COLUMNS} FROM leases
+        SELECT {columns} FROM leases
         WHERE lease_id = (SELECT k_current_lease_id FROM k WHERE NOT k.inserted)
         FOR UPDATE
     )
     SELECT k.*, c.* FROM k LEFT JOIN c ON true
-    """,
+    """
+_CLAIM_KEY_PG = sql(
+    _CLAIM_KEY_TEMPLATE.format(
+        live="",
+        source="VALUES ($2::text, $3::text, $7::bigint, 0, $1::text)",
+        columns=rows.COLUMNS,
+        typed=_TYPED,
+    ),
+    sqlite="SELECT 1",
+)
+# The same with the principal's cap ($21): at the cap, neither the key nor a lease is
+# written and no row comes back (the caller then looks at the key on its own). ``live``
+# counts in the statement's snapshot, taken under the revision lock.
+_CLAIM_KEY_CAPPED_PG = sql(
+    _CLAIM_KEY_TEMPLATE.format(
+        live="""live AS (
+            SELECT count(*) AS n FROM (
+                SELECT 1 FROM leases WHERE principal = $5::text AND state = 'ACTIVE'
+                AND expires_at_us > $9::bigint LIMIT $21::bigint
+            ) AS s
+        ),
+        """,
+        source="SELECT $2::text, $3::text, $7::bigint, 0, $1::text FROM live"
+        " WHERE live.n < $21::bigint",
+        columns=rows.COLUMNS,
+        typed=_TYPED,
+    ),
     sqlite="SELECT 1",
 )
 _NEW_KEY = sql(
@@ -129,6 +177,13 @@ _NEW_KEY = sql(
 _FIRST_RESULT = sql(
     "SELECT lease_id, fingerprint FROM lease_requests WHERE namespace = $1 AND request_id = $2"
 )
+
+
+class _AtCap:
+    """_claim_key's answer when the principal holds its most live leases."""
+
+
+_AT_CAP = _AtCap()
 
 
 def new_lease_id() -> str:
@@ -157,30 +212,85 @@ async def acquire(tx: Tx, p: AcquireParams) -> AcquireResult | Refuse:
         tx.note_deadline(lease.expires_at_us)
         return AcquireResult(lease, created=True)
     tx.unreserve_revision(revision)
+    if isinstance(claim, _AtCap):
+        return await _acquire_at_cap(tx, p, intent)
     key, current = claim
+    return await _decide(tx, p, intent, key, current, at_cap=False)
+
+
+async def _decide(
+    tx: Tx,
+    p: AcquireParams,
+    intent: AcquireIntent,
+    key: LeaseKey,
+    current: Lease | None,
+    *,
+    at_cap: bool,
+) -> AcquireResult | Refuse:
+    """Decide over the locked key and its current lease, and apply the decision."""
     tx.refresh_now()
     decision = decide_acquire(key, current, intent, tx.now_us)
     if isinstance(decision, ReturnExisting):
         await _remember(tx, p, decision.lease.lease_id)
         return AcquireResult(decision.lease, created=False)
+    if at_cap and isinstance(decision, Grant):
+        raise _lease_limit(p)
     if decision.expire_current is not None:
         await end_leases(tx, [decision.expire_current], LeaseState.EXPIRED)
     if isinstance(decision, Refuse):
         # Nothing was granted: a retry with the same request id may still succeed.
+        if current is not None and isinstance(decision.error, errors.LeaseHeld):
+            return Held(
+                decision.error, decision.expire_current, decision.retry_at_us, current.principal
+            )
         return decision
     return AcquireResult(await _grant(tx, key, p, decision), created=True)
 
 
+async def _acquire_at_cap(
+    tx: Tx, p: AcquireParams, intent: AcquireIntent
+) -> AcquireResult | Refuse:
+    """The principal holds as many live leases as it may: only a lease it already holds on
+    the key comes back (an idempotent re-acquire), or the key's own refusal; a new lease is
+    refused."""
+    row = await tx.fetchrow(_LOCK_EXISTING_KEY, p.namespace, p.key)
+    if row is None:
+        raise _lease_limit(p)
+    key = LeaseKey(
+        namespace=p.namespace,
+        key=p.key,
+        last_fencing_token=row["last_fencing_token"],
+        available_at_us=row["available_at_us"],
+        current_lease_id=row["current_lease_id"],
+    )
+    current = await rows.get(tx, key.current_lease_id, lock=True) if key.current_lease_id else None
+    return await _decide(tx, p, intent, key, current, at_cap=True)
+
+
+def _lease_limit(p: AcquireParams) -> errors.LeaseLimit:
+    return errors.LeaseLimit(
+        f"principal {p.principal!r} holds {p.max_live_leases} live leases, the most allowed;"
+        " release some first",
+        {"principal": p.principal, "limit": str(p.max_live_leases)},
+    )
+
+
 async def _claim_key(
     tx: Tx, p: AcquireParams, fresh: Lease
-) -> tuple[LeaseKey, Lease | None] | None:
+) -> tuple[LeaseKey, Lease | None] | _AtCap | None:
     """Grant ``fresh`` if the key was never leased (None), or lock the key and its current
     lease: renewals take only the lease's lock, and the decision must see a renewal that
-    committed after the key lock was granted."""
+    committed after the key lock was granted. ``_AT_CAP`` (nothing done) when the principal
+    holds its most live leases."""
     values = rows.lease_values(fresh)
     if tx.is_pg:
         fingerprint = _fingerprint(p) if p.request_id is not None else None
-        row = await tx.fetchrow(_CLAIM_KEY_PG, *values, fingerprint)
+        if p.max_live_leases:
+            row = await tx.fetchrow(_CLAIM_KEY_CAPPED_PG, *values, fingerprint, p.max_live_leases)
+            if row is None:
+                return _AT_CAP
+        else:
+            row = await tx.fetchrow(_CLAIM_KEY_PG, *values, fingerprint)
         assert row is not None
         if row["inserted"]:
             return None
@@ -192,6 +302,10 @@ async def _claim_key(
             current_lease_id=row["k_current_lease_id"],
         )
         return key, rows.row_to_lease(row) if row["lease_id"] is not None else None
+    if p.max_live_leases:
+        live = await tx.fetchval(_COUNT_LIVE, p.principal, tx.now_us, p.max_live_leases)
+        if live >= p.max_live_leases:
+            return _AT_CAP
     if await tx.execute(_NEW_KEY, p.namespace, p.key, fresh.fencing_token, fresh.lease_id):
         await tx.execute(_INSERT_LEASE, *values)
         await _remember(tx, p, fresh.lease_id)
@@ -252,12 +366,16 @@ async def _first_result(tx: Tx, p: AcquireParams) -> Lease | None:
     row = await tx.fetchrow(_FIRST_RESULT, p.namespace, p.request_id)
     if row is None:
         return None
+    first = await rows.get(tx, row["lease_id"])
     if row["fingerprint"] != _fingerprint(p):
+        facts = {"request_id": p.request_id}
+        # Request ids are per namespace: another principal's lease id stays hidden.
+        if first is not None and first.principal == p.principal:
+            facts["lease_id"] = first.lease_id
         raise errors.RequestIdConflict(
-            f"request_id {p.request_id!r} was first used for a different acquire",
-            {"request_id": p.request_id, "lease_id": row["lease_id"]},
+            f"request_id {p.request_id!r} was first used for a different acquire", facts
         )
-    return await rows.get(tx, row["lease_id"])
+    return first
 
 
 def _fingerprint(p: AcquireParams) -> str:

@@ -492,7 +492,7 @@ class ReleaseResponse(_message.Message):
     LEASE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def lease(self) -> Global___Lease:
-        """The lease as it ends; releasing an ended lease again returns it unchanged."""
+        """The lease as it ends; releasing a released lease again returns it unchanged."""
 
     def __init__(
         self,

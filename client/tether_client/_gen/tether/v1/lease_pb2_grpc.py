@@ -114,7 +114,9 @@ class LeaseServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Ends a lease on behalf of its holder. Idempotent.
+        """Ends a live lease on behalf of its holder; releasing a released lease again returns
+        it. A lease that expired or was revoked first is refused: FAILED_PRECONDITION /
+        LEASE_EXPIRED or LEASE_REVOKED (the holder learns it worked unprotected).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

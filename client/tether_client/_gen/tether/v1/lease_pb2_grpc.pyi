@@ -52,7 +52,10 @@ class LeaseServiceStub:
     early: the ttl is the grace.
     """
     Release: _grpc.UnaryUnaryMultiCallable[_lease_pb2.ReleaseRequest, _lease_pb2.ReleaseResponse]
-    """Ends a lease on behalf of its holder. Idempotent."""
+    """Ends a live lease on behalf of its holder; releasing a released lease again returns
+    it. A lease that expired or was revoked first is refused: FAILED_PRECONDITION /
+    LEASE_EXPIRED or LEASE_REVOKED (the holder learns it worked unprotected).
+    """
     Revoke: _grpc.UnaryUnaryMultiCallable[_lease_pb2.RevokeRequest, _lease_pb2.RevokeResponse]
     """Ends a lease on behalf of an admin."""
     GetLease: _grpc.UnaryUnaryMultiCallable[_lease_pb2.GetLeaseRequest, _lease_pb2.GetLeaseResponse]
@@ -85,7 +88,10 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     early: the ttl is the grace.
     """
     Release: _aio.UnaryUnaryMultiCallable[_lease_pb2.ReleaseRequest, _lease_pb2.ReleaseResponse]  # type: ignore[assignment]
-    """Ends a lease on behalf of its holder. Idempotent."""
+    """Ends a live lease on behalf of its holder; releasing a released lease again returns
+    it. A lease that expired or was revoked first is refused: FAILED_PRECONDITION /
+    LEASE_EXPIRED or LEASE_REVOKED (the holder learns it worked unprotected).
+    """
     Revoke: _aio.UnaryUnaryMultiCallable[_lease_pb2.RevokeRequest, _lease_pb2.RevokeResponse]  # type: ignore[assignment]
     """Ends a lease on behalf of an admin."""
     GetLease: _aio.UnaryUnaryMultiCallable[_lease_pb2.GetLeaseRequest, _lease_pb2.GetLeaseResponse]  # type: ignore[assignment]
@@ -139,7 +145,10 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lease_pb2.ReleaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lease_pb2.ReleaseResponse, _abc.Awaitable[_lease_pb2.ReleaseResponse]]:
-        """Ends a lease on behalf of its holder. Idempotent."""
+        """Ends a live lease on behalf of its holder; releasing a released lease again returns
+        it. A lease that expired or was revoked first is refused: FAILED_PRECONDITION /
+        LEASE_EXPIRED or LEASE_REVOKED (the holder learns it worked unprotected).
+        """
 
     @_abc_1.abstractmethod
     def Revoke(

@@ -1,0 +1,179 @@
+"""Server-wide resource limits and the interceptor that enforces the per-call ones.
+
+``LimitsInterceptor`` refuses, with RESOURCE_EXHAUSTED and an ErrorInfo reason:
+
+- a unary call of ``tether.v1`` while ``max_concurrent_rpcs`` unary calls are in flight
+  (CONCURRENCY_LIMIT, with retry advice). Streams are not counted here: KeepAlive and Watch
+  streams live for hours, so a thousand connected workers would otherwise starve every
+  unary call; they have their own cap.
+- a streaming call of ``tether.v1`` on a connection (``context.peer()``: address and
+  port of the client's end) that already has ``max_streams_per_connection`` open
+  (STREAM_LIMIT).
+
+Health and reflection are never counted nor refused. A counter is decremented however a
+call ends (OK, refusal, cancel, exception): a unary call from its coroutine's ``finally``
+(a coroutine always runs it), a stream from the call's done callback (an async generator
+cancelled while grpc sends one of its messages runs its ``finally`` only when collected).
+
+The per-principal caps (live leases, open watches) are enforced by the services and the
+store; their values live here too, so one object configures every limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+
+from tether_server.domain import errors
+from tether_server.services.handlers import abort
+
+__all__ = ["LimitsInterceptor", "ServerLimits"]
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+# Only tether's own services are limited; grpc.health.v1 and reflection stay open.
+_LIMITED_PREFIX = "/tether.v1."
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    # grpc.aio's class is not generic at run time; only its stubs are.
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+# (request streaming, response streaming) -> the handler's behavior and its factory.
+_KINDS: dict[tuple[bool, bool], tuple[str, Callable[..., Handler]]] = {
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+}
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Every resource cap of one server; 0 turns a cap off."""
+
+    # Unary tether.v1 calls being handled at once, server-wide.
+    max_concurrent_rpcs: int = 1000
+    # Streaming calls (KeepAlive, Watch*) open at once on one client connection.
+    max_streams_per_connection: int = 100
+    # Live (ACTIVE, before their deadline) leases one principal may hold, across replicas.
+    max_leases_per_principal: int = 10_000
+    # Watch, WatchSagas and WatchObjects streams one principal may have open on one server
+    # process (each replica counts its own).
+    max_watches_per_principal: int = 100
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_concurrent_rpcs",
+            "max_streams_per_connection",
+            "max_leases_per_principal",
+            "max_watches_per_principal",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (no cap) or positive")
+
+
+class LimitsInterceptor(_ServerInterceptor):
+    """Enforces ``max_concurrent_rpcs`` and ``max_streams_per_connection``."""
+
+    def __init__(self, limits: ServerLimits) -> None:
+        self._limits = limits
+        # Unary calls in flight.
+        self.calls = 0
+        # peer -> its open streams; a peer leaves the table with its last stream.
+        self._streams: dict[str, int] = {}
+        # method path -> (the handler grpc found, our wrapper of it)
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    def streams(self, peer: str | None = None) -> int:
+        """Open streams of one connection, or of all of them."""
+        if peer is None:
+            return sum(self._streams.values())
+        return self._streams.get(peer, 0)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        path = handler_call_details.method
+        if handler is None or not path.startswith(_LIMITED_PREFIX):
+            return handler
+        cached = self._wrapped.get(path)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler)
+        self._wrapped[path] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: Handler) -> Handler:
+        attribute, make = _KINDS[handler.request_streaming, handler.response_streaming]
+        behavior = getattr(handler, attribute)
+        if inspect.isasyncgenfunction(behavior):
+            limited = self._limit_stream(behavior)
+        elif inspect.iscoroutinefunction(behavior) and not handler.request_streaming:
+            limited = self._limit_unary(behavior)
+        else:
+            # Not asyncio code (grpc would run it on a thread pool), or a client-streaming
+            # call: tether has neither.
+            return handler
+        return make(limited, handler.request_deserializer, handler.response_serializer)
+
+    def _limit_unary(self, behavior: Any) -> Any:
+        async def unary(request: Any, context: Context) -> Any:
+            cap = self._limits.max_concurrent_rpcs
+            if cap and self.calls >= cap:
+                await abort(
+                    context,
+                    errors.ConcurrencyLimit(
+                        f"the server is handling {self.calls} calls, the most it takes at"
+                        " once; retry shortly",
+                        {"limit": str(cap)},
+                    ),
+                )
+            self.calls += 1
+            try:
+                return await behavior(request, context)
+            finally:
+                self.calls -= 1
+
+        return unary
+
+    def _limit_stream(self, behavior: Any) -> Any:
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            peer = context.peer()
+            open_now = self._streams.get(peer, 0)
+            cap = self._limits.max_streams_per_connection
+            if cap and open_now >= cap:
+                await abort(
+                    context,
+                    errors.StreamLimit(
+                        f"this connection has {open_now} streams open, the most allowed;"
+                        " close one or open another connection",
+                        {"limit": str(cap)},
+                    ),
+                )
+            self._streams[peer] = open_now + 1
+            # The stubs want their DoneCallback class; grpc takes any callable.
+            context.add_done_callback(lambda _ended: self._stream_ended(peer))  # type: ignore[arg-type]
+            # aclosing: closing this generator closes the handler's at once.
+            async with contextlib.aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return stream
+
+    def _stream_ended(self, peer: str) -> None:
+        left = self._streams[peer] - 1
+        if left:
+            self._streams[peer] = left
+        else:
+            del self._streams[peer]
