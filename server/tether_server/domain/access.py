@@ -118,34 +118,40 @@ Grants = Mapping[str, frozenset[Role]]
 
 def best_role(grants: Grants, namespace: str | None) -> Role | None:
     """The principal's highest role in ``namespace`` (None: the whole deployment)."""
-    held = set(grants.get(ALL_NAMESPACES, frozenset()))
-    if namespace is not None:
-        held |= grants.get(namespace, frozenset())
-    return max(held) if held else None
+    everywhere = grants.get(ALL_NAMESPACES)
+    here = grants.get(namespace) if namespace is not None else None
+    best = max(everywhere) if everywhere else None
+    if here:
+        local = max(here)
+        if best is None or local > best:
+            best = local
+    return best
 
 
 def authorize(principal: str, grants: Grants, method: str, namespace: str | None) -> None:
     """Raise the refusal for ``principal`` calling ``method`` in ``namespace`` (None when
     the call is about the whole deployment), or return when it may."""
     rule = RULES.get(method)
+    role = best_role(grants, namespace)
+    # Every call passes here: the refusal's facts are built only for a refusal.
+    if rule is not None and role is not None and role >= rule.role:
+        return
     where = namespace if namespace is not None else ALL_NAMESPACES
     facts = {"principal": principal, "namespace": where, "method": method}
     if rule is None:
         raise errors.RoleRequired(f"{method} is not open to any role", facts)
-    role = best_role(grants, namespace)
     if role is None:
         raise errors.NamespaceForbidden(
             f"principal {principal!r} has no role in namespace {where!r}", facts
         )
-    if role < rule.role:
-        facts = {**facts, "required_role": rule.role.label, "role": role.label}
-        message = (
-            f"{method} needs the {rule.role.label} role in namespace {where!r}; "
-            f"principal {principal!r} is {role.label} there"
-        )
-        if rule.role is Role.ADMIN:
-            raise errors.AdminRequired(message, facts)
-        raise errors.RoleRequired(message, facts)
+    facts = {**facts, "required_role": rule.role.label, "role": role.label}
+    message = (
+        f"{method} needs the {rule.role.label} role in namespace {where!r}; "
+        f"principal {principal!r} is {role.label} there"
+    )
+    if rule.role is Role.ADMIN:
+        raise errors.AdminRequired(message, facts)
+    raise errors.RoleRequired(message, facts)
 
 
 def call_namespace(rule: Rule, requested: str, default: str) -> str | None:

@@ -56,13 +56,20 @@ class CallGate:
     @staticmethod
     def authorize(principal: Principal, method: str, request: Any) -> None:
         rule = access.RULES.get(method)
-        requested = getattr(request, "namespace", "")
-        namespace = (
-            access.call_namespace(rule, requested, DEFAULT_NAMESPACE)
-            if rule is not None
-            else requested or DEFAULT_NAMESPACE
-        )
+        requested = request.namespace if _HAS_NAMESPACE.get(type(request), True) else ""
+        if rule is None or rule.scope is access.Scope.NAMESPACE:
+            namespace: str | None = requested or DEFAULT_NAMESPACE
+        else:
+            namespace = access.call_namespace(rule, requested, DEFAULT_NAMESPACE)
         access.authorize(principal.name, principal.grants, method, namespace)
+
+
+# Request types without a namespace field (GetSweepReport, ListSweepReports).
+_HAS_NAMESPACE: dict[type, bool] = {}
+
+
+def _note_namespace_field(cls: Any) -> None:
+    _HAS_NAMESPACE[cls] = "namespace" in cls.DESCRIPTOR.fields_by_name
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,7 @@ def _method_handler(
     path: str, method: MethodDescriptor, impl: Callable[..., Any], gate: CallGate
 ) -> grpc.RpcMethodHandler[Any, Any]:
     request_cls = message_factory.GetMessageClass(method.input_type)
+    _note_namespace_field(request_cls)
     response_cls = message_factory.GetMessageClass(method.output_type)
     deserialize = _tolerant_deserializer(method.full_name, request_cls, gate.max_message_bytes)
     serialize = response_cls.SerializeToString
