@@ -470,3 +470,18 @@ async def test_a_message_over_the_limit_is_refused_with_the_limit(
             assert int(metadata["size_bytes"]) > 100_000
     finally:
         await server.stop(0)
+
+
+async def test_a_refusal_for_a_malformed_namespace_is_bad_input(tls_server: AuthServer) -> None:
+    """A refusal echoes the namespace in its trailers; a huge malformed one is answered
+    INVALID_ARGUMENT instead, so the client is not left with a trailer-size error."""
+    async with tls_server.channel() as channel:
+        stub = lease_pb2_grpc.LeaseServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Revoke(
+                lease_pb2.RevokeRequest(namespace="é" * 5000, lease_id="x"),
+                metadata=_bearer(TOKENS["worker-a"]),
+                timeout=WAIT_S,
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value)[1:] == ("INVALID_FIELD", {"field": "namespace"})

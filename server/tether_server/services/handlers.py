@@ -22,7 +22,7 @@ from google.protobuf import message, message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from tether_server.auth import Authenticator, Principal, set_current_principal
-from tether_server.domain import access, errors
+from tether_server.domain import access, errors, validation
 from tether_server.domain.validation import DEFAULT_NAMESPACE
 from tether_server.services.errors import to_grpc_status
 
@@ -61,7 +61,14 @@ class CallGate:
             namespace: str | None = requested or DEFAULT_NAMESPACE
         else:
             namespace = access.call_namespace(rule, requested, DEFAULT_NAMESPACE)
-        access.authorize(principal.name, principal.grants, method, namespace)
+        try:
+            access.authorize(principal.name, principal.grants, method, namespace)
+        except errors.TetherError:
+            # A refusal echoes the namespace: a malformed one (say 10 000 characters) is
+            # answered as bad input instead, so the answer fits in the trailers.
+            if requested:
+                validation.namespace(requested)
+            raise
 
 
 # Request types without a namespace field (GetSweepReport, ListSweepReports).

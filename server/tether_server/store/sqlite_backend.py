@@ -318,11 +318,21 @@ def _race_or_fault(exc: Exception) -> Any:
     return exc
 
 
+def _discard_outcome(work: asyncio.Future[Any]) -> None:
+    if not work.cancelled():
+        work.exception()
+
+
 async def _unavailable_on_error(work: asyncio.Future[T]) -> T:
     """The one place SQLite's errors are interpreted. A cancelled caller never cancels the
     thread's work: it finishes (and commits or rolls back) on its own."""
     try:
         return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        # Nobody awaits the work any more: collect its outcome so an error it ends with
+        # (the caller hung up) is not logged as "never retrieved".
+        work.add_done_callback(_discard_outcome)
+        raise
     # A constraint violation outside a unit is a bug, not an outage.
     except (TetherError, RuntimeError, sqlite3.IntegrityError):
         raise
