@@ -29,7 +29,7 @@ import grpc
 
 from tether_server.metrics import Metrics, RpcStats
 
-__all__ = ["RpcMetricsInterceptor"]
+__all__ = ["Context", "Handler", "HandlerWrapper", "RpcMetricsInterceptor"]
 
 # Strings: grpc's classes are generic in its stubs only.
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
@@ -62,11 +62,11 @@ _KINDS: dict[tuple[bool, bool], tuple[str, Callable[..., Handler]]] = {
 }
 
 
-class RpcMetricsInterceptor(_ServerInterceptor):
-    """Records ``tether_rpc_total{service,method,code}`` and ``tether_rpc_seconds``."""
+class HandlerWrapper(_ServerInterceptor):
+    """An interceptor that replaces each method's handler by a wrapper of it, built once
+    per method (and again only if grpc hands out another handler for it)."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
+    def __init__(self) -> None:
         # method path -> (the handler grpc found, our wrapper of it)
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
@@ -76,24 +76,44 @@ class RpcMetricsInterceptor(_ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
         path = handler_call_details.method
+        if handler is None or not self.wraps(path):
+            return handler
         cached = self._wrapped.get(path)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = self._wrap(path, handler)
+        wrapped = self._rebuild(path, handler)
         self._wrapped[path] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, path: str, handler: Handler) -> Handler:
-        service, _, method = path.lstrip("/").rpartition("/")
-        stats = self._metrics.rpc(service, method)
+    def wraps(self, path: str) -> bool:
+        """Whether calls of ``path`` go through the wrapper (default: all)."""
+        del path
+        return True
+
+    def wrap(self, path: str, handler: Handler, behavior: Any) -> Any:
+        """The wrapped behavior (same call convention as ``behavior``), or None to leave the
+        handler as it is."""
+        raise NotImplementedError
+
+    def _rebuild(self, path: str, handler: Handler) -> Handler:
         attribute, make = _KINDS[handler.request_streaming, handler.response_streaming]
-        behavior = _instrument(getattr(handler, attribute), stats)
+        behavior = self.wrap(path, handler, getattr(handler, attribute))
         if behavior is None:
             return handler
         return make(behavior, handler.request_deserializer, handler.response_serializer)
+
+
+class RpcMetricsInterceptor(HandlerWrapper):
+    """Records ``tether_rpc_total{service,method,code}`` and ``tether_rpc_seconds``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def wrap(self, path: str, handler: Handler, behavior: Any) -> Any:
+        service, _, method = path.lstrip("/").rpartition("/")
+        return _instrument(behavior, self._metrics.rpc(service, method))
 
 
 class _Call:

@@ -23,36 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
-
-import grpc
+from typing import Any
 
 from tether_server.domain import errors
 from tether_server.services.handlers import abort
+from tether_server.services.interceptor import Context, Handler, HandlerWrapper
 
 __all__ = ["LimitsInterceptor", "ServerLimits"]
 
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-
 # Only tether's own services are limited; grpc.health.v1 and reflection stay open.
 _LIMITED_PREFIX = "/tether.v1."
-
-if TYPE_CHECKING:
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    # grpc.aio's class is not generic at run time; only its stubs are.
-    _ServerInterceptor = grpc.aio.ServerInterceptor
-
-# (request streaming, response streaming) -> the handler's behavior and its factory.
-_KINDS: dict[tuple[bool, bool], tuple[str, Callable[..., Handler]]] = {
-    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-}
 
 
 @dataclass(frozen=True)
@@ -80,17 +62,16 @@ class ServerLimits:
                 raise ValueError(f"{name} must be 0 (no cap) or positive")
 
 
-class LimitsInterceptor(_ServerInterceptor):
+class LimitsInterceptor(HandlerWrapper):
     """Enforces ``max_concurrent_rpcs`` and ``max_streams_per_connection``."""
 
     def __init__(self, limits: ServerLimits) -> None:
+        super().__init__()
         self._limits = limits
         # Unary calls in flight.
         self.calls = 0
         # peer -> its open streams; a peer leaves the table with its last stream.
         self._streams: dict[str, int] = {}
-        # method path -> (the handler grpc found, our wrapper of it)
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     def streams(self, peer: str | None = None) -> int:
         """Open streams of one connection, or of all of them."""
@@ -98,34 +79,17 @@ class LimitsInterceptor(_ServerInterceptor):
             return sum(self._streams.values())
         return self._streams.get(peer, 0)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        path = handler_call_details.method
-        if handler is None or not path.startswith(_LIMITED_PREFIX):
-            return handler
-        cached = self._wrapped.get(path)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler)
-        self._wrapped[path] = (handler, wrapped)
-        return wrapped
+    def wraps(self, path: str) -> bool:
+        return path.startswith(_LIMITED_PREFIX)
 
-    def _wrap(self, handler: Handler) -> Handler:
-        attribute, make = _KINDS[handler.request_streaming, handler.response_streaming]
-        behavior = getattr(handler, attribute)
+    def wrap(self, path: str, handler: Handler, behavior: Any) -> Any:
         if inspect.isasyncgenfunction(behavior):
-            limited = self._limit_stream(behavior)
-        elif inspect.iscoroutinefunction(behavior) and not handler.request_streaming:
-            limited = self._limit_unary(behavior)
-        else:
-            # Not asyncio code (grpc would run it on a thread pool), or a client-streaming
-            # call: tether has neither.
-            return handler
-        return make(limited, handler.request_deserializer, handler.response_serializer)
+            return self._limit_stream(behavior)
+        if inspect.iscoroutinefunction(behavior) and not handler.request_streaming:
+            return self._limit_unary(behavior)
+        # Not asyncio code (grpc would run it on a thread pool), or a client-streaming
+        # call: tether has neither.
+        return None
 
     def _limit_unary(self, behavior: Any) -> Any:
         async def unary(request: Any, context: Context) -> Any:
