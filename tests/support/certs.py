@@ -33,7 +33,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.server_process import ServerProcess
 
@@ -231,19 +230,9 @@ def server_tls_args(pki: TestPki, *, mtls: bool = False) -> list[str]:
 
 
 class TlsServerProcess(ServerProcess):
-    """A server process whose readiness check uses ``health_credentials``."""
+    """A server process whose readiness check connects with ``health_credentials``."""
 
     def __init__(
         self, db_url: str, *, health_credentials: grpc.ChannelCredentials, **kwargs: Any
     ) -> None:
-        super().__init__(db_url, **kwargs)
-        self.health_credentials = health_credentials
-
-    def _check_health(self) -> int | str:
-        with grpc.secure_channel(self.target, self.health_credentials) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            try:
-                response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-            except grpc.RpcError as exc:
-                return f"{exc.code().name}: {exc.details()}"
-            return int(response.status)
+        super().__init__(db_url, health_credentials=health_credentials, **kwargs)

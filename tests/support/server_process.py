@@ -66,8 +66,11 @@ class ServerProcess:
         log_dir: Path | str | None = None,
         startup_timeout: float = 30.0,
         name: str = "tether",
+        health_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.db_url = db_url
+        # A TLS server's readiness is checked over TLS (a plaintext check never hears it).
+        self.health_credentials = health_credentials
         self.port = port if port is not None else free_port()
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
@@ -188,7 +191,12 @@ class ServerProcess:
     def _check_health(self) -> int | str:
         # A fresh channel per attempt: a long-lived one would back off for seconds after the
         # first refused connection.
-        with grpc.insecure_channel(self.target) as channel:
+        channel = (
+            grpc.secure_channel(self.target, self.health_credentials)
+            if self.health_credentials is not None
+            else grpc.insecure_channel(self.target)
+        )
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             try:
                 response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
