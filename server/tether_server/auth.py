@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from tether_server.credentials import Credentials, load_credentials
-from tether_server.domain import access, errors
+from tether_server.domain import errors
 from tether_server.domain.access import ALL_NAMESPACES, Role
 from tether_server.domain.lease import ANONYMOUS
 
@@ -44,10 +44,6 @@ class Principal:
     name: str
     # namespace (or "*" for every namespace) -> roles granted there
     grants: Mapping[str, frozenset[Role]] = field(default_factory=dict)
-
-    @property
-    def admin(self) -> bool:
-        return access.best_role(self.grants, None) == Role.ADMIN
 
 
 ANONYMOUS_ADMIN = Principal(ANONYMOUS, {ALL_NAMESPACES: frozenset({Role.ADMIN})})

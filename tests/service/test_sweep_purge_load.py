@@ -1,4 +1,4 @@
-"""A purge of a large history (200 000 ended leases, a tenth with request ids, on 500 keys)
+"""A purge of a large history (100 000 ended leases, a tenth with request ids, on 500 keys)
 runs in batches while live leases keep renewing: every renewal succeeds, renewals go on
 during the purge (it never holds the store for long), and every purged row is gone.
 Latency under this load is the benchmark's business (tests/bench/purge.py), not a test's."""
@@ -15,7 +15,7 @@ from tether_client.pb import lease_pb2, sweep_pb2
 from .conftest import WAIT_S, Harness
 from .sweep_support import DAY_S, PURGE_LEASES, SweepEnv, sweep_env_for
 
-ROWS = 200_000
+ROWS = 100_000
 KEYS = 500
 RENEWERS = 20
 

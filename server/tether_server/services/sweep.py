@@ -7,7 +7,6 @@ import re
 from typing import Any
 
 from tether_client.pb import sweep_pb2
-from tether_server.auth import AuthPolicy
 from tether_server.domain import errors, paging, validation
 from tether_server.domain.sweep import SweepTrigger, choose_parts
 from tether_server.domain.validation import Limits
@@ -30,13 +29,11 @@ class SweepService:
         sweeper: Sweeper,
         store: SweepStore,
         limits: Limits | None = None,
-        auth: AuthPolicy | None = None,
         max_response_bytes: int = 1 << 20,
     ) -> None:
         self._sweeper = sweeper
         self._store = store
         self._limits = limits or Limits()
-        self._auth = auth or AuthPolicy()
         self._max_response_bytes = max_response_bytes
 
     async def RunSweep(
