@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ANONYMOUS_ADMIN",
     "AuthConfig",
-    "AuthPolicy",
     "Authenticator",
     "Principal",
     "current_principal",
@@ -60,15 +59,6 @@ def current_principal() -> Principal:
 
 def set_current_principal(principal: Principal) -> None:
     _current.set(principal)
-
-
-@dataclass(frozen=True)
-class AuthPolicy:
-    """What services ask for the caller (kept as an object so tests can replace it)."""
-
-    def principal_of(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
-        del context  # the boundary has authenticated the call already
-        return current_principal()
 
 
 @dataclass(frozen=True)
@@ -173,10 +163,10 @@ class Authenticator:
         )
         return True
 
-    def authenticate(self, metadata: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+    def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
         if not self.config.requires_credentials:
             return ANONYMOUS_ADMIN
-        token = _bearer_token(metadata)
+        token = _bearer_token(context.invocation_metadata())
         if token is not None:
             name = self._credentials.principal_of_token(token) if token else None
             if name is None:

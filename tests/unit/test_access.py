@@ -65,21 +65,69 @@ def test_a_bad_file_is_refused_with_its_line(line: str, complaint: str) -> None:
 def test_roles_are_ranked_and_namespaced() -> None:
     worker = {"team-a": frozenset({Role.WORKER})}
     operator_everywhere = {"*": frozenset({Role.OPERATOR})}
-    authorize("w", worker, "/tether.v1.LeaseService/Acquire", "team-a")
+    authorize(
+        "w",
+        worker,
+        "/tether.v1.LeaseService/Acquire",
+        RULES.get("/tether.v1.LeaseService/Acquire"),
+        "team-a",
+    )
     with pytest.raises(errors.NamespaceForbidden):
-        authorize("w", worker, "/tether.v1.LeaseService/Acquire", "team-b")
+        authorize(
+            "w",
+            worker,
+            "/tether.v1.LeaseService/Acquire",
+            RULES.get("/tether.v1.LeaseService/Acquire"),
+            "team-b",
+        )
     with pytest.raises(errors.RoleRequired) as caught:
-        authorize("w", worker, "/tether.v1.SagaService/RedriveSaga", "team-a")
+        authorize(
+            "w",
+            worker,
+            "/tether.v1.SagaService/RedriveSaga",
+            RULES.get("/tether.v1.SagaService/RedriveSaga"),
+            "team-a",
+        )
     assert caught.value.metadata["required_role"] == "operator"
     with pytest.raises(errors.AdminRequired):
-        authorize("w", worker, "/tether.v1.LeaseService/Revoke", "team-a")
+        authorize(
+            "w",
+            worker,
+            "/tether.v1.LeaseService/Revoke",
+            RULES.get("/tether.v1.LeaseService/Revoke"),
+            "team-a",
+        )
     # A deployment-wide call needs the role in "*".
     with pytest.raises(errors.NamespaceForbidden):
-        authorize("w", worker, "/tether.v1.SweepService/ListSweepReports", None)
-    authorize("o", operator_everywhere, "/tether.v1.SweepService/ListSweepReports", None)
-    authorize("o", operator_everywhere, "/tether.v1.SagaService/CreateSaga", "any-namespace")
+        authorize(
+            "w",
+            worker,
+            "/tether.v1.SweepService/ListSweepReports",
+            RULES.get("/tether.v1.SweepService/ListSweepReports"),
+            None,
+        )
+    authorize(
+        "o",
+        operator_everywhere,
+        "/tether.v1.SweepService/ListSweepReports",
+        RULES.get("/tether.v1.SweepService/ListSweepReports"),
+        None,
+    )
+    authorize(
+        "o",
+        operator_everywhere,
+        "/tether.v1.SagaService/CreateSaga",
+        RULES.get("/tether.v1.SagaService/CreateSaga"),
+        "any-namespace",
+    )
     with pytest.raises(errors.RoleRequired):
-        authorize("x", worker, "/tether.v1.LeaseService/NoSuchMethod", "team-a")
+        authorize(
+            "x",
+            worker,
+            "/tether.v1.LeaseService/NoSuchMethod",
+            RULES.get("/tether.v1.LeaseService/NoSuchMethod"),
+            "team-a",
+        )
 
 
 def test_which_namespace_a_call_is_judged_in() -> None:

@@ -128,10 +128,12 @@ def best_role(grants: Grants, namespace: str | None) -> Role | None:
     return best
 
 
-def authorize(principal: str, grants: Grants, method: str, namespace: str | None) -> None:
-    """Raise the refusal for ``principal`` calling ``method`` in ``namespace`` (None when
-    the call is about the whole deployment), or return when it may."""
-    rule = RULES.get(method)
+def authorize(
+    principal: str, grants: Grants, method: str, rule: Rule | None, namespace: str | None
+) -> None:
+    """Raise the refusal for ``principal`` calling ``method`` (whose ``RULES`` entry is
+    ``rule``) in ``namespace`` (None when the call is about the whole deployment), or return
+    when it may."""
     role = best_role(grants, namespace)
     # Every call passes here: the refusal's facts are built only for a refusal.
     if rule is not None and role is not None and role >= rule.role:
@@ -154,8 +156,10 @@ def authorize(principal: str, grants: Grants, method: str, namespace: str | None
     raise errors.RoleRequired(message, facts)
 
 
-def call_namespace(rule: Rule, requested: str, default: str) -> str | None:
+def call_namespace(rule: Rule | None, requested: str, default: str) -> str | None:
     """The namespace a call is judged in: None for the whole deployment."""
+    if rule is None or rule.scope is Scope.NAMESPACE:
+        return requested or default
     if rule.scope is Scope.GLOBAL:
         return None
     if rule.scope is Scope.NAMESPACE_OR_GLOBAL and not requested:

@@ -44,39 +44,36 @@ class CallGate:
         # Closed until the start-up recovery is done: calls get UNAVAILABLE / SERVER_STARTING.
         self.ready = False
 
-    def admit(self, method: str, request: Any, context: Context) -> Principal:
+    def admit(self, method: Guarded, request: Any, context: Context) -> Principal:
         if not self.ready:
             raise errors.ServerStarting("the server is recovering after its start; retry shortly")
-        principal = self.authenticator.authenticate(context.invocation_metadata(), context)
+        principal = self.authenticator.authenticate(context)
         if request is not None:
-            self.authorize(principal, method, request)
+            method.authorize(principal, request)
         set_current_principal(principal)
         return principal
 
-    @staticmethod
-    def authorize(principal: Principal, method: str, request: Any) -> None:
-        rule = access.RULES.get(method)
-        requested = request.namespace if _HAS_NAMESPACE.get(type(request), True) else ""
-        if rule is None or rule.scope is access.Scope.NAMESPACE:
-            namespace: str | None = requested or DEFAULT_NAMESPACE
-        else:
-            namespace = access.call_namespace(rule, requested, DEFAULT_NAMESPACE)
+
+@dataclass(frozen=True)
+class Guarded:
+    """One method as the gate sees it, worked out once when its handler is built."""
+
+    path: str
+    rule: access.Rule | None
+    # Whether its request has a namespace field (sweep reports have none).
+    namespaced: bool
+
+    def authorize(self, principal: Principal, request: Any) -> None:
+        requested = request.namespace if self.namespaced else ""
+        namespace = access.call_namespace(self.rule, requested, DEFAULT_NAMESPACE)
         try:
-            access.authorize(principal.name, principal.grants, method, namespace)
+            access.authorize(principal.name, principal.grants, self.path, self.rule, namespace)
         except errors.TetherError:
             # A refusal echoes the namespace: a malformed one (say 10 000 characters) is
             # answered as bad input instead, so the answer fits in the trailers.
             if requested:
                 validation.namespace(requested)
             raise
-
-
-# Request types without a namespace field (GetSweepReport, ListSweepReports).
-_HAS_NAMESPACE: dict[type, bool] = {}
-
-
-def _note_namespace_field(cls: Any) -> None:
-    _HAS_NAMESPACE[cls] = "namespace" in cls.DESCRIPTOR.fields_by_name
 
 
 @dataclass(frozen=True)
@@ -120,24 +117,26 @@ def _method_handler(
     path: str, method: MethodDescriptor, impl: Callable[..., Any], gate: CallGate
 ) -> grpc.RpcMethodHandler[Any, Any]:
     request_cls = message_factory.GetMessageClass(method.input_type)
-    _note_namespace_field(request_cls)
+    guarded = Guarded(path, access.RULES.get(path), "namespace" in method.input_type.fields_by_name)
     response_cls = message_factory.GetMessageClass(method.output_type)
     deserialize = _tolerant_deserializer(method.full_name, request_cls, gate.max_message_bytes)
     serialize = response_cls.SerializeToString
     if method.client_streaming and method.server_streaming:
         return grpc.stream_stream_rpc_method_handler(
-            _bidi(path, impl, gate), request_deserializer=deserialize, response_serializer=serialize
+            _bidi(guarded, impl, gate),
+            request_deserializer=deserialize,
+            response_serializer=serialize,
         )
     if method.server_streaming:
         return grpc.unary_stream_rpc_method_handler(
-            _server_stream(path, impl, gate),
+            _server_stream(guarded, impl, gate),
             request_deserializer=deserialize,
             response_serializer=serialize,
         )
     if method.client_streaming:
         raise NotImplementedError("client-streaming RPCs are not part of tether.v1")
     return grpc.unary_unary_rpc_method_handler(
-        _unary(path, impl, gate), request_deserializer=deserialize, response_serializer=serialize
+        _unary(guarded, impl, gate), request_deserializer=deserialize, response_serializer=serialize
     )
 
 
@@ -185,13 +184,13 @@ _REFUSALS = (
 )
 
 
-def _unary(path: str, impl: Callable[..., Any], gate: CallGate) -> Callable[..., Any]:
+def _unary(method: Guarded, impl: Callable[..., Any], gate: CallGate) -> Callable[..., Any]:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             if isinstance(request, Malformed):
-                gate.admit(path, None, context)
+                gate.admit(method, None, context)
                 raise request.error()
-            gate.admit(path, request, context)
+            gate.admit(method, request, context)
             return await impl(request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -201,13 +200,13 @@ def _unary(path: str, impl: Callable[..., Any], gate: CallGate) -> Callable[...,
     return handle
 
 
-def _server_stream(path: str, impl: Callable[..., Any], gate: CallGate) -> Callable[..., Any]:
+def _server_stream(method: Guarded, impl: Callable[..., Any], gate: CallGate) -> Callable[..., Any]:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             if isinstance(request, Malformed):
-                gate.admit(path, None, context)
+                gate.admit(method, None, context)
                 raise request.error()
-            gate.admit(path, request, context)
+            gate.admit(method, request, context)
             async for response in impl(request, context):
                 yield response
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -218,15 +217,15 @@ def _server_stream(path: str, impl: Callable[..., Any], gate: CallGate) -> Calla
     return handle
 
 
-def _bidi(path: str, impl: Callable[..., Any], gate: CallGate) -> Callable[..., Any]:
+def _bidi(method: Guarded, impl: Callable[..., Any], gate: CallGate) -> Callable[..., Any]:
     async def handle(
         requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
         try:
             # Who is asked once, at the stream's start; each message's namespace is judged
             # as it arrives (a stream is not refused for a namespace it never uses).
-            principal = gate.admit(path, None, context)
-            async for response in impl(_checked(requests, path, principal), context):
+            principal = gate.admit(method, None, context)
+            async for response in impl(_checked(requests, method, principal), context):
                 yield response
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -237,10 +236,10 @@ def _bidi(path: str, impl: Callable[..., Any], gate: CallGate) -> Callable[..., 
 
 
 async def _checked(
-    requests: AsyncIterator[Any], path: str, principal: Principal
+    requests: AsyncIterator[Any], method: Guarded, principal: Principal
 ) -> AsyncIterator[Any]:
     async for request in requests:
         if isinstance(request, Malformed):
             raise request.error()
-        CallGate.authorize(principal, path, request)
+        method.authorize(principal, request)
         yield request

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether_client.pb import lease_pb2
-from tether_server.auth import AuthPolicy
+from tether_server.auth import current_principal
 from tether_server.clock import MICROS, Clock
 from tether_server.domain import errors, paging, validation
 from tether_server.domain.lease import LeaseState, Refuse
@@ -77,7 +77,6 @@ class LeaseService(Drains):
         changes: ChangeHub,
         metrics: Metrics,
         config: LeaseServiceConfig | None = None,
-        auth: AuthPolicy | None = None,
         instance_id: str = "",
         limits: ServerLimits | None = None,
         watches: WatchSlots | None = None,
@@ -87,7 +86,6 @@ class LeaseService(Drains):
         self._changes = changes
         self._metrics = metrics
         self._config = config or LeaseServiceConfig()
-        self._auth = auth or AuthPolicy()
         # Stream ids start with this process's instance id (see store/replicas.py).
         self._instance_id = instance_id or secrets.token_hex(8)
         self._max_leases = (limits or ServerLimits()).max_leases_per_principal
@@ -112,7 +110,7 @@ class LeaseService(Drains):
         self, request: lease_pb2.AcquireRequest, context: Context
     ) -> lease_pb2.AcquireResponse:
         limits = self._limits
-        principal = self._auth.principal_of(context)
+        principal = current_principal()
         params = AcquireParams(
             namespace=validation.namespace(request.namespace),
             key=validation.key(request.key, limits),
@@ -177,7 +175,7 @@ class LeaseService(Drains):
     ) -> lease_pb2.RenewResponse:
         namespace = validation.namespace(request.namespace)
         renewal = Renewal(
-            principal=self._auth.principal_of(context).name,
+            principal=current_principal().name,
             lease_id=validation.lease_id(request.lease_id),
             fencing_token=validation.fencing_token(request.fencing_token),
             progress=(
@@ -198,7 +196,7 @@ class LeaseService(Drains):
         self, requests: AsyncIterator[lease_pb2.KeepAliveRequest], context: Context
     ) -> AsyncIterator[lease_pb2.KeepAliveResponse]:
         stream_id = stream_id_for(self._instance_id, secrets.token_hex(8))
-        principal = self._auth.principal_of(context).name
+        principal = current_principal().name
         metrics = self._metrics
         metrics.keepalive_streams_open += 1
         metrics.keepalive_streams_total += 1
@@ -371,7 +369,7 @@ class LeaseService(Drains):
                 lease_id=validation.lease_id(request.lease_id),
                 fencing_token=validation.fencing_token(request.fencing_token),
                 holder=validation.holder(request.holder, self._limits),
-                principal=self._auth.principal_of(context).name,
+                principal=current_principal().name,
             )
         )
         return lease_pb2.ReleaseResponse(lease=lease_to_pb(lease))
@@ -379,7 +377,7 @@ class LeaseService(Drains):
     async def Revoke(
         self, request: lease_pb2.RevokeRequest, context: Context
     ) -> lease_pb2.RevokeResponse:
-        principal = self._auth.principal_of(context)
+        principal = current_principal()
         namespace = validation.namespace(request.namespace)
         lease_id = validation.lease_id(request.lease_id)
         reason = validation.reason(request.reason, self._limits)
@@ -438,7 +436,7 @@ class LeaseService(Drains):
         namespace = validation.namespace(request.namespace)
         prefix = validation.key_prefix(request.key_prefix, self._limits)
         start = validation.revision(request.start_revision)
-        self._watches.take(self._auth.principal_of(context).name, context)
+        self._watches.take(current_principal().name, context)
         if start == 0:
             current, _ = await self._store.db.current_revision()
             start = current + 1

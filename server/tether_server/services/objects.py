@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether_client.pb import owner_ref_pb2
-from tether_server.auth import AuthPolicy
+from tether_server.auth import current_principal
 from tether_server.domain import errors, paging, validation
 from tether_server.domain import label_selector as selectors
 from tether_server.domain import object_validation as ov
@@ -66,13 +66,11 @@ class ObjectService(Drains):
         store: ObjectStore,
         changes: ChangeHub,
         config: ObjectServiceConfig | None = None,
-        auth: AuthPolicy | None = None,
         watches: WatchSlots | None = None,
     ) -> None:
         self._store = store
         self._changes = changes
         self._config = config or ObjectServiceConfig()
-        self._auth = auth or AuthPolicy()
         # Shared with the other services of the server: the watch cap counts them together.
         self._watches = watches or WatchSlots(ServerLimits().max_watches_per_principal)
         super().__init__()
@@ -164,7 +162,7 @@ class ObjectService(Drains):
             finalizer=ov.finalizer(request.finalizer),
             uid=ov.uid(request.uid),
             refusal=ov.refusal(request.refusal, self._ol),
-            principal=self._auth.principal_of(context).name,
+            principal=current_principal().name,
         )
         written = await self._store.remove_finalizer(params)
         if written is None or written.deleted:
@@ -175,7 +173,7 @@ class ObjectService(Drains):
         self, request: owner_ref_pb2.ForceRemoveFinalizersRequest, context: Context
     ) -> owner_ref_pb2.ForceRemoveFinalizersResponse:
         # Only admins get here: the RPC boundary checks roles (domain/access.py).
-        who = self._auth.principal_of(context)
+        who = current_principal()
         reason = validation.reason(request.reason, self._config.limits)
         if not reason:
             raise errors.InvalidField("reason", "must say why the finalizers are removed")
@@ -326,7 +324,7 @@ class ObjectService(Drains):
         kind = ov.kind(request.kind, required=False)
         selector = selectors.parse(request.label_selector)
         start = validation.revision(request.start_revision)
-        self._watches.take(self._auth.principal_of(context).name, context)
+        self._watches.take(current_principal().name, context)
         if start == 0:
             current, _ = await self._store.db.current_revision()
             start = current + 1

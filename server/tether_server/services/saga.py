@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether_client.pb import common_pb2, saga_pb2
-from tether_server.auth import AuthPolicy, Principal
+from tether_server.auth import Principal, current_principal
 from tether_server.clock import MICROS, Clock
 from tether_server.domain import errors, paging, validation
 from tether_server.domain import saga as domain
@@ -61,14 +61,12 @@ class SagaService(Drains):
         clock: Clock,
         changes: ChangeHub,
         config: SagaServiceConfig | None = None,
-        auth: AuthPolicy | None = None,
         watches: WatchSlots | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
         self._changes = changes
         self._config = config or SagaServiceConfig()
-        self._auth = auth or AuthPolicy()
         # Shared with the other services of the server: the watch cap counts them together.
         self._watches = watches or WatchSlots(ServerLimits().max_watches_per_principal)
         super().__init__()
@@ -87,7 +85,7 @@ class SagaService(Drains):
             namespace=validation.namespace(request.namespace),
             saga_id=sv.saga_id(request.saga_id),
             kind=sv.kind(request.kind),
-            principal=self._auth.principal_of(context).name,
+            principal=current_principal().name,
             labels=validation.labels(request.labels, self._config.limits),
             input=conv.struct_to_dict(request.input, "input", limits.max_input_bytes),
             owner=_owner(request),
@@ -112,7 +110,7 @@ class SagaService(Drains):
     async def ClaimSaga(
         self, request: saga_pb2.ClaimSagaRequest, context: Context
     ) -> saga_pb2.ClaimSagaResponse:
-        params = self._claim_params(request, self._auth.principal_of(context))
+        params = self._claim_params(request, current_principal())
         limits = self._config.limits
         wait_us = validation.wait(duration_us(request.wait, "wait"), limits)
         wait_until = self._clock.now_us() + wait_us
@@ -178,7 +176,7 @@ class SagaService(Drains):
             namespace=validation.namespace(request.namespace),
             saga_id=sv.saga_id(request.saga_id),
             fence=_fence(request.fence, "fence"),
-            principal=self._auth.principal_of(context).name,
+            principal=current_principal().name,
         )
 
     async def RecordStep(
@@ -277,7 +275,7 @@ class SagaService(Drains):
 
     def _operator_call(self, request: Any, context: Context) -> OperatorCall:
         # The RPC boundary has checked the caller's role for this call (domain/access.py).
-        who = self._auth.principal_of(context)
+        who = current_principal()
         return OperatorCall(
             namespace=validation.namespace(request.namespace),
             saga_id=sv.saga_id(request.saga_id),
@@ -387,7 +385,7 @@ class SagaService(Drains):
         namespace = validation.namespace(request.namespace)
         kind = sv.kind(request.kind, required=False)
         start = validation.revision(request.start_revision)
-        self._watches.take(self._auth.principal_of(context).name, context)
+        self._watches.take(current_principal().name, context)
         if start == 0:
             current, _ = await self._store.db.current_revision()
             start = current + 1
