@@ -7,6 +7,8 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
+from tether_client.convert import parse_int
+
 if TYPE_CHECKING:
     from tether_server.services.limits import ServerLimits
 
@@ -34,12 +36,9 @@ _MAX = 1_000_000_000
 
 def _count(text: str) -> int:
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 0 <= value <= _MAX:
-        raise argparse.ArgumentTypeError(f"must be 0 (no cap) or 1 to {_MAX}, not {value}")
-    return value
+        return parse_int(text, maximum=_MAX)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (0 is no cap)") from None
 
 
 def add_limit_options(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ from tether_server.clock import MICROS, Clock
 from tether_server.domain import errors, paging, validation
 from tether_server.domain.lease import LeaseState, Refuse
 from tether_server.domain.validation import Limits
+from tether_server.futures import discard_outcome
 from tether_server.metrics import Metrics
 from tether_server.notify import ChangeHub
 from tether_server.services.convert import (
@@ -88,9 +89,10 @@ class LeaseService(Drains):
         self._config = config or LeaseServiceConfig()
         # Stream ids start with this process's instance id (see store/replicas.py).
         self._instance_id = instance_id or secrets.token_hex(8)
-        self._max_leases = (limits or ServerLimits()).max_leases_per_principal
+        limits = limits or ServerLimits()
+        self._max_leases = limits.max_leases_per_principal
         # One instance for every service of a server: the watch cap counts them together.
-        self._watches = watches or WatchSlots((limits or ServerLimits()).max_watches_per_principal)
+        self._watches = watches or WatchSlots(limits.max_watches_per_principal)
         super().__init__()
         # The open KeepAlive and Watch streams of this process: each one's handler task,
         # then (KeepAlive) its cleanup, so a stopping server can wait for them. An entry
@@ -237,7 +239,7 @@ class LeaseService(Drains):
                     if left is not None:
                         left.cancel()
                         # Retrieved, so asyncio never logs an answer nobody will send as lost.
-                        left.add_done_callback(_retrieve)
+                        left.add_done_callback(discard_outcome)
                 # The stream is gone whatever ended it; say so without waiting for the ttl.
                 cleanup = asyncio.ensure_future(self._store.lease_detach_stream(stream_id))
                 self._open_streams[stream_id] = cleanup
@@ -291,7 +293,7 @@ class LeaseService(Drains):
     def _stream_closed(self, stream_id: str, cleanup: asyncio.Future[Any]) -> None:
         if self._open_streams.get(stream_id) is cleanup:
             del self._open_streams[stream_id]
-        _retrieve(cleanup)
+        discard_outcome(cleanup)
 
     async def wait_streams_closed(self, timeout_s: float) -> None:
         """After the server stopped: let cancelled stream handlers finish their cleanup
@@ -585,12 +587,6 @@ def _give_up(refusal: Refuse, *, waited: bool, caller: str) -> errors.TetherErro
     return errors.WaitTimeout(
         f"gave up waiting: {error.message}", {**error.metadata, "cause": error.reason}
     )
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Marks a future's outcome as seen, so asyncio never logs it as lost."""
-    if not future.cancelled():
-        future.exception()
 
 
 def _lease_position(

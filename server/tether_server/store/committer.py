@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from tether_server.domain.errors import StoreUnavailable
+from tether_server.futures import discard_outcome
 from tether_server.store.batch import BatchResult, Pending, Retry, Unit
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class Committer:
             raise StoreUnavailable("the store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         # Retrieved even when the caller was cancelled, so asyncio never logs it as lost.
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        future.add_done_callback(discard_outcome)
         self._queue.append(_Waiting(Pending(unit, emits), future))
         self._kick.set()
         if self._task is None or self._task.done():

@@ -31,6 +31,7 @@ from typing import Any, TypeVar, cast
 
 from tether_server.clock import Clock
 from tether_server.domain.errors import StoreUnavailable, TetherError
+from tether_server.futures import discard_outcome
 from tether_server.store.batch import RACE_SQLITE_MESSAGES, BatchResult, Pending, Retry, Unit
 from tether_server.store.sql import Sql, sql
 from tether_server.store.tx import Row, Tx
@@ -318,11 +319,6 @@ def _race_or_fault(exc: Exception) -> Any:
     return exc
 
 
-def _discard_outcome(work: asyncio.Future[Any]) -> None:
-    if not work.cancelled():
-        work.exception()
-
-
 async def _unavailable_on_error(work: asyncio.Future[T]) -> T:
     """The one place SQLite's errors are interpreted. A cancelled caller never cancels the
     thread's work: it finishes (and commits or rolls back) on its own."""
@@ -331,7 +327,7 @@ async def _unavailable_on_error(work: asyncio.Future[T]) -> T:
     except asyncio.CancelledError:
         # Nobody awaits the work any more: collect its outcome so an error it ends with
         # (the caller hung up) is not logged as "never retrieved".
-        work.add_done_callback(_discard_outcome)
+        work.add_done_callback(discard_outcome)
         raise
     # A constraint violation outside a unit is a bug, not an outage.
     except (TetherError, RuntimeError, sqlite3.IntegrityError):

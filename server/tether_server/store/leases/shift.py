@@ -56,8 +56,7 @@ _SHIFT_LEASES = sql(
 @dataclass(frozen=True)
 class ShiftResult:
     step_us: int
-    # The time before the step at which the deadlines were judged.
-    at_us: int
+    # Live leases whose deadline moved.
     leases: int
     # Keys whose lock-delay moved (stored or derived from an expiry).
     keys: int
@@ -79,7 +78,7 @@ async def shift_deadlines(tx: Tx, step_us: int) -> ShiftResult:
     leases = await tx.execute(_SHIFT_LEASES, step_us, now)
     # Later units of this batch see the moved deadlines: they must judge by the new time.
     tx.now_us = now + step_us
-    return ShiftResult(step_us=step_us, at_us=now, leases=leases, keys=keys)
+    return ShiftResult(step_us=step_us, leases=leases, keys=keys)
 
 
 def committed_shifts(result: BatchResult) -> list[ShiftResult]:
