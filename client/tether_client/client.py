@@ -141,13 +141,10 @@ class TetherClient:
         attempt_timeout: float | None = None,
     ) -> Resp:
         """Send ``request`` with the unary RPC ``method(endpoint)`` under :meth:`call`."""
-
-        async def attempt(
-            endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
-        ) -> Resp:
-            return await method(endpoint)(request, timeout=left, metadata=metadata)
-
-        return await self.call(attempt, safe=safe, timeout=timeout, attempt_timeout=attempt_timeout)
+        response, _ = await self.unary_timed(
+            method, request, safe=safe, timeout=timeout, attempt_timeout=attempt_timeout
+        )
+        return response
 
     async def unary_timed(
         self,
@@ -160,7 +157,7 @@ class TetherClient:
     ) -> tuple[Resp, float]:
         """:meth:`unary`, and when (on this client's clock) the attempt that got the answer
         was sent. The server acted after that send, whatever earlier attempts did."""
-        sent_at = self.clock.monotonic()
+        sent_at = 0.0  # set by the attempt that answers (call() returns only through one)
 
         async def attempt(
             endpoint: Endpoint, left: float, metadata: tuple[tuple[str, str], ...]
@@ -255,13 +252,28 @@ class TetherClient:
         timeout: float | None = None,
     ) -> lease_pb2.RenewResponse:
         """Extend a live lease by its ttl (repeating a renewal is harmless, so it retries)."""
+        response, _ = await self.renew_timed(
+            lease_id, fencing_token, progress=progress, namespace=namespace, timeout=timeout
+        )
+        return response
+
+    async def renew_timed(
+        self,
+        lease_id: str,
+        fencing_token: int,
+        *,
+        progress: bytes | None = None,
+        namespace: str | None = None,
+        timeout: float | None = None,
+    ) -> tuple[lease_pb2.RenewResponse, float]:
+        """:meth:`renew`, and when the attempt that got the answer was sent (the new
+        deadline counts from there)."""
         request = lease_pb2.RenewRequest(
             namespace=self._ns(namespace), lease_id=lease_id, fencing_token=fencing_token
         )
         if progress is not None:
             request.progress = progress
-
-        return await self.unary(lambda e: e.lease.Renew, request, safe=True, timeout=timeout)
+        return await self.unary_timed(lambda e: e.lease.Renew, request, safe=True, timeout=timeout)
 
     async def release(
         self,

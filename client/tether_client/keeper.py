@@ -438,11 +438,8 @@ class Keeper:
         else:
             # An existing lease handed back, or one granted at some unknown moment of a
             # wait: only a renewal from a known send time gives a sound deadline.
-            request = lease_pb2.RenewRequest(
-                namespace=lease.namespace, lease_id=lease.lease_id, fencing_token=lease._token
-            )
-            renewed, sent_at = await self.client.unary_timed(
-                lambda e: e.lease.Renew, request, safe=True, timeout=timeout
+            renewed, sent_at = await self.client.renew_timed(
+                lease.lease_id, lease._token, namespace=lease.namespace, timeout=timeout
             )
             lease._acked(sent_at, duration_seconds(renewed.ttl), to_datetime(renewed.expires_at))
 

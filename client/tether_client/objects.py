@@ -49,6 +49,7 @@ from tether_client.errors import (
     UidMismatch,
 )
 from tether_client.pb import owner_ref_pb2
+from tether_client.retry import growing_delay
 
 if TYPE_CHECKING:
     from tether_client.client import TetherClient
@@ -234,14 +235,12 @@ class FinalizerWorker:
         if outcome == "refused":
             entry.refusals += 1
             entry.failures = 0
-            delay = self.refusal_retry * 2 ** min(entry.refusals - 1, 30)
-            return _jittered(min(delay, self.max_refusal_retry))
+            return growing_delay(entry.refusals, self.refusal_retry, self.max_refusal_retry)
         if outcome == "busy":
             # Someone is at it; by a ttl from now a dead holder's lease has run out too.
             return _jittered(self.ttl)
         entry.failures += 1
-        delay = self.initial_backoff * 2 ** min(entry.failures - 1, 30)
-        return _jittered(min(delay, self.max_backoff))
+        return growing_delay(entry.failures, self.initial_backoff, self.max_backoff)
 
     async def _attempt(self, seen: owner_ref_pb2.Object) -> Outcome:
         key = f"finalizers/{self.finalizer}/{seen.uid}"
