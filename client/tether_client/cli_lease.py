@@ -477,7 +477,8 @@ then SIGKILL after --grace; a lost lease is not released. SIGINT, SIGTERM and SI
 exit status:
   the command's own status (128+N if signal N killed it) when the lease was held throughout
   {EXIT_LEASE_LOST}   the lease was lost while the command ran (EX_TEMPFAIL), whatever it did;
-       also when the release finds it was revoked or expired
+       also when the release finds it was revoked or expired, and when a grant
+       arrived already lost (nothing was run)
   1    the lease could not be acquired (held, lock-delay, --wait ran out); nothing was run
   2    usage error
   126  COMMAND could not be executed;  127  COMMAND not found

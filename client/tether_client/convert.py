@@ -25,7 +25,7 @@ def seconds(value: Seconds) -> float:
 
 def to_duration(value: Seconds) -> duration_pb2.Duration:
     """A protobuf Duration; ``ValueError`` for NaN, infinities and anything longer than
-    ``MAX_DURATION_S`` (it would not fit the server's integer microseconds)."""
+    ``MAX_DURATION_S`` (no tether duration is anywhere near it: a typo, not a wish)."""
     secs = seconds(value)
     if not math.isfinite(secs) or abs(secs) > MAX_DURATION_S:
         raise ValueError(f"a duration must be finite and at most {MAX_DURATION_TEXT}: {value!r}")

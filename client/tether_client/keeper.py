@@ -19,8 +19,9 @@ was in flight. A stream that stops answering (a black-holed connection) is treat
 broken once a request goes unacknowledged for ``ack_timeout``. After ``fallback_after``
 failed streams in a row, due renewals go by unary ``Renew`` until a stream works again.
 A renewal that failed for a transient reason is retried after growing, jittered delays
-capped at half the lease's margin; unary renewals share one view of the server: after a
-failure, one renewal at a time probes it and the others wait for its outcome, so an outage
+capped at min(renew_retry_max, half the smallest margin held); unary renewals share one view
+of the server: after a failure, one renewal at a time probes it and the others wait for its
+outcome, so an outage
 costs a bounded number of calls however many leases are held.
 
 A grant's deadline counts from the send of the Acquire attempt that got it (attempts may
@@ -86,7 +87,7 @@ class KeeperConfig:
     coalesce_fraction: float = 0.1
     release_timeout: float = 10.0
     # A renewal that failed transiently is retried after a growing, jittered delay from
-    # this, capped at min(renew_retry_max, half the lease's margin): once the server is back,
+    # this, capped at min(renew_retry_max, half the smallest margin held): once the server is back,
     # the retry still lands well before the safety deadline.
     renew_retry_initial: float = 0.05
     renew_retry_max: float = 1.0
