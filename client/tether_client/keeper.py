@@ -21,8 +21,7 @@ failed streams in a row, due renewals go by unary ``Renew`` until a stream works
 A renewal that failed for a transient reason is retried after growing, jittered delays
 capped at min(renew_retry_max, half the smallest margin held); unary renewals share one view
 of the server: after a failure, one renewal at a time probes it and the others wait for its
-outcome, so an outage
-costs a bounded number of calls however many leases are held.
+outcome, so an outage costs a bounded number of calls however many leases are held.
 
 A grant's deadline counts from the send of the Acquire attempt that got it (attempts may
 span an outage); a grant whose answer arrives past its safety deadline is released, never
