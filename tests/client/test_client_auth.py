@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tests.e2e.cli_support import CLI_ENV
 from tests.support.certs import (
     CLIENT_CN,
     CLIENT_URI,
@@ -205,16 +206,7 @@ def test_an_encrypted_key_is_refused(test_pki: TestPki, tmp_path: Path) -> None:
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., Any]:
     """``cli(*argv) -> (exit status, stderr)`` of ``tether`` run in this process."""
-    for name in (
-        "TETHER_TARGET",
-        "TETHER_TLS",
-        "TETHER_CA_FILE",
-        "TETHER_CERT",
-        "TETHER_KEY",
-        "TETHER_TOKEN",
-        "TETHER_TOKEN_FILE",
-        "TETHER_INSECURE_TOKEN",
-    ):
+    for name in CLI_ENV:
         monkeypatch.delenv(name, raising=False)
 
     def run(*argv: str) -> tuple[int, str]:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,24 +43,29 @@ class Cli:
         return [sys.executable, "-m", "tether_client.cli", self.group, "--target", target, *args]
 
     def __call__(
-        self, target: str, *args: str, timeout: float = 30
+        self,
+        target: str,
+        *args: str,
+        timeout: float = 30,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
+        """Run ``tether GROUP --target TARGET ARGS``; ``env`` adds to the clean environment."""
         return subprocess.run(
             self.argv(target, *args),
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=cli_env(),
+            env={**cli_env(), **(env or {})},
             check=False,
         )
 
-    def ok(self, target: str, *args: str) -> str:
-        result = self(target, *args)
+    def ok(self, target: str, *args: str, env: Mapping[str, str] | None = None) -> str:
+        result = self(target, *args, env=env)
         assert result.returncode == 0, result.stderr
         return result.stdout
 
-    def ok_json(self, target: str, *args: str) -> Any:
-        return json.loads(self.ok(target, "--json", *args))
+    def ok_json(self, target: str, *args: str, env: Mapping[str, str] | None = None) -> Any:
+        return json.loads(self.ok(target, "--json", *args, env=env))
 
 
 def fields(text: str) -> dict[str, str]:

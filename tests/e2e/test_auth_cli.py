@@ -9,15 +9,12 @@ here; the CLI runs as ``python -m tether_client.cli``, with none of the develope
 from __future__ import annotations
 
 import hashlib
-import json
-import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.e2e.cli_support import Cli, cli_env
+from tests.e2e.cli_support import Cli
 from tests.support.certs import (
     CLIENT_URI,
     TestPki,
@@ -33,32 +30,8 @@ TOKENS = f"""\
 sha256:{hashlib.sha256(TOKEN.encode()).hexdigest()}  ci-runner  worker  default
 cert  {CLIENT_URI}  worker  default
 """
-# The connection settings the CLI reads from the environment (cli_support leaves the newer
-# ones in place).
-AUTH_ENV = ("TETHER_CERT", "TETHER_KEY", "TETHER_TOKEN_FILE", "TETHER_INSECURE_TOKEN")
-
+# `tether lease ...` in a clean environment (cli_support.CLI_ENV dropped), plus ``env=``.
 LEASE = Cli("lease")
-
-
-def tether(
-    target: str, *args: str, env: Mapping[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in cli_env().items() if k not in AUTH_ENV}
-    environment.update(env or {})
-    return subprocess.run(
-        LEASE.argv(target, *args),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=environment,
-        check=False,
-    )
-
-
-def ok_json(target: str, *args: str, env: Mapping[str, str] | None = None) -> Any:
-    result = tether(target, "--json", *args, env=env)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def start_server(
@@ -90,11 +63,11 @@ def test_acquire_and_renew_with_tls_and_a_token(
     tls_server: TlsServerProcess, test_pki: TestPki
 ) -> None:
     tls = ("--tls", "--ca-file", str(test_pki.ca), "--token", TOKEN)
-    acquired = ok_json(tls_server.target, *tls, "acquire", "ci/build", "--ttl", "30s")
+    acquired = LEASE.ok_json(tls_server.target, *tls, "acquire", "ci/build", "--ttl", "30s")
     lease = acquired["lease"]
     assert lease["principal"] == "ci-runner"
     # renew's own --token is the fencing token; the bearer token is the group's.
-    renewed = ok_json(
+    renewed = LEASE.ok_json(
         tls_server.target,
         *tls,
         "renew",
@@ -110,7 +83,7 @@ def test_connection_options_after_the_command_and_from_files(
 ) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(f"{TOKEN}\n")
-    acquired = ok_json(
+    acquired = LEASE.ok_json(
         tls_server.target,
         "acquire",
         "ci/files",
@@ -123,7 +96,7 @@ def test_connection_options_after_the_command_and_from_files(
     )
     assert acquired["lease"]["principal"] == "ci-runner"
     env = {"TETHER_TLS": "1", "TETHER_CA_FILE": str(test_pki.ca), "TETHER_TOKEN": TOKEN}
-    got = ok_json(tls_server.target, "get", "ci/files", env=env)
+    got = LEASE.ok_json(tls_server.target, "get", "ci/files", env=env)
     assert got["lease_id"] == acquired["lease"]["lease_id"]
 
 
@@ -131,17 +104,17 @@ def test_a_wrong_or_missing_token_is_refused(
     tls_server: TlsServerProcess, test_pki: TestPki
 ) -> None:
     tls = ("--ca-file", str(test_pki.ca))
-    wrong = tether(tls_server.target, *tls, "--token", "wrong-token-0123456789", "list")
+    wrong = LEASE(tls_server.target, *tls, "--token", "wrong-token-0123456789", "list")
     assert wrong.returncode == 1
     assert wrong.stderr.startswith("tether: INVALID_CREDENTIALS: "), wrong.stderr
-    missing = tether(tls_server.target, *tls, "list")
+    missing = LEASE(tls_server.target, *tls, "list")
     assert missing.returncode == 1
     assert missing.stderr.startswith("tether: CREDENTIALS_REQUIRED: "), missing.stderr
 
 
 def test_plaintext_to_a_tls_port_fails(tls_server: TlsServerProcess) -> None:
     # Loopback: the token may go in plaintext, but the TLS port does not speak it.
-    result = tether(tls_server.target, "--timeout", "2s", "--token", TOKEN, "list")
+    result = LEASE(tls_server.target, "--timeout", "2s", "--token", TOKEN, "list")
     assert result.returncode == 1
     assert result.stderr.startswith("tether: UNAVAILABLE: "), result.stderr
 
@@ -151,10 +124,10 @@ def test_mutual_tls_with_a_client_certificate(
 ) -> None:
     pair = test_pki.client_uri
     mtls = ("--ca-file", str(test_pki.ca), "--cert", str(pair.cert), "--key", str(pair.key))
-    acquired = ok_json(mtls_server.target, *mtls, "acquire", "agents/a", "--ttl", "30s")
+    acquired = LEASE.ok_json(mtls_server.target, *mtls, "acquire", "agents/a", "--ttl", "30s")
     assert acquired["lease"]["principal"] == CLIENT_URI
     stranger = test_pki.stranger
-    refused = tether(
+    refused = LEASE(
         mtls_server.target,
         "--timeout",
         "2s",

@@ -191,9 +191,10 @@ async def test_real_clocks_sqlite_corrects_postgresql_follows_the_database_clock
         moved = ts_us(now.expires_at) - ts_us(lease.expires_at)
         if server.db.is_sqlite:
             # The process clock is the store's clock: the step was detected and corrected
-            # (measured between two reads of both clocks, hence not exact).
+            # (measured from paired reads of both clocks, off by however long the process
+            # was paused between the two reads of a pair: bounded by the step threshold).
             assert result.shift is not None
-            assert abs(moved - HOUR) < S // 2, moved
+            assert abs(moved - HOUR) < 5 * S, moved
             return
         # PostgreSQL: deadlines follow the database's clock on this host's monotonic clock,
         # which the step did not touch: nothing to correct.
