@@ -1,4 +1,5 @@
-"""The committed generated code matches protos/, and protos/ pass buf lint.
+"""The committed generated code and vendored error protos match what `make proto` makes, and
+protos/ pass buf lint.
 
 ``buf breaking`` needs a base to compare against (a tag or main); it runs where one exists,
 not here.
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROTOS = ROOT / "protos"
 GEN_DIR = ROOT / "client" / "tether_client" / "_gen"
 GEN_SCRIPT = ROOT / "tools" / "gen_protos.py"
+VENDORED = PROTOS / "google"
 
 LEASE_RPCS = {
     "Acquire",
@@ -63,8 +65,9 @@ def _rpcs_in_protos() -> dict[str, set[str]]:
 
 def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     out = tmp_path / "gen"
+    vendored = tmp_path / "google"
     result = subprocess.run(
-        [sys.executable, str(GEN_SCRIPT), str(out)],
+        [sys.executable, str(GEN_SCRIPT), str(out), str(vendored)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -82,6 +85,17 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     assert not extra, f"stale generated files: {extra}: run `make proto`"
     changed = sorted(name for name in fresh if fresh[name] != committed[name])
     assert not changed, f"generated code differs from protos/ in {changed}: run `make proto`"
+    assert _generated_files(vendored) == _generated_files(VENDORED), (
+        "protos/google differs from the pinned googleapis-common-protos: run `make proto`"
+    )
+
+
+def test_error_protos_ship_with_the_api() -> None:
+    """``protoc -I protos`` finds everything a client needs to read a refusal."""
+    for name in ("rpc/status.proto", "rpc/error_details.proto", "LICENSE"):
+        assert (VENDORED / name).is_file(), f"protos/google/{name} is missing"
+    assert "message ErrorInfo" in (VENDORED / "rpc" / "error_details.proto").read_text()
+    assert "Apache License" in (VENDORED / "LICENSE").read_text()
 
 
 def test_buf_lint() -> None:
