@@ -410,7 +410,7 @@ class InvalidSagaState(FailedPrecondition):
 
     @property
     def state(self) -> str:
-        """The saga's state as the server named it (``COMPENSATING``), or empty."""
+        """The saga's state by its proto name (``SAGA_STATE_COMPENSATING``), or empty."""
         return self.metadata.get("state", "")
 
 

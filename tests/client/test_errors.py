@@ -194,9 +194,11 @@ async def test_invalid_field_from_the_server(
 
 def test_saga_refusals_read_their_facts() -> None:
     failed = grpc.StatusCode.FAILED_PRECONDITION
-    state = errors.error_for(failed, "INVALID_SAGA_STATE", "no", {"state": "COMPENSATING"})
+    state = errors.error_for(
+        failed, "INVALID_SAGA_STATE", "no", {"state": "SAGA_STATE_COMPENSATING"}
+    )
     assert isinstance(state, errors.InvalidSagaState)
-    assert state.state == "COMPENSATING"
+    assert state.state == "SAGA_STATE_COMPENSATING"
     conflict = errors.error_for(failed, "STEP_CONFLICT", "no", {"step_index": "2"})
     assert isinstance(conflict, errors.StepConflict)
     assert conflict.step_index == 2

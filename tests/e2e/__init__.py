@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from tests.support import error_contract
 from tests.support.server_process import ServerProcess
 from tether_client.pb import lease_pb2, lease_pb2_grpc
 
@@ -34,6 +35,7 @@ def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
             for detail in status.details:
                 info = error_details_pb2.ErrorInfo()
                 if detail.Unpack(info):
+                    error_contract.check(exc.code(), info.reason, info.metadata)
                     return info
     raise AssertionError(f"no ErrorInfo in the trailers of {exc!r}")
 

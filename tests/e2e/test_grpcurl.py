@@ -1,6 +1,6 @@
 """The real grpcurl binary against a real ``tether serve``: reflection, JSON, ErrorInfo, health.
 
-DESIGN.md promises that grpcurl works out of the box. Every test here runs grpcurl v1.8.6
+grpcurl works out of the box (docs/operations.md, docs/grpcurl.md). Every test here runs grpcurl v1.8.6
 as a subprocess, exactly as an operator would type it, on both backends.
 """
 

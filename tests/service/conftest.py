@@ -23,6 +23,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from tests.support import error_contract
 from tether_client.pb import lease_pb2, lease_pb2_grpc
 from tether_server.app import TetherServer
 from tether_server.clock import FakeClock
@@ -138,6 +139,7 @@ def error_info(exc: BaseException) -> tuple[grpc.StatusCode, str, dict[str, str]
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
             assert info.domain == ERROR_DOMAIN, info
+            error_contract.check(exc.code(), info.reason, info.metadata)
             return exc.code(), info.reason, dict(info.metadata)
     return exc.code(), "", {}
 

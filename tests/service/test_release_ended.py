@@ -32,8 +32,8 @@ async def test_release_after_the_deadline_is_refused_as_expired(tether: Harness)
     metadata = await expect_error(tether.stub.Release(release_request(lease)), FP, "LEASE_EXPIRED")
     assert metadata == {
         "lease_id": lease.lease_id,
-        "state": "EXPIRED",
-        "expired_at": format_us(ts_us(lease.expires_at)),
+        "state": "LEASE_STATE_EXPIRED",
+        "expires_at": format_us(ts_us(lease.expires_at)),
     }
     assert await tether.snapshot() == before  # a refusal writes nothing
     # Once the expiry is recorded the answer is the same.
@@ -42,7 +42,7 @@ async def test_release_after_the_deadline_is_refused_as_expired(tether: Harness)
     assert recorded.state == lease_pb2.LEASE_STATE_EXPIRED
     tether.clock.advance(60)
     metadata = await expect_error(tether.stub.Release(release_request(lease)), FP, "LEASE_EXPIRED")
-    assert metadata["expired_at"] == format_us(ts_us(lease.expires_at))
+    assert metadata["expires_at"] == format_us(ts_us(lease.expires_at))
     assert await tether.get(lease.lease_id) == recorded
 
 
@@ -59,7 +59,7 @@ async def test_release_after_a_revocation_is_refused_as_revoked(tether: Harness)
     assert revoked.state == lease_pb2.LEASE_STATE_REVOKED
     before = await tether.snapshot()
     metadata = await expect_error(tether.stub.Release(release_request(lease)), FP, "LEASE_REVOKED")
-    assert metadata == {"lease_id": lease.lease_id, "state": "REVOKED"}
+    assert metadata == {"lease_id": lease.lease_id, "state": "LEASE_STATE_REVOKED"}
     assert await tether.snapshot() == before
     # The refusal did not cut the revocation's lock-delay short either.
     await expect_error(

@@ -188,7 +188,7 @@ STEPS_AND_COMPENSATIONS = [
         lambda s: s.api.step("comp", s.compensating, 3, "d"),
         FP,
         "INVALID_SAGA_STATE",
-        metadata={"state": "COMPENSATING"},
+        metadata={"state": "SAGA_STATE_COMPENSATING"},
     ),
     Case(
         "compensation-for-a-step-never-recorded",
@@ -244,7 +244,7 @@ STEPS_AND_COMPENSATIONS = [
         lambda s: s.api.compensate("run", s.running, 0),
         FP,
         "INVALID_SAGA_STATE",
-        metadata={"state": "RUNNING"},
+        metadata={"state": "SAGA_STATE_RUNNING"},
     ),
     Case(
         "fabricated-fence",
@@ -299,11 +299,11 @@ STEPS_AND_COMPENSATIONS = [
         lambda s: s.api.mark("run", 0),
         FP,
         "INVALID_SAGA_STATE",
-        metadata={"state": "RUNNING"},
+        metadata={"state": "SAGA_STATE_RUNNING"},
     ),
 ]
 
-_DONE = {"state": "COMPLETED"}
+_DONE = {"state": "SAGA_STATE_COMPLETED"}
 
 AFTER_COMPLETION = [
     Case(

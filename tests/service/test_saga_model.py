@@ -1597,7 +1597,7 @@ async def test_claims_never_take_an_overdue_saga(tether: Harness, model_api: Sag
     refused = await outcome(api.heartbeat("late-run", fence))
     assert isinstance(refused, Refusal)
     assert refused.key == E_STATE
-    assert refused.metadata["state"] == "RUNNING"
+    assert refused.metadata["state"] == "SAGA_STATE_RUNNING"
     nothing = await outcome(api.claim(kind="late", holder="w2"))
     assert isinstance(nothing, Refusal)
     assert nothing.key == E_NOTHING

@@ -383,7 +383,7 @@ async def test_renew_after_deadline_never_resurrects(
         lease_store, lease, Renewal(lease.lease_id, 1, b"late"), errors.LeaseExpired
     )
 
-    assert exc.metadata["expired_at"] == format_us(lease.expires_at_us)
+    assert exc.metadata["expires_at"] == format_us(lease.expires_at_us)
     stored = await lease_store.lease_get(NS, lease.lease_id)
     assert stored.expires_at_us == lease.expires_at_us
     assert stored.state is LeaseState.EXPIRED
@@ -536,7 +536,7 @@ async def test_release_after_deadline_is_refused_and_writes_nothing(
     with pytest.raises(errors.LeaseExpired) as refused:
         await lease_store.lease_release(release_params(lease))
 
-    assert refused.value.metadata["expired_at"] == format_us(lease.expires_at_us)
+    assert refused.value.metadata["expires_at"] == format_us(lease.expires_at_us)
     # The expiry is the loop's to record, not the refused release's.
     assert await events_of(lease_store, lease.lease_id) == [LeaseEventType.ACQUIRED]
     await lease_store.lease_expire_due()
@@ -555,7 +555,7 @@ async def test_release_after_revoke_is_refused(
     revoked = await lease_store.lease_revoke(RevokeParams(lease.namespace, lease.lease_id))
     with pytest.raises(errors.LeaseRevoked) as refused:
         await lease_store.lease_release(release_params(lease))
-    assert refused.value.metadata == {"lease_id": lease.lease_id, "state": "REVOKED"}
+    assert refused.value.metadata == {"lease_id": lease.lease_id, "state": "LEASE_STATE_REVOKED"}
     assert await lease_store.lease_get(lease.namespace, lease.lease_id) == revoked
 
 

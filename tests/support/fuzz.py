@@ -41,6 +41,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import strategies as st
 
+from tests.support import error_contract
+
 GEN_PACKAGE = "tether_client._gen.tether.v1"
 
 Metadata = tuple[tuple[str, str], ...]
@@ -762,6 +764,7 @@ class Outcome:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
+                error_contract.check(self.code, info.reason, info.metadata)
                 where = info.metadata.get("field", "")
                 return f"{info.reason}:{where}" if where else info.reason
         return NO_ERROR_INFO

@@ -1,13 +1,16 @@
-"""The committed generated code and vendored error protos match what `make proto` makes, and
-protos/ pass buf lint.
+"""The committed generated code and vendored error protos match what `make proto` makes,
+protos/ pass buf lint, and the API stays compatible with the published baseline.
 
-``buf breaking`` needs a base to compare against (a tag or main); it runs where one exists,
-not here.
+``tests/data/api-baseline.binpb`` is the buf image of ``tether.v1`` as first published
+(``buf build -o tests/data/api-baseline.binpb``); ``buf breaking`` (FILE rules) checks the
+protos against it, so a change that would break a generated client fails here. Rebuild it
+only when a new major version starts.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +26,7 @@ PROTOS = ROOT / "protos"
 GEN_DIR = ROOT / "client" / "tether_client" / "_gen"
 GEN_SCRIPT = ROOT / "tools" / "gen_protos.py"
 VENDORED = PROTOS / "google"
+BASELINE = ROOT / "tests" / "data" / "api-baseline.binpb"
 
 LEASE_RPCS = {
     "Acquire",
@@ -110,6 +114,35 @@ def test_buf_lint() -> None:
         check=False,
     )
     assert result.returncode == 0, f"buf lint failed:\n{result.stdout}{result.stderr}"
+
+
+def _buf_breaking(workspace: Path) -> subprocess.CompletedProcess[str]:
+    buf = Path(sys.executable).parent / "buf"
+    return subprocess.run(
+        [str(buf), "breaking", "--against", str(BASELINE)],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_api_is_compatible_with_the_baseline() -> None:
+    result = _buf_breaking(ROOT)
+    assert result.returncode == 0, f"buf breaking against the baseline:\n{result.stdout}"
+
+
+def test_a_breaking_change_is_caught(tmp_path: Path) -> None:
+    shutil.copytree(PROTOS, tmp_path / "protos")
+    shutil.copy(ROOT / "buf.yaml", tmp_path / "buf.yaml")
+    lease = tmp_path / "protos" / "tether" / "v1" / "lease.proto"
+    field = "  uint64 fencing_token = 6;\n"
+    assert field in lease.read_text()
+    lease.write_text(lease.read_text().replace(field, "  reserved 6;\n"))
+    result = _buf_breaking(tmp_path)
+    assert result.returncode != 0
+    assert "fencing_token" in result.stdout
 
 
 def test_every_service_and_rpc_is_generated() -> None:

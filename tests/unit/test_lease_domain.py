@@ -328,13 +328,13 @@ def test_release_of_an_expired_or_revoked_lease_is_refused() -> None:
             decide_release(lease, "lease-1", "default", 3, "worker-1", "alice", DEADLINE)
         assert expired.value.metadata == {
             "lease_id": "lease-1",
-            "state": "EXPIRED",
-            "expired_at": format_us(DEADLINE),
+            "state": "LEASE_STATE_EXPIRED",
+            "expires_at": format_us(DEADLINE),
         }
     revoked = make_lease(state=LeaseState.REVOKED, ended_at_us=T0)
     with pytest.raises(errors.LeaseRevoked) as exc:
         decide_release(revoked, "lease-1", "default", 3, "worker-1", "alice", T0)
-    assert exc.value.metadata == {"lease_id": "lease-1", "state": "REVOKED"}
+    assert exc.value.metadata == {"lease_id": "lease-1", "state": "LEASE_STATE_REVOKED"}
 
 
 def test_revoke_decisions() -> None:
@@ -389,8 +389,8 @@ def test_renewal_refusal_order() -> None:
     assert isinstance(refusal, errors.LeaseExpired)
     assert refusal.metadata == {
         "lease_id": "lease-1",
-        "state": "EXPIRED",
-        "expired_at": format_us(DEADLINE),
+        "state": "LEASE_STATE_EXPIRED",
+        "expires_at": format_us(DEADLINE),
     }
     recorded = make_lease(state=LeaseState.EXPIRED, ended_at_us=DEADLINE)
     assert isinstance(
@@ -409,7 +409,7 @@ def test_renewal_refusal_order() -> None:
 def test_ended_error_names_the_state(state: LeaseState, error: type[errors.TetherError]) -> None:
     exc = ended_error(make_lease(state=state), T0)
     assert type(exc) is error
-    assert exc.metadata["state"] == state.value
+    assert exc.metadata["state"] == state.proto_name
     assert exc.reason == f"LEASE_{state.value}"
 
 

@@ -24,6 +24,11 @@ class LeaseState(StrEnum):
     EXPIRED = "EXPIRED"
     REVOKED = "REVOKED"
 
+    @property
+    def proto_name(self) -> str:
+        """The LeaseState value name clients see (in Lease.state and in error metadata)."""
+        return f"LEASE_STATE_{self.value}"
+
 
 class LeaseEventType(StrEnum):
     ACQUIRED = "ACQUIRED"
@@ -161,14 +166,14 @@ def lease_held(current: Lease) -> errors.LeaseHeld:
 def ended_error(lease: Lease, now_us: int) -> errors.TetherError:
     """The error for acting on a lease that is no longer live."""
     state = lease.effective_state(now_us)
-    facts = {"lease_id": lease.lease_id, "state": state.value}
+    facts = {"lease_id": lease.lease_id, "state": state.proto_name}
     if state is LeaseState.RELEASED:
         return errors.LeaseReleased(f"lease {lease.lease_id} was released", facts)
     if state is LeaseState.REVOKED:
         return errors.LeaseRevoked(f"lease {lease.lease_id} was revoked", facts)
-    expired_at = format_us(lease.expires_at_us)
+    expires_at = format_us(lease.expires_at_us)
     return errors.LeaseExpired(
-        f"lease {lease.lease_id} expired at {expired_at}", {**facts, "expired_at": expired_at}
+        f"lease {lease.lease_id} expired at {expires_at}", {**facts, "expires_at": expires_at}
     )
 
 

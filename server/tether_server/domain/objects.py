@@ -21,6 +21,7 @@ from enum import Enum
 from typing import Any
 
 from tether_server.domain import errors
+from tether_server.domain.time import format_us
 
 FOREGROUND_FINALIZER = "foregroundDeletion"
 ORPHAN_FINALIZER = "orphan"
@@ -135,7 +136,7 @@ def exists(obj: Obj) -> errors.ObjectExists:
 def terminating(obj: Obj, what: str) -> errors.ObjectTerminating:
     return errors.ObjectTerminating(
         f"{obj.key} is being deleted: {what}",
-        {"uid": obj.uid, "deletion_timestamp_us": str(obj.deletion_ts_us)},
+        {"uid": obj.uid, "deletion_timestamp": format_us(obj.deletion_ts_us or 0)},
     )
 
 

@@ -31,6 +31,11 @@ class SagaState(StrEnum):
     QUARANTINED = "QUARANTINED"
     CANCELLED = "CANCELLED"
 
+    @property
+    def proto_name(self) -> str:
+        """The SagaState value name clients see (in Saga.state and in error metadata)."""
+        return f"SAGA_STATE_{self.value}"
+
 
 TERMINAL = frozenset(
     {
@@ -55,6 +60,10 @@ class OnStale(StrEnum):
 class Purpose(StrEnum):
     EXECUTE = "EXECUTE"
     COMPENSATE = "COMPENSATE"
+
+    @property
+    def proto_name(self) -> str:
+        return f"CLAIM_PURPOSE_{self.value}"
 
 
 class StepStatus(StrEnum):
@@ -247,14 +256,14 @@ def not_found(namespace: str, saga_id: str) -> errors.SagaNotFound:
 def terminal_error(saga: Saga) -> errors.SagaTerminal:
     return errors.SagaTerminal(
         f"saga {saga.saga_id!r} is {saga.state.value}: it accepts only annotations",
-        {"saga_id": saga.saga_id, "state": saga.state.value},
+        {"saga_id": saga.saga_id, "state": saga.state.proto_name},
     )
 
 
 def state_error(saga: Saga, why: str) -> errors.InvalidSagaState:
     return errors.InvalidSagaState(
         f"saga {saga.saga_id!r} is {saga.state.value}: {why}",
-        {"saga_id": saga.saga_id, "state": saga.state.value},
+        {"saga_id": saga.saga_id, "state": saga.state.proto_name},
     )
 
 
@@ -313,7 +322,8 @@ def check_fence(saga: Saga, fence: Fence, lease: Lease | None, principal: str, n
         raise state_error(saga, f"the claim ended ({reason})")
     if lease is None:
         raise errors.LeaseNotFound(
-            f"the claim's lease {fence.lease_id} no longer exists", {"lease_id": fence.lease_id}
+            f"the claim's lease {fence.lease_id} no longer exists",
+            {"lease_id": fence.lease_id, "namespace": saga.namespace},
         )
     if lease.principal != principal:
         raise not_holder(lease, principal)

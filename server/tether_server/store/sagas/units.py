@@ -244,7 +244,7 @@ async def claim(tx: Tx, p: ClaimParams) -> Claimed | Refused:
     return Refused(
         errors.NothingClaimable(
             f"no saga of kind {p.kind!r} is claimable for {p.purpose.value.lower()} now",
-            {"kind": p.kind, "purpose": p.purpose.value},
+            {"kind": p.kind, "purpose": p.purpose.proto_name},
         )
     )
 
@@ -294,7 +294,7 @@ async def _claim_lease(tx: Tx, p: ClaimParams, saga: Saga) -> Lease | Refused:
             return Refused(
                 errors.LeaseNotFound(
                     f"no lease {p.existing.lease_id!r} in namespace {p.namespace!r}",
-                    {"lease_id": p.existing.lease_id},
+                    {"lease_id": p.existing.lease_id, "namespace": p.namespace},
                 )
             )
         if lease.principal != p.principal:

@@ -29,249 +29,412 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     DESCRIPTOR: _descriptor.EnumDescriptor
     ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
     ERROR_REASON_INVALID_FIELD: _ErrorReason.ValueType  # 1
-    """INVALID_ARGUMENT: a field is missing, malformed or out of bounds; metadata "field"."""
+    """INVALID_ARGUMENT: a field is missing, malformed or out of bounds.
+    Metadata: "field" (its path, e.g. "renewals[2].ttl").
+    """
     ERROR_REASON_MALFORMED_REQUEST: _ErrorReason.ValueType  # 2
-    """INVALID_ARGUMENT: the request bytes could not be decoded."""
+    """INVALID_ARGUMENT: the request bytes could not be decoded.
+    Metadata: "method".
+    """
     ERROR_REASON_INVALID_PAGE_TOKEN: _ErrorReason.ValueType  # 3
-    """INVALID_ARGUMENT: the page token was not issued by this server for this query."""
+    """INVALID_ARGUMENT: the page token was not issued by this server for this query.
+    Metadata: "field" (always "page_token").
+    """
     ERROR_REASON_LEASE_HELD: _ErrorReason.ValueType  # 4
-    """FAILED_PRECONDITION: another holder has the key; metadata "holder", "expires_at"."""
+    """FAILED_PRECONDITION: another holder has the key.
+    Metadata: "key", "holder", "expires_at"; to the principal holding the lease also
+    "lease_id", "fencing_token".
+    """
     ERROR_REASON_LOCK_DELAY: _ErrorReason.ValueType  # 5
-    """FAILED_PRECONDITION: the key is in its lock-delay after an expiry; metadata "available_at"."""
+    """FAILED_PRECONDITION: the key is in its lock-delay after an expiry.
+    Metadata: "key", "available_at".
+    """
     ERROR_REASON_LEASE_EXPIRED: _ErrorReason.ValueType  # 6
-    """FAILED_PRECONDITION: the lease passed its deadline; it is never resurrected."""
+    """FAILED_PRECONDITION: the lease passed its deadline; it is never resurrected.
+    Metadata: "lease_id", "state" (LEASE_STATE_EXPIRED), "expires_at" (the deadline passed).
+    """
     ERROR_REASON_LEASE_RELEASED: _ErrorReason.ValueType  # 7
-    """FAILED_PRECONDITION: the lease was released by its holder."""
+    """FAILED_PRECONDITION: the lease was released by its holder.
+    Metadata: "lease_id", "state".
+    """
     ERROR_REASON_LEASE_REVOKED: _ErrorReason.ValueType  # 8
-    """FAILED_PRECONDITION: the lease was revoked by an admin."""
+    """FAILED_PRECONDITION: the lease was revoked by an admin.
+    Metadata: "lease_id", "state".
+    """
     ERROR_REASON_LEASE_NOT_FOUND: _ErrorReason.ValueType  # 9
-    """NOT_FOUND: no lease with this id (in this namespace), or no lease for this key."""
+    """NOT_FOUND: no lease with this id (in this namespace), or no lease for this key.
+    Metadata: "namespace"; by id "lease_id", by key "key".
+    """
     ERROR_REASON_STALE_FENCING_TOKEN: _ErrorReason.ValueType  # 10
-    """FAILED_PRECONDITION: the fencing token is not the lease's current one."""
+    """FAILED_PRECONDITION: the fencing token is not the lease's (or the saga claim's) current
+    one. Metadata: "lease_id", "presented_token"; when there is one "current_token"; on a
+    saga call "saga_id".
+    """
     ERROR_REASON_NOT_LEASE_HOLDER: _ErrorReason.ValueType  # 11
-    """PERMISSION_DENIED: the caller is not the lease's holder."""
+    """PERMISSION_DENIED: the caller is not the lease's holder.
+    Metadata: "lease_id", "holder".
+    """
     ERROR_REASON_ADMIN_REQUIRED: _ErrorReason.ValueType  # 12
-    """PERMISSION_DENIED: the call needs an admin principal."""
+    """PERMISSION_DENIED: the call needs an admin principal.
+    Metadata: "principal", "namespace", "method", "required_role", "role".
+    """
     ERROR_REASON_REVISION_COMPACTED: _ErrorReason.ValueType  # 13
-    """OUT_OF_RANGE: the watch revision was purged (compacted); metadata "compact_revision"."""
+    """OUT_OF_RANGE: the watch revision was purged (compacted).
+    Metadata: "compact_revision", "requested_revision".
+    """
     ERROR_REASON_WAIT_TIMEOUT: _ErrorReason.ValueType  # 14
-    """DEADLINE_EXCEEDED: the wait for a key ran out; metadata as LEASE_HELD."""
+    """DEADLINE_EXCEEDED: the wait for a key ran out.
+    Metadata: "cause" (LEASE_HELD or LOCK_DELAY); the cause's own keys "key", "holder",
+    "expires_at", "lease_id", "fencing_token", "available_at", as that reason sends them.
+    """
     ERROR_REASON_KEEPALIVE_IDLE: _ErrorReason.ValueType  # 15
-    """DEADLINE_EXCEEDED: a keep-alive stream sent nothing for too long."""
+    """DEADLINE_EXCEEDED: a keep-alive stream sent nothing for too long.
+    Metadata: "idle_timeout".
+    """
     ERROR_REASON_STORE_UNAVAILABLE: _ErrorReason.ValueType  # 16
-    """UNAVAILABLE: the store cannot be reached; retry with backoff."""
+    """UNAVAILABLE: the store cannot be reached; retry with backoff (RetryInfo says when).
+    Metadata: none.
+    """
     ERROR_REASON_SERVER_DRAINING: _ErrorReason.ValueType  # 17
-    """UNAVAILABLE: the server is draining; reconnect to another replica."""
+    """UNAVAILABLE: the server is draining; reconnect to another replica.
+    Metadata: none; on lease streams "instance_id" (the draining server).
+    """
     ERROR_REASON_REQUEST_ID_CONFLICT: _ErrorReason.ValueType  # 18
-    """ALREADY_EXISTS: a request id or client-chosen id was reused with different content."""
+    """ALREADY_EXISTS: a request id or client-chosen id was reused with different content.
+    Metadata: none always; for Acquire "request_id" and, to the principal that made the
+    first acquire, "lease_id"; for CreateObject "request_id", "uid"; for CreateSaga
+    "saga_id".
+    """
     ERROR_REASON_NOT_IMPLEMENTED: _ErrorReason.ValueType  # 19
-    """UNIMPLEMENTED: the RPC belongs to an area not built yet."""
+    """UNIMPLEMENTED: the RPC belongs to an area not built yet (no current RPC sends it).
+    Metadata: none.
+    """
     ERROR_REASON_SAGA_TERMINAL: _ErrorReason.ValueType  # 20
-    """FAILED_PRECONDITION: the saga is terminal and accepts only annotations."""
+    """FAILED_PRECONDITION: the saga is terminal and accepts only annotations.
+    Metadata: "saga_id", "state".
+    """
     ERROR_REASON_RESOURCE_VERSION_CONFLICT: _ErrorReason.ValueType  # 21
-    """ABORTED: the resource version did not match (compare-and-set lost)."""
+    """ABORTED: the resource version did not match (compare-and-set lost).
+    Metadata: "resource_version" (the current one), "expected".
+    """
     ERROR_REASON_OWNER_CYCLE: _ErrorReason.ValueType  # 22
-    """FAILED_PRECONDITION: the owner references would form a cycle."""
+    """FAILED_PRECONDITION: the owner references would form a cycle.
+    Metadata: "uid", "owner_uid".
+    """
     ERROR_REASON_SAGA_NOT_FOUND: _ErrorReason.ValueType  # 23
-    """NOT_FOUND: no saga with this id."""
+    """NOT_FOUND: no saga with this id.
+    Metadata: "saga_id", "namespace".
+    """
     ERROR_REASON_OBJECT_NOT_FOUND: _ErrorReason.ValueType  # 24
-    """NOT_FOUND: no object with this name or uid."""
+    """NOT_FOUND: no object with this name or uid.
+    Metadata: "namespace", "kind", "name", "uid" (empty when the request did not give it).
+    """
     ERROR_REASON_NOTHING_CLAIMABLE: _ErrorReason.ValueType  # 25
-    """FAILED_PRECONDITION: nothing is claimable right now."""
+    """FAILED_PRECONDITION: nothing is claimable right now.
+    Metadata: none always; by kind "kind", "purpose"; by id "saga_id", "not_before".
+    """
     ERROR_REASON_INVALID_SAGA_STATE: _ErrorReason.ValueType  # 26
     """FAILED_PRECONDITION: the saga is not in a state that allows this call (e.g. a step on
-    a COMPENSATING saga, or a claim ended by a cancel); metadata "state".
+    a COMPENSATING saga, or a claim ended by a cancel).
+    Metadata: "saga_id", "state".
     """
     ERROR_REASON_STEP_NOT_FOUND: _ErrorReason.ValueType  # 27
-    """NOT_FOUND: the saga has no step (or compensation) with this index; metadata "step_index"."""
+    """NOT_FOUND: the saga has no step (or compensation) with this index.
+    Metadata: "saga_id", "step_index".
+    """
     ERROR_REASON_STEP_CONFLICT: _ErrorReason.ValueType  # 28
     """FAILED_PRECONDITION: the step record conflicts with the log (another name at this
-    index, or a status it cannot move to); metadata "step_index".
+    index, or a status it cannot move to).
+    Metadata: "saga_id", "step_index", "step" (the name in the log).
     """
     ERROR_REASON_COMPENSATION_OUT_OF_ORDER: _ErrorReason.ValueType  # 29
-    """FAILED_PRECONDITION: compensations run in reverse step order; metadata "next_step_index"."""
+    """FAILED_PRECONDITION: compensations run in reverse step order.
+    Metadata: "saga_id", "next_step_index".
+    """
     ERROR_REASON_SAGA_CLAIMED: _ErrorReason.ValueType  # 30
-    """FAILED_PRECONDITION: the saga is claimed by a live lease; metadata "holder"."""
+    """FAILED_PRECONDITION: the saga is claimed by a live lease.
+    Metadata: "saga_id", "holder"; when the claim's lease is known "expires_at".
+    """
     ERROR_REASON_OBJECT_EXISTS: _ErrorReason.ValueType  # 31
     """ALREADY_EXISTS: an object of this kind and name exists (possibly terminating: a name
-    is free again only once the object is gone); metadata "uid", "terminating".
+    is free again only once the object is gone).
+    Metadata: "uid", "terminating" ("true" or "false").
     """
     ERROR_REASON_OBJECT_TERMINATING: _ErrorReason.ValueType  # 32
     """FAILED_PRECONDITION: the object is terminating; no finalizer can be added and the
-    deletion cannot be undone; metadata "uid", "deletion_timestamp".
+    deletion cannot be undone.
+    Metadata: "uid", "deletion_timestamp".
     """
     ERROR_REASON_OWNER_NOT_FOUND: _ErrorReason.ValueType  # 33
     """FAILED_PRECONDITION: an owner reference names no live owner in this namespace
-    (absent uid, an ended lease, another namespace); metadata "owner_uid", "owner_kind".
+    (absent uid, an ended lease, another namespace).
+    Metadata: "owner_uid", "owner_kind".
     """
     ERROR_REASON_UID_MISMATCH: _ErrorReason.ValueType  # 34
     """FAILED_PRECONDITION: the object's uid is not the one the request expected (it was
-    deleted and recreated); metadata "uid", "expected_uid".
+    deleted and recreated).
+    Metadata: "uid", "expected_uid".
     """
     ERROR_REASON_SWEEP_REPORT_NOT_FOUND: _ErrorReason.ValueType  # 35
-    """NOT_FOUND: GetSweepReport names no stored report (never written, or purged)."""
+    """NOT_FOUND: GetSweepReport names no stored report (never written, or purged).
+    Metadata: "sweep_id".
+    """
     ERROR_REASON_CREDENTIALS_REQUIRED: _ErrorReason.ValueType  # 36
     """UNAUTHENTICATED: the server needs credentials (a bearer token or a client
     certificate) and the call carried none.
+    Metadata: none.
     """
     ERROR_REASON_INVALID_CREDENTIALS: _ErrorReason.ValueType  # 37
-    """UNAUTHENTICATED: the bearer token is malformed or unknown to the server."""
+    """UNAUTHENTICATED: the bearer token is malformed or unknown to the server.
+    Metadata: none.
+    """
     ERROR_REASON_NAMESPACE_FORBIDDEN: _ErrorReason.ValueType  # 38
-    """PERMISSION_DENIED: the principal has no role in this namespace; metadata "principal",
-    "namespace".
+    """PERMISSION_DENIED: the principal has no role in this namespace.
+    Metadata: "principal", "namespace", "method".
     """
     ERROR_REASON_ROLE_REQUIRED: _ErrorReason.ValueType  # 39
-    """PERMISSION_DENIED: the principal's role in this namespace is not enough for the call;
-    metadata "principal", "namespace", "required_role".
+    """PERMISSION_DENIED: the principal's role in this namespace is not enough for the call.
+    Metadata: "principal", "namespace", "method"; when some role may call it
+    "required_role", "role".
     """
     ERROR_REASON_CONCURRENCY_LIMIT: _ErrorReason.ValueType  # 40
     """RESOURCE_EXHAUSTED: the server is answering as many calls as it allows at once; retry
-    with backoff; metadata "limit".
+    with backoff (RetryInfo says when).
+    Metadata: "limit".
     """
     ERROR_REASON_STREAM_LIMIT: _ErrorReason.ValueType  # 41
-    """RESOURCE_EXHAUSTED: this connection has as many open streams as allowed; metadata
-    "limit".
+    """RESOURCE_EXHAUSTED: this connection has as many open streams as allowed.
+    Metadata: "limit".
     """
     ERROR_REASON_MESSAGE_TOO_LARGE: _ErrorReason.ValueType  # 42
-    """RESOURCE_EXHAUSTED: a request message is larger than the server accepts; metadata
-    "limit_bytes", "size_bytes".
+    """RESOURCE_EXHAUSTED: a request message is larger than the server accepts.
+    Metadata: "method", "limit_bytes", "size_bytes".
     """
     ERROR_REASON_LEASE_LIMIT: _ErrorReason.ValueType  # 43
-    """RESOURCE_EXHAUSTED: the principal holds as many live leases as allowed; metadata
-    "principal", "limit".
+    """RESOURCE_EXHAUSTED: the principal holds as many live leases as allowed.
+    Metadata: "principal", "limit".
     """
     ERROR_REASON_WATCH_LIMIT: _ErrorReason.ValueType  # 44
-    """RESOURCE_EXHAUSTED: the principal has as many open watches as allowed; metadata
-    "principal", "limit".
+    """RESOURCE_EXHAUSTED: the principal has as many open watches as allowed.
+    Metadata: "principal", "limit".
     """
     ERROR_REASON_SERVER_STARTING: _ErrorReason.ValueType  # 45
-    """UNAVAILABLE: the server is still recovering after its start; retry shortly."""
+    """UNAVAILABLE: the server is still recovering after its start; retry shortly (RetryInfo
+    says when).
+    Metadata: none.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
-    """ErrorReason lists every reason tether puts in google.rpc.ErrorInfo (domain "tether.dev").
-    On the wire the reason is the value name without the ERROR_REASON_ prefix, e.g.
-    "LEASE_HELD"; this enum documents them for clients in every language.
+    """ErrorReason lists every reason tether puts in google.rpc.ErrorInfo (domain "tether.dev",
+    carried in the grpc-status-details-bin trailer as a google.rpc.Status; see
+    docs/clients.md). On the wire the reason is the value name without the ERROR_REASON_
+    prefix, e.g. "LEASE_HELD"; this enum documents them for clients in every language, with
+    the gRPC status code each comes with.
+
+    "Metadata:" lists the ErrorInfo metadata keys the reason always carries; keys after a ";"
+    are carried only in the case named there. A test checks this list against the server.
+    Values: times in RFC 3339 UTC ("2026-12-07T10:00:00.250Z"), durations in seconds ("1.5s"),
+    integers in decimal, states and other enums by their value name here
+    ("LEASE_STATE_EXPIRED", "SAGA_STATE_RUNNING", "CLAIM_PURPOSE_EXECUTE"), reasons without
+    the ERROR_REASON_ prefix. A key that restates a field of a resource has that field's name.
     """
 
 ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
 ERROR_REASON_INVALID_FIELD: ErrorReason.ValueType  # 1
-"""INVALID_ARGUMENT: a field is missing, malformed or out of bounds; metadata "field"."""
+"""INVALID_ARGUMENT: a field is missing, malformed or out of bounds.
+Metadata: "field" (its path, e.g. "renewals[2].ttl").
+"""
 ERROR_REASON_MALFORMED_REQUEST: ErrorReason.ValueType  # 2
-"""INVALID_ARGUMENT: the request bytes could not be decoded."""
+"""INVALID_ARGUMENT: the request bytes could not be decoded.
+Metadata: "method".
+"""
 ERROR_REASON_INVALID_PAGE_TOKEN: ErrorReason.ValueType  # 3
-"""INVALID_ARGUMENT: the page token was not issued by this server for this query."""
+"""INVALID_ARGUMENT: the page token was not issued by this server for this query.
+Metadata: "field" (always "page_token").
+"""
 ERROR_REASON_LEASE_HELD: ErrorReason.ValueType  # 4
-"""FAILED_PRECONDITION: another holder has the key; metadata "holder", "expires_at"."""
+"""FAILED_PRECONDITION: another holder has the key.
+Metadata: "key", "holder", "expires_at"; to the principal holding the lease also
+"lease_id", "fencing_token".
+"""
 ERROR_REASON_LOCK_DELAY: ErrorReason.ValueType  # 5
-"""FAILED_PRECONDITION: the key is in its lock-delay after an expiry; metadata "available_at"."""
+"""FAILED_PRECONDITION: the key is in its lock-delay after an expiry.
+Metadata: "key", "available_at".
+"""
 ERROR_REASON_LEASE_EXPIRED: ErrorReason.ValueType  # 6
-"""FAILED_PRECONDITION: the lease passed its deadline; it is never resurrected."""
+"""FAILED_PRECONDITION: the lease passed its deadline; it is never resurrected.
+Metadata: "lease_id", "state" (LEASE_STATE_EXPIRED), "expires_at" (the deadline passed).
+"""
 ERROR_REASON_LEASE_RELEASED: ErrorReason.ValueType  # 7
-"""FAILED_PRECONDITION: the lease was released by its holder."""
+"""FAILED_PRECONDITION: the lease was released by its holder.
+Metadata: "lease_id", "state".
+"""
 ERROR_REASON_LEASE_REVOKED: ErrorReason.ValueType  # 8
-"""FAILED_PRECONDITION: the lease was revoked by an admin."""
+"""FAILED_PRECONDITION: the lease was revoked by an admin.
+Metadata: "lease_id", "state".
+"""
 ERROR_REASON_LEASE_NOT_FOUND: ErrorReason.ValueType  # 9
-"""NOT_FOUND: no lease with this id (in this namespace), or no lease for this key."""
+"""NOT_FOUND: no lease with this id (in this namespace), or no lease for this key.
+Metadata: "namespace"; by id "lease_id", by key "key".
+"""
 ERROR_REASON_STALE_FENCING_TOKEN: ErrorReason.ValueType  # 10
-"""FAILED_PRECONDITION: the fencing token is not the lease's current one."""
+"""FAILED_PRECONDITION: the fencing token is not the lease's (or the saga claim's) current
+one. Metadata: "lease_id", "presented_token"; when there is one "current_token"; on a
+saga call "saga_id".
+"""
 ERROR_REASON_NOT_LEASE_HOLDER: ErrorReason.ValueType  # 11
-"""PERMISSION_DENIED: the caller is not the lease's holder."""
+"""PERMISSION_DENIED: the caller is not the lease's holder.
+Metadata: "lease_id", "holder".
+"""
 ERROR_REASON_ADMIN_REQUIRED: ErrorReason.ValueType  # 12
-"""PERMISSION_DENIED: the call needs an admin principal."""
+"""PERMISSION_DENIED: the call needs an admin principal.
+Metadata: "principal", "namespace", "method", "required_role", "role".
+"""
 ERROR_REASON_REVISION_COMPACTED: ErrorReason.ValueType  # 13
-"""OUT_OF_RANGE: the watch revision was purged (compacted); metadata "compact_revision"."""
+"""OUT_OF_RANGE: the watch revision was purged (compacted).
+Metadata: "compact_revision", "requested_revision".
+"""
 ERROR_REASON_WAIT_TIMEOUT: ErrorReason.ValueType  # 14
-"""DEADLINE_EXCEEDED: the wait for a key ran out; metadata as LEASE_HELD."""
+"""DEADLINE_EXCEEDED: the wait for a key ran out.
+Metadata: "cause" (LEASE_HELD or LOCK_DELAY); the cause's own keys "key", "holder",
+"expires_at", "lease_id", "fencing_token", "available_at", as that reason sends them.
+"""
 ERROR_REASON_KEEPALIVE_IDLE: ErrorReason.ValueType  # 15
-"""DEADLINE_EXCEEDED: a keep-alive stream sent nothing for too long."""
+"""DEADLINE_EXCEEDED: a keep-alive stream sent nothing for too long.
+Metadata: "idle_timeout".
+"""
 ERROR_REASON_STORE_UNAVAILABLE: ErrorReason.ValueType  # 16
-"""UNAVAILABLE: the store cannot be reached; retry with backoff."""
+"""UNAVAILABLE: the store cannot be reached; retry with backoff (RetryInfo says when).
+Metadata: none.
+"""
 ERROR_REASON_SERVER_DRAINING: ErrorReason.ValueType  # 17
-"""UNAVAILABLE: the server is draining; reconnect to another replica."""
+"""UNAVAILABLE: the server is draining; reconnect to another replica.
+Metadata: none; on lease streams "instance_id" (the draining server).
+"""
 ERROR_REASON_REQUEST_ID_CONFLICT: ErrorReason.ValueType  # 18
-"""ALREADY_EXISTS: a request id or client-chosen id was reused with different content."""
+"""ALREADY_EXISTS: a request id or client-chosen id was reused with different content.
+Metadata: none always; for Acquire "request_id" and, to the principal that made the
+first acquire, "lease_id"; for CreateObject "request_id", "uid"; for CreateSaga
+"saga_id".
+"""
 ERROR_REASON_NOT_IMPLEMENTED: ErrorReason.ValueType  # 19
-"""UNIMPLEMENTED: the RPC belongs to an area not built yet."""
+"""UNIMPLEMENTED: the RPC belongs to an area not built yet (no current RPC sends it).
+Metadata: none.
+"""
 ERROR_REASON_SAGA_TERMINAL: ErrorReason.ValueType  # 20
-"""FAILED_PRECONDITION: the saga is terminal and accepts only annotations."""
+"""FAILED_PRECONDITION: the saga is terminal and accepts only annotations.
+Metadata: "saga_id", "state".
+"""
 ERROR_REASON_RESOURCE_VERSION_CONFLICT: ErrorReason.ValueType  # 21
-"""ABORTED: the resource version did not match (compare-and-set lost)."""
+"""ABORTED: the resource version did not match (compare-and-set lost).
+Metadata: "resource_version" (the current one), "expected".
+"""
 ERROR_REASON_OWNER_CYCLE: ErrorReason.ValueType  # 22
-"""FAILED_PRECONDITION: the owner references would form a cycle."""
+"""FAILED_PRECONDITION: the owner references would form a cycle.
+Metadata: "uid", "owner_uid".
+"""
 ERROR_REASON_SAGA_NOT_FOUND: ErrorReason.ValueType  # 23
-"""NOT_FOUND: no saga with this id."""
+"""NOT_FOUND: no saga with this id.
+Metadata: "saga_id", "namespace".
+"""
 ERROR_REASON_OBJECT_NOT_FOUND: ErrorReason.ValueType  # 24
-"""NOT_FOUND: no object with this name or uid."""
+"""NOT_FOUND: no object with this name or uid.
+Metadata: "namespace", "kind", "name", "uid" (empty when the request did not give it).
+"""
 ERROR_REASON_NOTHING_CLAIMABLE: ErrorReason.ValueType  # 25
-"""FAILED_PRECONDITION: nothing is claimable right now."""
+"""FAILED_PRECONDITION: nothing is claimable right now.
+Metadata: none always; by kind "kind", "purpose"; by id "saga_id", "not_before".
+"""
 ERROR_REASON_INVALID_SAGA_STATE: ErrorReason.ValueType  # 26
 """FAILED_PRECONDITION: the saga is not in a state that allows this call (e.g. a step on
-a COMPENSATING saga, or a claim ended by a cancel); metadata "state".
+a COMPENSATING saga, or a claim ended by a cancel).
+Metadata: "saga_id", "state".
 """
 ERROR_REASON_STEP_NOT_FOUND: ErrorReason.ValueType  # 27
-"""NOT_FOUND: the saga has no step (or compensation) with this index; metadata "step_index"."""
+"""NOT_FOUND: the saga has no step (or compensation) with this index.
+Metadata: "saga_id", "step_index".
+"""
 ERROR_REASON_STEP_CONFLICT: ErrorReason.ValueType  # 28
 """FAILED_PRECONDITION: the step record conflicts with the log (another name at this
-index, or a status it cannot move to); metadata "step_index".
+index, or a status it cannot move to).
+Metadata: "saga_id", "step_index", "step" (the name in the log).
 """
 ERROR_REASON_COMPENSATION_OUT_OF_ORDER: ErrorReason.ValueType  # 29
-"""FAILED_PRECONDITION: compensations run in reverse step order; metadata "next_step_index"."""
+"""FAILED_PRECONDITION: compensations run in reverse step order.
+Metadata: "saga_id", "next_step_index".
+"""
 ERROR_REASON_SAGA_CLAIMED: ErrorReason.ValueType  # 30
-"""FAILED_PRECONDITION: the saga is claimed by a live lease; metadata "holder"."""
+"""FAILED_PRECONDITION: the saga is claimed by a live lease.
+Metadata: "saga_id", "holder"; when the claim's lease is known "expires_at".
+"""
 ERROR_REASON_OBJECT_EXISTS: ErrorReason.ValueType  # 31
 """ALREADY_EXISTS: an object of this kind and name exists (possibly terminating: a name
-is free again only once the object is gone); metadata "uid", "terminating".
+is free again only once the object is gone).
+Metadata: "uid", "terminating" ("true" or "false").
 """
 ERROR_REASON_OBJECT_TERMINATING: ErrorReason.ValueType  # 32
 """FAILED_PRECONDITION: the object is terminating; no finalizer can be added and the
-deletion cannot be undone; metadata "uid", "deletion_timestamp".
+deletion cannot be undone.
+Metadata: "uid", "deletion_timestamp".
 """
 ERROR_REASON_OWNER_NOT_FOUND: ErrorReason.ValueType  # 33
 """FAILED_PRECONDITION: an owner reference names no live owner in this namespace
-(absent uid, an ended lease, another namespace); metadata "owner_uid", "owner_kind".
+(absent uid, an ended lease, another namespace).
+Metadata: "owner_uid", "owner_kind".
 """
 ERROR_REASON_UID_MISMATCH: ErrorReason.ValueType  # 34
 """FAILED_PRECONDITION: the object's uid is not the one the request expected (it was
-deleted and recreated); metadata "uid", "expected_uid".
+deleted and recreated).
+Metadata: "uid", "expected_uid".
 """
 ERROR_REASON_SWEEP_REPORT_NOT_FOUND: ErrorReason.ValueType  # 35
-"""NOT_FOUND: GetSweepReport names no stored report (never written, or purged)."""
+"""NOT_FOUND: GetSweepReport names no stored report (never written, or purged).
+Metadata: "sweep_id".
+"""
 ERROR_REASON_CREDENTIALS_REQUIRED: ErrorReason.ValueType  # 36
 """UNAUTHENTICATED: the server needs credentials (a bearer token or a client
 certificate) and the call carried none.
+Metadata: none.
 """
 ERROR_REASON_INVALID_CREDENTIALS: ErrorReason.ValueType  # 37
-"""UNAUTHENTICATED: the bearer token is malformed or unknown to the server."""
+"""UNAUTHENTICATED: the bearer token is malformed or unknown to the server.
+Metadata: none.
+"""
 ERROR_REASON_NAMESPACE_FORBIDDEN: ErrorReason.ValueType  # 38
-"""PERMISSION_DENIED: the principal has no role in this namespace; metadata "principal",
-"namespace".
+"""PERMISSION_DENIED: the principal has no role in this namespace.
+Metadata: "principal", "namespace", "method".
 """
 ERROR_REASON_ROLE_REQUIRED: ErrorReason.ValueType  # 39
-"""PERMISSION_DENIED: the principal's role in this namespace is not enough for the call;
-metadata "principal", "namespace", "required_role".
+"""PERMISSION_DENIED: the principal's role in this namespace is not enough for the call.
+Metadata: "principal", "namespace", "method"; when some role may call it
+"required_role", "role".
 """
 ERROR_REASON_CONCURRENCY_LIMIT: ErrorReason.ValueType  # 40
 """RESOURCE_EXHAUSTED: the server is answering as many calls as it allows at once; retry
-with backoff; metadata "limit".
+with backoff (RetryInfo says when).
+Metadata: "limit".
 """
 ERROR_REASON_STREAM_LIMIT: ErrorReason.ValueType  # 41
-"""RESOURCE_EXHAUSTED: this connection has as many open streams as allowed; metadata
-"limit".
+"""RESOURCE_EXHAUSTED: this connection has as many open streams as allowed.
+Metadata: "limit".
 """
 ERROR_REASON_MESSAGE_TOO_LARGE: ErrorReason.ValueType  # 42
-"""RESOURCE_EXHAUSTED: a request message is larger than the server accepts; metadata
-"limit_bytes", "size_bytes".
+"""RESOURCE_EXHAUSTED: a request message is larger than the server accepts.
+Metadata: "method", "limit_bytes", "size_bytes".
 """
 ERROR_REASON_LEASE_LIMIT: ErrorReason.ValueType  # 43
-"""RESOURCE_EXHAUSTED: the principal holds as many live leases as allowed; metadata
-"principal", "limit".
+"""RESOURCE_EXHAUSTED: the principal holds as many live leases as allowed.
+Metadata: "principal", "limit".
 """
 ERROR_REASON_WATCH_LIMIT: ErrorReason.ValueType  # 44
-"""RESOURCE_EXHAUSTED: the principal has as many open watches as allowed; metadata
-"principal", "limit".
+"""RESOURCE_EXHAUSTED: the principal has as many open watches as allowed.
+Metadata: "principal", "limit".
 """
 ERROR_REASON_SERVER_STARTING: ErrorReason.ValueType  # 45
-"""UNAVAILABLE: the server is still recovering after its start; retry shortly."""
+"""UNAVAILABLE: the server is still recovering after its start; retry shortly (RetryInfo
+says when).
+Metadata: none.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
@@ -290,7 +453,9 @@ class Fence(_message.Message):
     lease_id: _builtins.str
     """Server-generated id of the lease."""
     fencing_token: _builtins.int
-    """Fencing token the lease was granted with; strictly increasing per key."""
+    """Fencing token the lease was granted with; strictly increasing per key. The server
+    issues tokens from 1 to 2^63-1 (so they also fit a signed int64) and refuses others.
+    """
     def __init__(
         self,
         *,

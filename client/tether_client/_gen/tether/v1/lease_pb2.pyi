@@ -117,7 +117,7 @@ class Lease(_message.Message):
     """Opaque, server generated."""
     holder: _builtins.str
     fencing_token: _builtins.int
-    """Strictly increasing per key, forever."""
+    """Strictly increasing per key, forever; from 1 to 2^63-1 (fits a signed int64 too)."""
     state: Global___LeaseState.ValueType
     """A lease past its deadline reads as EXPIRED at once, before the expiry loop records it."""
     progress: _builtins.bytes

@@ -29,7 +29,7 @@ if _version_not_supported:
 class LeaseServiceStub:
     """LeaseService answers: who holds this right now, is that holder still alive, and how do
     I fence out a holder that is not? Semantics follow etcd leases, Chubby sequencers and
-    Consul lock-delay; see DESIGN.md.
+    Consul lock-delay; docs/contract.md is the whole contract.
     """
 
     def __init__(self, channel):
@@ -83,7 +83,7 @@ class LeaseServiceStub:
 class LeaseServiceServicer:
     """LeaseService answers: who holds this right now, is that holder still alive, and how do
     I fence out a holder that is not? Semantics follow etcd leases, Chubby sequencers and
-    Consul lock-delay; see DESIGN.md.
+    Consul lock-delay; docs/contract.md is the whole contract.
     """
 
     def Acquire(self, request, context):
@@ -204,7 +204,7 @@ def add_LeaseServiceServicer_to_server(servicer, server):
 class LeaseService:
     """LeaseService answers: who holds this right now, is that holder still alive, and how do
     I fence out a holder that is not? Semantics follow etcd leases, Chubby sequencers and
-    Consul lock-delay; see DESIGN.md.
+    Consul lock-delay; docs/contract.md is the whole contract.
     """
 
     @staticmethod

@@ -30,7 +30,7 @@ GRPC_VERSION: str
 class LeaseServiceStub:
     """LeaseService answers: who holds this right now, is that holder still alive, and how do
     I fence out a holder that is not? Semantics follow etcd leases, Chubby sequencers and
-    Consul lock-delay; see DESIGN.md.
+    Consul lock-delay; docs/contract.md is the whole contract.
     """
 
     @_typing.overload
@@ -69,7 +69,7 @@ class LeaseServiceStub:
 class LeaseServiceAsyncStub(LeaseServiceStub):
     """LeaseService answers: who holds this right now, is that holder still alive, and how do
     I fence out a holder that is not? Semantics follow etcd leases, Chubby sequencers and
-    Consul lock-delay; see DESIGN.md.
+    Consul lock-delay; docs/contract.md is the whole contract.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -104,7 +104,7 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
 class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
     """LeaseService answers: who holds this right now, is that holder still alive, and how do
     I fence out a holder that is not? Semantics follow etcd leases, Chubby sequencers and
-    Consul lock-delay; see DESIGN.md.
+    Consul lock-delay; docs/contract.md is the whole contract.
     """
 
     @_abc_1.abstractmethod
