@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from tether_client.pb import lease_pb2, owner_ref_pb2, saga_pb2, sweep_pb2
 from tether_server import __version__
@@ -22,6 +21,7 @@ from tether_server.domain.sweep import RECOVERY_PARTS, SweepTrigger
 from tether_server.expiry import ExpiryLoop
 from tether_server.metrics import Metrics, MetricsHttpServer, start_http
 from tether_server.notify import ChangeHub, ChangeListener
+from tether_server.reflection import enable_reflection
 from tether_server.runtime import AlwaysLeader, Leadership, PgAdvisoryLeader, Runner, TaskSpec
 from tether_server.services.handlers import CORE_LIMIT_FACTOR, CallGate, build_generic_handler
 from tether_server.services.interceptor import RpcMetricsInterceptor
@@ -206,9 +206,10 @@ class TetherServer:
             )
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
+        # Reflection v1 and v1alpha list themselves besides these.
+        enable_reflection(
             [descriptor.full_name for descriptor, _ in services]
-            + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
             server,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -295,6 +295,17 @@ async def test_health_and_reflection_stay_open(auth_server: AuthServer) -> None:
         )
         names = [s.name async for r in responses for s in r.list_services_response.service]
         assert "tether.v1.LeaseService" in names
+        # Reflection v1 has the same messages on the wire; it is as open as v1alpha.
+        v1 = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        v1_responses = v1(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=WAIT_S
+        )
+        v1_names = [s.name async for r in v1_responses for s in r.list_services_response.service]
+        assert sorted(v1_names) == sorted(names)
 
 
 async def acquire_as(
