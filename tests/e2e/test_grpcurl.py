@@ -1,7 +1,7 @@
 """The real grpcurl binary against a real ``tether serve``: reflection, JSON, ErrorInfo, health.
 
-grpcurl works out of the box (docs/operations.md, docs/grpcurl.md). Every test here runs grpcurl v1.8.6
-as a subprocess, exactly as an operator would type it, on both backends.
+grpcurl works out of the box (docs/operations.md, docs/grpcurl.md). Every test here runs
+grpcurl v1.8.6 as a subprocess, exactly as an operator would type it, on both backends.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def _instance(cls: type[errors.TetherError]) -> errors.TetherError:
 def test_every_published_reason_is_a_server_error_and_back() -> None:
     enum_names = {
         name.removeprefix("ERROR_REASON_")
-        for name in common_pb2.ErrorReason.keys()
+        for name in (value.name for value in common_pb2.ErrorReason.DESCRIPTOR.values)
         if name != "ERROR_REASON_UNSPECIFIED"
     }
     assert set(published()) == enum_names
