@@ -18,6 +18,8 @@ from types import ModuleType
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
+from grpc_tools import protoc
 
 from tether_client import pb
 
@@ -92,6 +94,25 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     assert _generated_files(vendored) == _generated_files(VENDORED), (
         "protos/google differs from the pinned googleapis-common-protos: run `make proto`"
     )
+
+
+def test_protoc_needs_only_the_protos_directory(tmp_path: Path) -> None:
+    """What a client in another language does: one include path, every file, one set."""
+    files = sorted(
+        str(p.relative_to(PROTOS))
+        for sub in ("tether", "google")
+        for p in (PROTOS / sub).rglob("*.proto")
+    )
+    out = tmp_path / "api.binpb"
+    # The well-known types (google/protobuf/*) come with every protoc; grpc_tools has them.
+    well_known = Path(protoc.__file__).parent / "_proto"
+    args = ["protoc", f"-I{PROTOS}", f"-I{well_known}", "--include_imports"]
+    assert protoc.main([*args, f"--descriptor_set_out={out}", *files]) == 0
+    names = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
+    messages = {f"{f.package}.{m.name}" for f in names.file for m in f.message_type}
+    services = {f"{f.package}.{s.name}" for f in names.file for s in f.service}
+    assert {"google.rpc.Status", "google.rpc.ErrorInfo", "google.rpc.RetryInfo"} <= messages
+    assert services == set(SERVICES)
 
 
 def test_error_protos_ship_with_the_api() -> None:
