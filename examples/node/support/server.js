@@ -8,7 +8,7 @@ const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
 const { spawn } = require('node:child_process');
-const { test } = require('node:test');
+const { after, before, test } = require('node:test');
 const { TetherClient } = require('../tether');
 
 const EXAMPLE_DIR = path.resolve(__dirname, '..');
@@ -200,4 +200,21 @@ function trackedTest() {
   return tracker;
 }
 
-module.exports = { TetherServer, FileClock, eventually, trackedTest, within, START_US };
+// One real server and client for the suite it is called in: started before its tests and
+// stopped after them, printing the server's log when a test failed. `server` and `client`
+// are set once `before` has run.
+function serverSuite() {
+  const tracker = trackedTest();
+  const suite = { test: tracker.test, server: null, client: null };
+  before(async () => {
+    suite.server = await new TetherServer().start();
+    suite.client = new TetherClient(suite.server.target, { timeoutMs: 30_000 });
+  });
+  after(async () => {
+    if (suite.client) suite.client.close();
+    if (suite.server) await suite.server.dispose({ printLog: tracker.failed });
+  });
+  return suite;
+}
+
+module.exports = { TetherServer, FileClock, eventually, serverSuite, trackedTest, within, START_US };

@@ -2,27 +2,20 @@
 // Acquire, KeepAlive, LEASE_HELD and Release against a real `tether serve` (file clock).
 
 const assert = require('node:assert/strict');
-const { after, before, describe } = require('node:test');
+const { before, describe } = require('node:test');
 const { TetherClient, TetherError, duration, grpc, micros, toTetherError } = require('../tether');
-const { TetherServer, trackedTest, within } = require('../support/server');
+const { serverSuite, within } = require('../support/server');
 
 const STREAM_TIMEOUT_MS = 30_000;
 const TTL_US = 10_000_000n;
 
 describe('leases', { timeout: 180_000 }, () => {
-  const tracker = trackedTest();
-  const { test } = tracker;
+  const suite = serverSuite();
+  const { test } = suite;
   let server;
   let client;
-
-  before(async () => {
-    server = await new TetherServer().start();
-    client = new TetherClient(server.target, { timeoutMs: 30_000 });
-  });
-
-  after(async () => {
-    if (client) client.close();
-    if (server) await server.dispose({ printLog: tracker.failed });
+  before(() => {
+    ({ server, client } = suite);
   });
 
   test('keep-alive over one stream extends every lease past its first deadline', async () => {

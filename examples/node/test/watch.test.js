@@ -4,26 +4,19 @@
 
 const assert = require('node:assert/strict');
 const { once } = require('node:events');
-const { after, before, describe } = require('node:test');
-const { TetherClient, grpc, micros } = require('../tether');
-const { TetherServer, eventually, trackedTest, within } = require('../support/server');
+const { before, describe } = require('node:test');
+const { grpc, micros } = require('../tether');
+const { eventually, serverSuite, within } = require('../support/server');
 
 const WAIT_MS = 30_000;
 
 describe('watch and expiry', { timeout: 180_000 }, () => {
-  const tracker = trackedTest();
-  const { test } = tracker;
+  const suite = serverSuite();
+  const { test } = suite;
   let server;
   let client;
-
-  before(async () => {
-    server = await new TetherServer().start();
-    client = new TetherClient(server.target, { timeoutMs: 30_000 });
-  });
-
-  after(async () => {
-    if (client) client.close();
-    if (server) await server.dispose({ printLog: tracker.failed });
+  before(() => {
+    ({ server, client } = suite);
   });
 
   test('the first Watch message is empty and carries the revision as a string', async () => {
