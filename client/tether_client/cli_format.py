@@ -91,7 +91,7 @@ async def collect(
 def report(error: TetherError, facts: Iterable[str] = ()) -> None:
     """``tether: REASON: message`` plus the ``facts`` the server sent (metadata), to stderr."""
     lines = [f"tether: {error}"]
-    # The server's own strings: the same spelling as in its message.
+    # The server's own strings, spelt as in every language's ErrorInfo (docs/errors.md).
     lines.extend(f"  {name}: {error.metadata[name]}" for name in facts if error.metadata.get(name))
     print("\n".join(lines), file=sys.stderr, flush=True)
 

@@ -134,12 +134,12 @@ def test_refusals_and_usage_errors(db_url: str, server_factory: ServerFactory) -
     terminal = tether(target, "cancel", "done")
     assert terminal.returncode == 1
     assert terminal.stderr.startswith("tether: SAGA_TERMINAL: ")
-    assert "  state: COMPLETED" in terminal.stderr
+    assert "  state: SAGA_STATE_COMPLETED" in terminal.stderr
 
     # A redrive needs a QUARANTINED saga; a compensating one is refused with its state.
     refused = tether(target, "redrive", "stuck")
     assert refused.returncode == 1
-    assert "  state: COMPENSATING" in refused.stderr
+    assert "  state: SAGA_STATE_COMPENSATING" in refused.stderr
 
     assert tether(target, "mark-compensated", "stuck", "0").returncode == 2  # no --reason
     assert tether(target, "list", "--state", "sleepy").returncode == 2
