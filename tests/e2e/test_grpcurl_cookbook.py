@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -43,6 +42,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 COOKBOOK = ROOT / "docs" / "grpcurl.md"
 VENV_BIN = Path(sys.executable).parent
+JQ_CLI = ROOT / "tests" / "support" / "jq_cli.py"
 NOT_RUN = "<!-- not run -->"
 TARGET_LINE = "TETHER=${TETHER:-127.0.0.1:50051}"
 METHOD_RE = re.compile(r"\btether\.v1\.(\w+Service)/(\w+)\b")
@@ -555,9 +555,14 @@ def run_cookbook(target: str, workdir: Path) -> Session:
     calls_dir.mkdir()
     script = "\n".join(["set -euo pipefail", RECORDER, runnable_text(), ""])
     (workdir / "cookbook.sh").write_text(script)
+    # The page's jq is libjq from the pinned wheel (tests/support/jq_cli.py): no system jq.
+    tools = workdir / "bin"
+    tools.mkdir()
+    (tools / "jq").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{JQ_CLI}" "$@"\n')
+    (tools / "jq").chmod(0o755)
     env = {
         **os.environ,
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PATH": f"{tools}{os.pathsep}{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "TETHER": target,
         "CALLS": str(calls_dir),
     }
@@ -591,8 +596,6 @@ def run_cookbook(target: str, workdir: Path) -> Session:
 def server(db_url: str, server_factory: ServerFactory) -> ServerProcess:
     if not (VENV_BIN / "grpcurl").exists():
         pytest.fail(f"grpcurl is not installed at {VENV_BIN / 'grpcurl'} (dev dependency)")
-    if shutil.which("jq") is None:
-        pytest.fail("jq is not on PATH; the cookbook uses it (apt-get install jq)")
     return server_factory(db_url)
 
 
