@@ -187,11 +187,20 @@ class TetherServer:
         )
         self._lease_service = lease_service
         saga_service = SagaService(
-            self.sagas, self.clock, self.changes, self.config.saga, watches=watches
+            self.sagas,
+            self.clock,
+            self.changes,
+            self.config.saga,
+            watches=watches,
+            instance_id=self.instance_id,
         )
         self._saga_service = saga_service
         object_service = ObjectService(
-            self.objects, self.changes, self.config.objects, watches=watches
+            self.objects,
+            self.changes,
+            self.config.objects,
+            watches=watches,
+            instance_id=self.instance_id,
         )
         self._object_service = object_service
         services: list[tuple[Any, object]] = [

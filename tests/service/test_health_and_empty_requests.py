@@ -10,7 +10,14 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tether_client.pb import lease_pb2, saga_pb2, sweep_pb2
+from tether_client.pb import (
+    lease_pb2,
+    owner_ref_pb2,
+    owner_ref_pb2_grpc,
+    saga_pb2,
+    saga_pb2_grpc,
+    sweep_pb2,
+)
 from tether_server.domain.lease import Refuse
 
 from .conftest import WAIT_S, Harness, dur, error_info, eventually
@@ -143,6 +150,14 @@ async def test_stop_ends_streams_and_waiters_with_server_draining(tether: Harnes
     assert (await asyncio.wait_for(keepalive.read(), WAIT_S)).sequence == 1
     watch = tether.stub.Watch(lease_pb2.WatchRequest(), timeout=WAIT_S * 3)
     assert list((await asyncio.wait_for(watch.read(), WAIT_S)).events) == []
+    saga_watch = saga_pb2_grpc.SagaServiceStub(tether.channel).WatchSagas(
+        saga_pb2.WatchSagasRequest(), timeout=WAIT_S * 3
+    )
+    assert list((await asyncio.wait_for(saga_watch.read(), WAIT_S)).events) == []
+    object_watch = owner_ref_pb2_grpc.OwnerRefServiceStub(tether.channel).WatchObjects(
+        owner_ref_pb2.WatchObjectsRequest(), timeout=WAIT_S * 3
+    )
+    assert list((await asyncio.wait_for(object_watch.read(), WAIT_S)).events) == []
     waiter = asyncio.ensure_future(
         tether.stub.Acquire(
             lease_pb2.AcquireRequest(key="jobs/a", holder="w2", ttl=dur(10), wait=dur(60)),
@@ -157,11 +172,22 @@ async def test_stop_ends_streams_and_waiters_with_server_draining(tether: Harnes
     # A grace far longer than this test may take: draining must not wait for it.
     stopping = asyncio.ensure_future(tether.server.stop(WAIT_S * 3))
     outcomes = await asyncio.wait_for(
-        asyncio.gather(keepalive.read(), watch.read(), waiter, return_exceptions=True), WAIT_S
+        asyncio.gather(
+            keepalive.read(),
+            watch.read(),
+            saga_watch.read(),
+            object_watch.read(),
+            waiter,
+            return_exceptions=True,
+        ),
+        WAIT_S,
     )
-    for name, outcome in zip(("KeepAlive", "Watch", "Acquire"), outcomes, strict=True):
+    names = ("KeepAlive", "Watch", "WatchSagas", "WatchObjects", "Acquire")
+    for name, outcome in zip(names, outcomes, strict=True):
         assert isinstance(outcome, grpc.aio.AioRpcError), f"{name}: {outcome!r}"
-        code, reason, _ = error_info(outcome)
+        code, reason, metadata = error_info(outcome)
         assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "SERVER_DRAINING"), name
+        # Every service names the same draining process.
+        assert metadata["instance_id"] == tether.server.instance_id, name
     await asyncio.wait_for(stopping, WAIT_S)
     assert loop.time() - started < WAIT_S

@@ -11,6 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 # Words that name documents this repository once pointed to and does not have.
 _OUTSIDE = re.compile(r"DESIGN\.md|\.\./shared|STYLE\.md|precedents/")
+_TEXT_SUFFIXES = {".py", ".md", ".proto", ".yaml", ".toml", ".js", ".json"}
+_TEXT_NAMES = {"Makefile", "Dockerfile", "run"}
 
 
 def _tracked(*patterns: str) -> list[Path]:
@@ -36,27 +38,19 @@ def test_markdown_links_resolve_inside_the_repository() -> None:
     assert not broken, "links to nothing in the repository:\n" + "\n".join(broken)
 
 
+def _is_text_source(path: Path) -> bool:
+    return path.suffix in _TEXT_SUFFIXES or path.name in _TEXT_NAMES
+
+
 def test_nothing_points_outside_the_repository() -> None:
-    pointing = []
-    for path in _tracked():
-        if path.suffix in {
-            ".py",
-            ".md",
-            ".proto",
-            ".yaml",
-            ".toml",
-            ".js",
-            ".json",
-        } or path.name in {
-            "Makefile",
-            "Dockerfile",
-            "run",
-        }:
-            if path == Path(__file__).resolve() or "node_modules" in path.parts:
-                continue
-            for number, line in enumerate(path.read_text().splitlines(), 1):
-                if _OUTSIDE.search(line):
-                    pointing.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    this_file = Path(__file__).resolve()
+    pointing = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in _tracked()
+        if _is_text_source(path) and path != this_file
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if _OUTSIDE.search(line)
+    ]
     assert not pointing, "files point outside the repository:\n" + "\n".join(pointing)
 
 

@@ -143,7 +143,7 @@ class StoreUnavailable(TetherError):
 
 class ServerDraining(TetherError):
     reason = "SERVER_DRAINING"
-    optional_keys = _keys("instance_id")
+    keys = _keys("instance_id")
 
 
 class ServerStarting(TetherError):

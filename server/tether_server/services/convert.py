@@ -11,12 +11,8 @@ from tether_server.domain.lease import Lease, LeaseEventType, LeaseState
 _NANOS = 1_000_000_000
 _MAX_DURATION_SECONDS = 315_576_000_000
 
-LEASE_STATE_TO_PB = {
-    LeaseState.ACTIVE: lease_pb2.LEASE_STATE_ACTIVE,
-    LeaseState.RELEASED: lease_pb2.LEASE_STATE_RELEASED,
-    LeaseState.EXPIRED: lease_pb2.LEASE_STATE_EXPIRED,
-    LeaseState.REVOKED: lease_pb2.LEASE_STATE_REVOKED,
-}
+# By the name error metadata also uses (LeaseState.proto_name): one spelling everywhere.
+LEASE_STATE_TO_PB = {state: lease_pb2.LeaseState.Value(state.proto_name) for state in LeaseState}
 LEASE_STATE_FROM_PB = {v: k for k, v in LEASE_STATE_TO_PB.items()}
 EVENT_TYPE_TO_PB = {
     LeaseEventType.ACQUIRED: lease_pb2.LEASE_EVENT_TYPE_ACQUIRED,

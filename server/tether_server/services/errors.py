@@ -69,7 +69,11 @@ _CODES: dict[type[errors.TetherError], grpc.StatusCode] = {
 
 
 def status_code(error: errors.TetherError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
+    return code_for(type(error))
+
+
+def code_for(error_class: type[errors.TetherError]) -> grpc.StatusCode:
+    for cls in error_class.__mro__:
         code = _CODES.get(cls)
         if code is not None:
             return code

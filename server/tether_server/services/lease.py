@@ -87,13 +87,12 @@ class LeaseService(Drains):
         self._changes = changes
         self._metrics = metrics
         self._config = config or LeaseServiceConfig()
-        # Stream ids start with this process's instance id (see store/replicas.py).
-        self._instance_id = instance_id or secrets.token_hex(8)
         limits = limits or ServerLimits()
         self._max_leases = limits.max_leases_per_principal
         # One instance for every service of a server: the watch cap counts them together.
         self._watches = watches or WatchSlots(limits.max_watches_per_principal)
-        super().__init__()
+        # Stream ids start with this process's instance id (see store/replicas.py).
+        super().__init__(instance_id)
         # The open KeepAlive and Watch streams of this process: each one's handler task,
         # then (KeepAlive) its cleanup, so a stopping server can wait for them. An entry
         # leaves from the call's done callback or the cleanup's end, never only from a
@@ -308,12 +307,6 @@ class LeaseService(Drains):
             if not pending or left_s <= 0:
                 return
             await asyncio.wait(pending, timeout=left_s)
-
-    def _drain_error(self) -> errors.TetherError:
-        return errors.ServerDraining(
-            "the server is shutting down; reconnect (to another replica)",
-            {"instance_id": self._instance_id},
-        )
 
     async def _keepalive_batch(
         self, request: lease_pb2.KeepAliveRequest, stream_id: str, principal: str

@@ -67,13 +67,14 @@ class ObjectService(Drains):
         changes: ChangeHub,
         config: ObjectServiceConfig | None = None,
         watches: WatchSlots | None = None,
+        instance_id: str = "",
     ) -> None:
         self._store = store
         self._changes = changes
         self._config = config or ObjectServiceConfig()
         # Shared with the other services of the server: the watch cap counts them together.
         self._watches = watches or WatchSlots(ServerLimits().max_watches_per_principal)
-        super().__init__()
+        super().__init__(instance_id)
 
     @property
     def _ol(self) -> ObjectLimits:

@@ -62,6 +62,7 @@ class SagaService(Drains):
         changes: ChangeHub,
         config: SagaServiceConfig | None = None,
         watches: WatchSlots | None = None,
+        instance_id: str = "",
     ) -> None:
         self._store = store
         self._clock = clock
@@ -69,7 +70,7 @@ class SagaService(Drains):
         self._config = config or SagaServiceConfig()
         # Shared with the other services of the server: the watch cap counts them together.
         self._watches = watches or WatchSlots(ServerLimits().max_watches_per_principal)
-        super().__init__()
+        super().__init__(instance_id)
 
     @property
     def _limits(self) -> SagaLimits:

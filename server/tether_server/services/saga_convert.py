@@ -25,16 +25,8 @@ from tether_server.domain.saga import (
 from tether_server.services.convert import to_timestamp
 from tether_server.store.sagas import SagaView
 
-STATE_TO_PB = {
-    SagaState.PLANNED: saga_pb2.SAGA_STATE_PLANNED,
-    SagaState.RUNNING: saga_pb2.SAGA_STATE_RUNNING,
-    SagaState.COMPLETED: saga_pb2.SAGA_STATE_COMPLETED,
-    SagaState.COMPENSATING: saga_pb2.SAGA_STATE_COMPENSATING,
-    SagaState.COMPENSATED: saga_pb2.SAGA_STATE_COMPENSATED,
-    SagaState.FAILED: saga_pb2.SAGA_STATE_FAILED,
-    SagaState.QUARANTINED: saga_pb2.SAGA_STATE_QUARANTINED,
-    SagaState.CANCELLED: saga_pb2.SAGA_STATE_CANCELLED,
-}
+# By the names error metadata also uses (proto_name): one spelling everywhere.
+STATE_TO_PB = {state: saga_pb2.SagaState.Value(state.proto_name) for state in SagaState}
 STATE_FROM_PB = {v: k for k, v in STATE_TO_PB.items()}
 ON_STALE_TO_PB = {
     OnStale.REQUEUE: saga_pb2.ON_STALE_POLICY_REQUEUE,
@@ -42,10 +34,7 @@ ON_STALE_TO_PB = {
     OnStale.QUARANTINE: saga_pb2.ON_STALE_POLICY_QUARANTINE,
 }
 ON_STALE_FROM_PB = {v: k for k, v in ON_STALE_TO_PB.items()}
-PURPOSE_TO_PB = {
-    Purpose.EXECUTE: saga_pb2.CLAIM_PURPOSE_EXECUTE,
-    Purpose.COMPENSATE: saga_pb2.CLAIM_PURPOSE_COMPENSATE,
-}
+PURPOSE_TO_PB = {purpose: saga_pb2.ClaimPurpose.Value(purpose.proto_name) for purpose in Purpose}
 PURPOSE_FROM_PB = {v: k for k, v in PURPOSE_TO_PB.items()}
 STEP_STATUS_TO_PB = {
     StepStatus.STARTED: saga_pb2.STEP_STATUS_STARTED,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -20,8 +21,10 @@ class Drains:
     wait now with UNAVAILABLE / SERVER_DRAINING, so clients reconnect to another replica at
     once instead of at the end of the grace period."""
 
-    def __init__(self) -> None:
+    def __init__(self, instance_id: str = "") -> None:
         self._draining = asyncio.Event()
+        # This server process (see store/replicas.py): the refusal names who is draining.
+        self._instance_id = instance_id or secrets.token_hex(8)
 
     def drain(self) -> None:
         self._draining.set()
@@ -31,7 +34,10 @@ class Drains:
             raise self._drain_error()
 
     def _drain_error(self) -> errors.TetherError:
-        return errors.ServerDraining("the server is shutting down; reconnect (to another replica)")
+        return errors.ServerDraining(
+            "the server is shutting down; reconnect (to another replica)",
+            {"instance_id": self._instance_id},
+        )
 
 
 class WatchSlots:

@@ -97,7 +97,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_SERVER_DRAINING: _ErrorReason.ValueType  # 17
     """UNAVAILABLE: the server is draining; reconnect to another replica.
-    Metadata: none; on lease streams "instance_id" (the draining server).
+    Metadata: "instance_id" (the draining server process).
     """
     ERROR_REASON_REQUEST_ID_CONFLICT: _ErrorReason.ValueType  # 18
     """ALREADY_EXISTS: a request id or client-chosen id was reused with different content.
@@ -309,7 +309,7 @@ Metadata: none.
 """
 ERROR_REASON_SERVER_DRAINING: ErrorReason.ValueType  # 17
 """UNAVAILABLE: the server is draining; reconnect to another replica.
-Metadata: none; on lease streams "instance_id" (the draining server).
+Metadata: "instance_id" (the draining server process).
 """
 ERROR_REASON_REQUEST_ID_CONFLICT: ErrorReason.ValueType  # 18
 """ALREADY_EXISTS: a request id or client-chosen id was reused with different content.
