@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import random
 import time
 from typing import Protocol
 
@@ -66,3 +67,35 @@ class ManualClock:
     def sleepers(self) -> int:
         """How many sleeps are waiting (lets a test know a task reached its sleep)."""
         return sum(1 for _, _, future in self._sleepers if not future.done())
+
+
+async def sleep_or_wake(clock: Clock, seconds: float, *wake: asyncio.Event) -> bool:
+    """Sleep ``seconds`` on ``clock``, or less if one of ``wake`` is set first.
+
+    True when woken by an event (also when one is already set), False when the time passed.
+    The one way this client waits for "a deadline or something happening".
+    """
+    if any(event.is_set() for event in wake):
+        return True
+    if seconds <= 0:
+        await asyncio.sleep(0)
+        return any(event.is_set() for event in wake)
+    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    waiters = [asyncio.ensure_future(event.wait()) for event in wake]
+    try:
+        await asyncio.wait({sleeper, *waiters}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        sleeper.cancel()
+        for waiter in waiters:
+            waiter.cancel()
+    return any(event.is_set() for event in wake)
+
+
+def backoff(attempt: int, initial: float, cap: float) -> float:
+    """The delay before retry ``attempt`` (1 = first): ``initial * 2**(attempt-1)``, capped
+    at ``cap``, half of it fixed and half random ("equal jitter"). The random half keeps
+    clients from retrying in step; the fixed half bounds how often anyone retries, so an
+    outage of a given length sees a bounded number of attempts. Every retry, reconnect and
+    poll of this client waits this long."""
+    high = min(cap, initial * 2.0 ** min(max(attempt, 1) - 1, 60))
+    return high / 2 + random.uniform(0, high / 2)

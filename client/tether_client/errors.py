@@ -39,6 +39,8 @@ class TetherError(Exception):
         self.message = message
         self.metadata: dict[str, str] = dict(metadata or {})
         self.status_code = code if code is not None else type(self).code
+        #: The failed gRPC call this error was made from (None for the client's own).
+        self.rpc_error: grpc.aio.AioRpcError | None = None
 
     def __str__(self) -> str:
         label = self.reason or self.status_code.name
@@ -544,7 +546,10 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> TetherError:
         reason = info.reason
         metadata = dict(info.metadata)
     error = error_for(exc.code(), reason, exc.details() or "", metadata)
-    error.__cause__ = exc
+    # Kept, not chained: the typed error says all there is; a traceback shows the caller's
+    # frames, not gRPC's.
+    error.rpc_error = exc
+    error.__suppress_context__ = True
     return error
 
 

@@ -3,39 +3,32 @@
 Only calls that are safe to repeat are retried: reads, idempotent writes (Renew, Release,
 Revoke), and creates that carry a request id the client generated. Only transient failures
 (``UNAVAILABLE``: server gone or draining, network cut, store unreachable) are retried, with
-exponential backoff and full jitter, and never past the caller's deadline. Every attempt
-is bounded by ``min(time left, attempt_timeout)``; an attempt whose own bound runs out
-counts as ``Unavailable`` and the next one goes to the next target.
+growing, jittered delays (:func:`tether_client.clock.backoff`), and never past the caller's
+deadline. Deadline and delays are measured on the client's clock, so a test with a
+``ManualClock`` decides when a retry happens. Every attempt is bounded by
+``min(time left, attempt_timeout)``; an attempt whose own bound runs out counts as
+``Unavailable`` and the next one goes to the next target.
+
+A refusal that is not retried is raised as one typed error: the gRPC error it came from is
+kept as ``error.rpc_error``, not chained, so a traceback shows the caller's frames only.
 """
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_before_delay,
-    wait_random_exponential,
-)
 
+from tether_client.clock import Clock, backoff
 from tether_client.connection import Connection, Endpoint
-from tether_client.errors import DeadlineExceeded, Unavailable, from_rpc_error
+from tether_client.errors import DeadlineExceeded, TetherError, Unavailable, from_rpc_error
 
 R = TypeVar("R")
 Metadata = tuple[tuple[str, str], ...]
 # One attempt: the endpoint to call, the seconds it may take, and the call metadata.
 Attempt = Callable[[Endpoint, float, Metadata], Awaitable[R]]
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-# Picks a unary RPC off an endpoint's stubs, e.g. ``lambda e: e.lease.Renew``.
-Unary = Callable[[Endpoint], "grpc.aio.UnaryUnaryMultiCallable[Req, Resp]"]
 
 
 @dataclass(frozen=True)
@@ -48,8 +41,11 @@ class RetryPolicy:
     # eat the whole deadline; the next attempt goes to the next target.
     attempt_timeout: float = 10.0
 
-    def backoff(self) -> wait_random_exponential:
-        return wait_random_exponential(multiplier=self.initial_backoff, max=self.max_backoff)
+    def __post_init__(self) -> None:
+        if not 0 < self.initial_backoff <= self.max_backoff:
+            raise ValueError("initial_backoff must be positive and at most max_backoff")
+        if self.default_timeout <= 0 or self.attempt_timeout <= 0:
+            raise ValueError("timeouts must be positive")
 
     def waiting(self, wait: float, timeout: float | None) -> tuple[float, float]:
         """(call timeout, attempt bound) for a call that may block ``wait`` s on the server:
@@ -57,20 +53,9 @@ class RetryPolicy:
         call_timeout = wait + self.default_timeout if timeout is None else timeout
         return call_timeout, wait + self.attempt_timeout
 
-    def delay(self, attempt_number: int) -> float:
-        """The backoff before retry ``attempt_number`` (1 = first retry), jittered."""
-        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-        state.attempt_number = attempt_number
-        return float(self.backoff()(state))
-
-
-def growing_delay(attempt: int, initial: float, cap: float) -> float:
-    """The delay before retry ``attempt`` (1 = first): ``initial * 2**(attempt-1)``, capped
-    at ``cap``, half of it fixed and half random ("equal jitter"). The random half keeps
-    clients from retrying in step; the fixed half bounds how often anyone retries, so an
-    outage of a given length sees a bounded number of attempts."""
-    high = min(cap, initial * 2.0 ** min(attempt - 1, 60))
-    return high / 2 + random.uniform(0, high / 2)
+    def delay(self, attempt: int) -> float:
+        """The backoff before retry ``attempt`` (1 = first retry)."""
+        return backoff(attempt, self.initial_backoff, self.max_backoff)
 
 
 def is_transient(error: BaseException) -> bool:
@@ -79,6 +64,7 @@ def is_transient(error: BaseException) -> bool:
 
 async def invoke(
     connection: Connection,
+    clock: Clock,
     attempt: Attempt[R],
     *,
     safe: bool,
@@ -92,15 +78,16 @@ async def invoke(
     deadline); ``DeadlineExceeded`` only when no time was left to start an attempt.
     """
     budget = policy.default_timeout if timeout is None else timeout
-    deadline = time.monotonic() + budget
+    deadline = clock.monotonic() + budget
     cap = policy.attempt_timeout if attempt_timeout is None else attempt_timeout
-
-    async def once() -> R:
-        left = deadline - time.monotonic()
+    failures = 0
+    while True:
+        left = deadline - clock.monotonic()
         if left <= 0:
             raise DeadlineExceeded(f"the call's deadline ({budget:.3g} s) passed")
         endpoint = connection.current
         allowed = min(left, cap)
+        error: TetherError
         try:
             return await attempt(endpoint, allowed, connection.metadata())
         except grpc.aio.AioRpcError as exc:
@@ -116,21 +103,15 @@ async def invoke(
                     f"{endpoint.target} did not answer within {allowed:.3g} s",
                     metadata={"target": endpoint.target},
                 )
-            if isinstance(error, Unavailable):
-                connection.fail_over(endpoint)
-            raise error from exc
-
-    retrying = AsyncRetrying(
-        retry=retry_if_exception(lambda exc: safe and is_transient(exc)),
-        wait=policy.backoff(),
-        stop=stop_before_delay(budget),
-        reraise=True,
-    )
-    result: R
-    async for attempt_state in retrying:
-        with attempt_state:
-            result = await once()
-    return result
+                error.rpc_error = exc
+        if isinstance(error, Unavailable):
+            connection.fail_over(endpoint)
+        failures += 1
+        delay = policy.delay(failures)
+        if not (safe and is_transient(error)) or clock.monotonic() + delay >= deadline:
+            # Raised outside the except block: no "during handling" chain of attempts.
+            raise error
+        await clock.sleep(delay)
 
 
-__all__ = ["Attempt", "RetryPolicy", "Unary", "growing_delay", "invoke", "is_transient"]
+__all__ = ["Attempt", "RetryPolicy", "invoke", "is_transient"]

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -59,6 +58,7 @@ from tether_client.errors import (
 )
 from tether_client.keeper import HeldLease
 from tether_client.pb import common_pb2, saga_pb2
+from tether_client.values import from_struct, from_value, to_struct, to_value
 
 if TYPE_CHECKING:
     from tether_client.client import TetherClient
@@ -96,70 +96,6 @@ _PENDING = (saga_pb2.COMPENSATION_STATUS_PENDING, saga_pb2.COMPENSATION_STATUS_F
 _DONE = (saga_pb2.COMPENSATION_STATUS_SUCCEEDED, saga_pb2.COMPENSATION_STATUS_MANUAL)
 # The server takes at most 1024 bytes of a reason; leave room for its own words.
 _MAX_TEXT_BYTES = 1000
-# Integers beyond this are not exact as JSON numbers (doubles).
-_MAX_EXACT_INT = 2**53
-
-
-# --- JSON values ---------------------------------------------------------------------------
-
-
-def to_value(obj: object) -> struct_pb2.Value:
-    """A JSON-compatible Python value as a ``google.protobuf.Value``."""
-    value = struct_pb2.Value()
-    if obj is None:
-        value.null_value = struct_pb2.NULL_VALUE
-    elif isinstance(obj, bool):
-        value.bool_value = obj
-    elif isinstance(obj, int):
-        if abs(obj) > _MAX_EXACT_INT:
-            raise ValueError(f"{obj} is not exact as a JSON number; pass it as a string")
-        value.number_value = obj
-    elif isinstance(obj, float):
-        if not math.isfinite(obj):
-            raise ValueError(f"{obj} is not a JSON number")
-        value.number_value = obj
-    elif isinstance(obj, str):
-        value.string_value = obj
-    elif isinstance(obj, Mapping):
-        value.struct_value.CopyFrom(to_struct(obj))
-    elif isinstance(obj, list | tuple):
-        value.list_value.values.extend(to_value(item) for item in obj)
-    else:
-        raise TypeError(f"not a JSON value: {type(obj).__name__} {obj!r}")
-    return value
-
-
-def to_struct(mapping: Mapping[str, object]) -> struct_pb2.Struct:
-    struct = struct_pb2.Struct()
-    for key, item in mapping.items():
-        if not isinstance(key, str):
-            raise TypeError(f"JSON object keys are strings, not {type(key).__name__} {key!r}")
-        struct.fields[key].CopyFrom(to_value(item))
-    return struct
-
-
-def from_value(value: struct_pb2.Value) -> Any:
-    """A ``google.protobuf.Value`` as Python (an unset value is ``None``)."""
-    kind = value.WhichOneof("kind")
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "number_value":
-        number = value.number_value
-        # JSON has one number type: give back the int a step most likely returned.
-        if number.is_integer() and abs(number) <= _MAX_EXACT_INT:
-            return int(number)
-        return number
-    if kind == "string_value":
-        return value.string_value
-    if kind == "struct_value":
-        return from_struct(value.struct_value)
-    if kind == "list_value":
-        return [from_value(item) for item in value.list_value.values]
-    return None
-
-
-def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return {key: from_value(item) for key, item in struct.fields.items()}
 
 
 # --- helpers -------------------------------------------------------------------------------
