@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from tether_client.pb import common_pb2
+from tether_client.pb import common_pb2, saga_pb2
 
 ERROR_DOMAIN = "tether.dev"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -466,6 +466,29 @@ class TokenOverPlaintext(ValueError):
     """
 
 
+class SagaAlreadyEnded(SagaTerminal):
+    """``run_saga`` on a saga that had already ended other than COMPLETED (a completed one
+    is replayed instead): ``state`` names its end (``COMPENSATED``, ``CANCELLED``, ...)."""
+
+    def __init__(self, message: str, *, saga_id: str, state: str, namespace: str = "") -> None:
+        super().__init__(
+            message, metadata={"saga_id": saga_id, "state": state, "namespace": namespace}
+        )
+        self.saga_id = saga_id
+        self.state = state
+
+    @classmethod
+    def of(cls, saga: saga_pb2.Saga) -> SagaAlreadyEnded:
+        """For a ``Saga`` message that has ended."""
+        state = saga_pb2.SagaState.Name(saga.state).removeprefix("SAGA_STATE_")
+        return cls(
+            f"saga {saga.saga_id!r} has already ended: {state}",
+            saga_id=saga.saga_id,
+            state=state,
+            namespace=saga.namespace,
+        )
+
+
 class LeaseNotHeld(TetherError):
     """A held lease was used after it ended: released by this client, or lost."""
 
@@ -560,3 +583,81 @@ def from_error_detail(detail: common_pb2.ErrorDetail) -> TetherError:
     """The typed error for one failed item of a batch (a KeepAlive result)."""
     code = _CODE_BY_NUMBER.get(detail.code, grpc.StatusCode.UNKNOWN)
     return error_for(code, detail.reason, detail.message, dict(detail.metadata))
+
+
+__all__ = [
+    "BY_CODE",
+    "BY_REASON",
+    "ERROR_DOMAIN",
+    "Aborted",
+    "AdminRequired",
+    "AlreadyExists",
+    "Cancelled",
+    "ClientClosed",
+    "CompensationOutOfOrder",
+    "ConcurrencyLimit",
+    "CredentialsRequired",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "InvalidCredentials",
+    "InvalidField",
+    "InvalidPageToken",
+    "InvalidSagaState",
+    "KeepAliveIdle",
+    "LeaseEnded",
+    "LeaseExpired",
+    "LeaseHeld",
+    "LeaseLimit",
+    "LeaseLost",
+    "LeaseNotFound",
+    "LeaseNotHeld",
+    "LeaseReleased",
+    "LeaseRevoked",
+    "LeaseUnavailable",
+    "LockDelay",
+    "MalformedRequest",
+    "MessageTooLarge",
+    "NamespaceForbidden",
+    "NotFound",
+    "NotImplementedYet",
+    "NotLeaseHolder",
+    "NothingClaimable",
+    "ObjectExists",
+    "ObjectNotFound",
+    "ObjectTerminating",
+    "OutOfRange",
+    "OwnerCycle",
+    "OwnerNotFound",
+    "PermissionDenied",
+    "RequestIdConflict",
+    "ResourceExhausted",
+    "ResourceVersionConflict",
+    "RevisionCompacted",
+    "RoleRequired",
+    "SagaAlreadyEnded",
+    "SagaClaimed",
+    "SagaNotFound",
+    "SagaTerminal",
+    "ServerDraining",
+    "ServerStarting",
+    "StaleFencingToken",
+    "StepConflict",
+    "StepNotFound",
+    "StoreUnavailable",
+    "StreamLimit",
+    "SweepReportNotFound",
+    "TetherError",
+    "TokenOverPlaintext",
+    "UidMismatch",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "Unknown",
+    "WaitTimeout",
+    "WatchLimit",
+    "error_for",
+    "from_error_detail",
+    "from_rpc_error",
+]

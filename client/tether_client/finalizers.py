@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import itertools
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
+from tether_client.clock import backoff, sleep_or_wake
+from tether_client.connection import Endpoint
 from tether_client.convert import Seconds, seconds
 from tether_client.errors import (
     LeaseUnavailable,
@@ -48,13 +49,13 @@ from tether_client.errors import (
     TetherError,
     UidMismatch,
 )
+from tether_client.keeper import Keeper
+from tether_client.objects import ObjectsClient
 from tether_client.pb import owner_ref_pb2
-from tether_client.retry import growing_delay
+from tether_client.threads import call_user_code
+from tether_client.transport import Metadata, Transport
 
-if TYPE_CHECKING:
-    from tether_client.client import TetherClient
-
-log = logging.getLogger("tether_client.objects")
+log = logging.getLogger("tether_client.finalizers")
 
 # A finalizer handler: called with the terminating object; async, or sync (run in a thread,
 # so the lease keeper on the event loop goes on renewing while it works).
@@ -102,6 +103,33 @@ class _Pending:
     refusals: int = 0
 
 
+def _watch_objects(
+    request: owner_ref_pb2.WatchObjectsRequest, endpoint: Endpoint, metadata: Metadata
+) -> AsyncIterable[owner_ref_pb2.WatchObjectsResponse]:
+    return endpoint.owner_ref.WatchObjects(request, metadata=metadata)
+
+
+class FinalizerOptions(TypedDict, total=False):
+    """The options of :class:`FinalizerWorker` (``client.finalizer_worker(..., **options)``):
+    ``namespace`` and ``holder`` (default: the client's), the lease ``ttl`` per object,
+    ``refusal_retry`` doubling up to ``max_refusal_retry`` after a refusal, the failure
+    backoff from ``initial_backoff`` to ``max_backoff``, ``resync_interval`` between
+    listings, ``concurrency`` (objects handled at once), ``page_size`` of the listings and
+    the ``stop`` event."""
+
+    namespace: str | None
+    holder: str | None
+    ttl: Seconds
+    refusal_retry: Seconds
+    max_refusal_retry: Seconds
+    initial_backoff: Seconds
+    max_backoff: Seconds
+    resync_interval: Seconds
+    concurrency: int
+    page_size: int
+    stop: asyncio.Event | None
+
+
 class FinalizerWorker:
     """Removes ``finalizer`` from terminating objects of ``kind`` once ``handler`` agrees.
 
@@ -113,44 +141,39 @@ class FinalizerWorker:
 
     def __init__(
         self,
-        client: TetherClient,
+        transport: Transport,
+        objects: ObjectsClient,
+        keeper: Keeper,
         finalizer: str,
         kind: str,
         handler: FinalizerHandler,
-        *,
-        namespace: str | None = None,
-        holder: str | None = None,
-        ttl: Seconds = 30,
-        refusal_retry: Seconds = 30,
-        max_refusal_retry: Seconds = 600,
-        initial_backoff: Seconds = 1,
-        max_backoff: Seconds = 60,
-        resync_interval: Seconds = 60,
-        concurrency: int = 1,
-        page_size: int = 0,
-        stop: asyncio.Event | None = None,
+        **options: Unpack[FinalizerOptions],
     ) -> None:
+        concurrency = options.get("concurrency", 1)
         if "/" not in finalizer.strip("/"):
             raise ValueError(f"a finalizer is qualified, domain/name: not {finalizer!r}")
         if not kind:
             raise ValueError("a finalizer worker needs the kind of its objects")
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        self.client = client
+        self._transport = transport
+        self._objects = objects
+        self._keeper = keeper
+        self.clock = transport.clock
         self.finalizer = finalizer
         self.kind = kind
         self.handler = handler
-        self.namespace = client.namespace if namespace is None else namespace
-        self.holder = holder or client.holder
-        self.ttl = seconds(ttl)
-        self.refusal_retry = seconds(refusal_retry)
-        self.max_refusal_retry = seconds(max_refusal_retry)
-        self.initial_backoff = seconds(initial_backoff)
-        self.max_backoff = seconds(max_backoff)
-        self.resync_interval = seconds(resync_interval)
+        self.namespace = transport.ns(options.get("namespace"))
+        self.holder = options.get("holder") or transport.holder
+        self.ttl = seconds(options.get("ttl", 30))
+        self.refusal_retry = seconds(options.get("refusal_retry", 30))
+        self.max_refusal_retry = seconds(options.get("max_refusal_retry", 600))
+        self.initial_backoff = seconds(options.get("initial_backoff", 1))
+        self.max_backoff = seconds(options.get("max_backoff", 60))
+        self.resync_interval = seconds(options.get("resync_interval", 60))
         self.concurrency = concurrency
-        self.page_size = page_size
-        self.stop = stop or asyncio.Event()
+        self.page_size = options.get("page_size", 0)
+        self.stop = options.get("stop") or asyncio.Event()
         #: Every handling, in order: (uid, outcome).
         self.outcomes: list[tuple[str, Outcome]] = []
         self._pending: dict[str, _Pending] = {}
@@ -178,7 +201,7 @@ class FinalizerWorker:
             return
         entry = self._pending.get(obj.uid)
         if entry is None:
-            now = self.client.clock.monotonic()
+            now = self.clock.monotonic()
             self._pending[obj.uid] = _Pending(obj, due=now, seen=self._generation)
             self._wake.set()
         else:
@@ -191,23 +214,14 @@ class FinalizerWorker:
         is no longer there."""
         self._generation = generation = next(self._generations)
         listed: set[str] = set()
-        token = ""
-        while True:
-            page = await self.client.objects.list_objects(
-                owner_ref_pb2.ListObjectsRequest(
-                    namespace=self.namespace,
-                    kind=self.kind,
-                    terminating_only=True,
-                    page_size=self.page_size,
-                    page_token=token,
-                )
-            )
-            for obj in page.objects:
-                self._observe(obj)
-                listed.add(obj.uid)
-            token = page.next_page_token
-            if not token:
-                break
+        async for obj in self._objects.list(
+            kind=self.kind,
+            terminating_only=True,
+            page_size=self.page_size,
+            namespace=self.namespace,
+        ):
+            self._observe(obj)
+            listed.add(obj.uid)
         # Seen neither by the listing nor by an event since it began: gone meanwhile.
         for uid, entry in list(self._pending.items()):
             if uid not in listed and entry.seen < generation:
@@ -228,26 +242,30 @@ class FinalizerWorker:
         if outcome in ("finalized", "gone"):
             self._pending.pop(uid, None)
         elif entry is not None:
-            entry.due = self.client.clock.monotonic() + self._delay(entry, outcome)
+            entry.due = self.clock.monotonic() + self._delay(entry, outcome)
         return outcome
 
     def _delay(self, entry: _Pending, outcome: Outcome) -> float:
         if outcome == "refused":
             entry.refusals += 1
             entry.failures = 0
-            return growing_delay(entry.refusals, self.refusal_retry, self.max_refusal_retry)
+            return backoff(entry.refusals, self.refusal_retry, self.max_refusal_retry)
         if outcome == "busy":
             # Someone is at it; by a ttl from now a dead holder's lease has run out too.
             return _jittered(self.ttl)
         entry.failures += 1
-        return growing_delay(entry.failures, self.initial_backoff, self.max_backoff)
+        return backoff(entry.failures, self.initial_backoff, self.max_backoff)
 
     async def _attempt(self, seen: owner_ref_pb2.Object) -> Outcome:
         key = f"finalizers/{self.finalizer}/{seen.uid}"
         held = False
         try:
-            async with self.client.hold(
-                key, ttl=self.ttl, holder=self.holder, namespace=self.namespace, on_lost="cancel"
+            async with self._keeper.hold(
+                key,
+                ttl=self.ttl,
+                holder=self.holder,
+                namespace=self.namespace,
+                cancel_on_lost=True,
             ):
                 held = True
                 obj = await self._current(seen)
@@ -271,38 +289,30 @@ class FinalizerWorker:
     async def _current(self, seen: owner_ref_pb2.Object) -> owner_ref_pb2.Object | None:
         """The object as it is now, if it still waits for this finalizer."""
         try:
-            response = await self.client.objects.get_object(
-                owner_ref_pb2.GetObjectRequest(
-                    namespace=seen.namespace or self.namespace, kind=seen.kind, uid=seen.uid
-                )
+            obj = await self._objects.get(
+                seen.kind, seen.name, uid=seen.uid, namespace=seen.namespace or self.namespace
             )
         except ObjectNotFound:
             return None
-        return response.object if self._ours(response.object) else None
+        return obj if self._ours(obj) else None
 
     async def _run_handler(self, obj: owner_ref_pb2.Object) -> None:
         # The handler gets a copy: what it does to it must not leak into the removal.
         copy = owner_ref_pb2.Object()
         copy.CopyFrom(obj)
-        if inspect.iscoroutinefunction(self.handler):
-            await self.handler(copy)
-            return
-        result = await asyncio.to_thread(self.handler, copy)
-        if inspect.isawaitable(result):
-            await result
+        await call_user_code(self.handler, copy)
 
     async def _remove(self, obj: owner_ref_pb2.Object, *, refusal: str = "") -> Outcome:
-        request = owner_ref_pb2.RemoveFinalizerRequest(
-            namespace=obj.namespace or self.namespace,
-            kind=obj.kind,
-            name=obj.name,
-            finalizer=self.finalizer,
-            refusal=refusal,
-            # The uid precondition: never let a recreated object of the same name go.
-            uid=obj.uid,
-        )
         try:
-            response = await self.client.objects.remove_finalizer(request)
+            response = await self._objects.remove_finalizer(
+                obj.kind,
+                obj.name,
+                self.finalizer,
+                refusal=refusal,
+                # The uid precondition: never let a recreated object of the same name go.
+                uid=obj.uid,
+                namespace=obj.namespace or self.namespace,
+            )
         except (ObjectNotFound, UidMismatch):
             return "gone"
         if refusal:
@@ -363,7 +373,7 @@ class FinalizerWorker:
             await asyncio.gather(*background, *self._running.values(), return_exceptions=True)
 
     def _start_due(self) -> None:
-        now = self.client.clock.monotonic()
+        now = self.clock.monotonic()
         for uid, entry in sorted(self._pending.items(), key=lambda item: item[1].due):
             if len(self._running) >= self.concurrency or entry.due > now:
                 break
@@ -385,8 +395,8 @@ class FinalizerWorker:
         ]
         waiting = [entry.due for uid, entry in self._pending.items() if uid not in self._running]
         if waiting and len(self._running) < self.concurrency:
-            delay = min(waiting) - self.client.clock.monotonic()
-            helpers.append(asyncio.ensure_future(self.client.clock.sleep(delay)))
+            delay = min(waiting) - self.clock.monotonic()
+            helpers.append(asyncio.ensure_future(self.clock.sleep(delay)))
         try:
             await asyncio.wait(
                 [*helpers, *self._running.values(), *background],
@@ -408,7 +418,9 @@ class FinalizerWorker:
                 namespace=self.namespace, kind=self.kind, start_revision=next_revision
             )
             try:
-                async for response in self.client.objects.watch_objects(request):
+                async for response in self._transport.stream(
+                    functools.partial(_watch_objects, request)
+                ):
                     failures = 0
                     purged = response.compact_revision
                     if not response.events and 0 < next_revision <= purged:
@@ -435,7 +447,7 @@ class FinalizerWorker:
             except TetherError as exc:
                 failures += 1
                 log.warning("finalizer worker %s: watch: %s", self.finalizer, exc)
-            await self._pause(self.client.retry_policy.delay(failures))
+            await self._pause(self._transport.retry.delay(failures))
 
     async def _resync_loop(self) -> None:
         """List at the start, when the watch asks, and every ``resync_interval``."""
@@ -447,22 +459,20 @@ class FinalizerWorker:
             except TetherError as exc:
                 failures += 1
                 log.warning("finalizer worker %s: listing: %s", self.finalizer, exc)
-                await self._pause(self.client.retry_policy.delay(failures))
+                await self._pause(self._transport.retry.delay(failures))
                 continue
             failures = 0
             await self._pause(self.resync_interval, self._resync_now)
 
     async def _pause(self, delay: float, *events: asyncio.Event) -> None:
         """Sleep ``delay`` on the client's clock, or less when an event is set."""
-        waits = [
-            asyncio.ensure_future(self.client.clock.sleep(delay)),
-            *(asyncio.ensure_future(event.wait()) for event in events),
-        ]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
+        await sleep_or_wake(self.clock, delay, *events)
 
 
-__all__ = ["FinalizerHandler", "FinalizerWorker", "Outcome", "RefuseFinalization"]
+__all__ = [
+    "FinalizerHandler",
+    "FinalizerOptions",
+    "FinalizerWorker",
+    "Outcome",
+    "RefuseFinalization",
+]

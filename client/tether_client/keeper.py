@@ -38,9 +38,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING
 
-from tether_client.clock import Clock
+from tether_client.clock import Clock, backoff, sleep_or_wake
 from tether_client.connection import Endpoint
 from tether_client.convert import duration_seconds, to_datetime
 from tether_client.errors import (
@@ -53,11 +52,11 @@ from tether_client.errors import (
     TetherError,
     from_error_detail,
 )
+from tether_client.leases import LeasesClient
 from tether_client.pb import common_pb2, lease_pb2
-from tether_client.retry import RetryPolicy, growing_delay, is_transient
-
-if TYPE_CHECKING:
-    from tether_client.client import TetherClient
+from tether_client.results import Acquired
+from tether_client.retry import RetryPolicy, is_transient
+from tether_client.transport import Transport
 
 log = logging.getLogger("tether_client.keeper")
 
@@ -148,8 +147,12 @@ class HeldLease:
         self._lost_error: LeaseLost | None = None
         self._released = False
         self._callbacks: list[LostCallback] = []
+        # The body to cancel on loss (on_lost="cancel"), while it is inside its block.
         self._cancel_task: asyncio.Task[object] | None = None
-        self._cancel_requested = False
+        # A cancellation the body asked for itself (it read the loss): delivered at its next
+        # await, or dropped if the block ends first.
+        self._cancel_handle: asyncio.Handle | None = None
+        self._cancel_issued = False
         self.renewals_sent = 0
 
     # --- what the holder reads ----------------------------------------------------------
@@ -214,17 +217,10 @@ class HeldLease:
 
     async def wait_lost(self) -> LeaseLost:
         """Return once the lease is lost, with the reason."""
+        clock = self._keeper.clock
         while not self._lost.is_set():
             # The timer may be late (a busy loop); the deadline still rules.
-            waiter = asyncio.ensure_future(self._lost.wait())
-            sleeper = asyncio.ensure_future(
-                self._keeper.clock.sleep(self._safe_until - self._keeper.clock.monotonic())
-            )
-            try:
-                await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                sleeper.cancel()
+            await sleep_or_wake(clock, self._safe_until - clock.monotonic(), self._lost)
             self._keeper.expire_if_overdue(self)
         assert self._lost_error is not None
         return self._lost_error
@@ -271,7 +267,7 @@ class _Stream:
         self.endpoint = endpoint
         # grpc-stubs lacks the asyncio form without a request iterator (writes come later).
         self.call = endpoint.lease.KeepAlive(  # type: ignore[call-arg]
-            metadata=keeper.client.connection.metadata()
+            metadata=keeper.transport.connection.metadata()
         )
         self.sequence = 0
         self.pending: dict[int, _Send] = {}
@@ -328,10 +324,11 @@ class _Stream:
 
 
 class Keeper:
-    def __init__(self, client: TetherClient, config: KeeperConfig, clock: Clock) -> None:
-        self.client = client
+    def __init__(self, transport: Transport, leases: LeasesClient, config: KeeperConfig) -> None:
+        self.transport = transport
+        self.leases = leases
         self.config = config
-        self.clock = clock
+        self.clock: Clock = transport.clock
         self.stats = KeeperStats()
         self._leases: dict[str, HeldLease] = {}
         # Lease ids of every hold() from acquisition to exit (a superset of _leases).
@@ -372,18 +369,18 @@ class Keeper:
         ttl: float,
         holder: str,
         namespace: str,
-        wait: float,
-        lock_delay: float,
-        labels: dict[str, str],
-        progress: bytes | None,
-        cancel_on_lost: bool,
-        on_lost: LostCallback | None,
-        timeout: float | None,
+        wait: float = 0,
+        lock_delay: float = 0,
+        labels: dict[str, str] | None = None,
+        progress: bytes | None = None,
+        cancel_on_lost: bool = False,
+        on_lost: LostCallback | None = None,
+        timeout: float | None = None,
     ) -> _Hold:
         async def acquire() -> HeldLease:
             # The deadline counts from the attempt that got the grant: the first attempt
             # may lie a whole outage earlier, which would hand out a lease lost on arrival.
-            response, sent_at = await self.client.acquire_timed(
+            response, sent_at = await self.leases.acquire_timed(
                 key,
                 ttl=ttl,
                 holder=holder,
@@ -426,7 +423,7 @@ class Keeper:
     async def _start_deadline(
         self,
         lease: HeldLease,
-        response: lease_pb2.AcquireResponse,
+        response: Acquired,
         sent_at: float,
         wait: float,
         timeout: float | None,
@@ -438,10 +435,10 @@ class Keeper:
         else:
             # An existing lease handed back, or one granted at some unknown moment of a
             # wait: only a renewal from a known send time gives a sound deadline.
-            renewed, sent_at = await self.client.renew_timed(
+            renewed, sent_at = await self.leases.renew_timed(
                 lease.lease_id, lease._token, namespace=lease.namespace, timeout=timeout
             )
-            lease._acked(sent_at, duration_seconds(renewed.ttl), to_datetime(renewed.expires_at))
+            lease._acked(sent_at, renewed.ttl.total_seconds(), renewed.expires_at)
 
     def margin(self, ttl: float) -> float:
         return max(self.config.min_safety_margin, ttl * self.config.safety_margin_fraction)
@@ -486,7 +483,7 @@ class Keeper:
             return await endpoint.lease.Release(request, timeout=left, metadata=metadata)
 
         try:
-            await self.client.call(attempt, safe=True, timeout=self.config.release_timeout)
+            await self.transport.call(attempt, safe=True, timeout=self.config.release_timeout)
         except (LeaseExpired, LeaseRevoked) as exc:
             if report and (isinstance(exc, LeaseRevoked) or sent_at < lease._safe_until):
                 lease._released = False
@@ -551,8 +548,13 @@ class Keeper:
         log.warning("%s", message)
         task = lease._cancel_task
         if task is not None and not task.done():
-            lease._cancel_requested = True
-            task.cancel()
+            if task is asyncio.current_task():
+                # The body itself found the loss (it read lease.lost or the token). A cancel
+                # now would stay pending past a block that ends without another await and
+                # hit the caller after it; deliver it at the body's next await instead.
+                lease._cancel_handle = asyncio.get_running_loop().call_soon(_cancel_body, lease)
+            else:
+                _cancel_body(lease)
         callbacks, lease._callbacks = lease._callbacks, []
         for callback in callbacks:
             self.run_callback(callback, lease)
@@ -648,24 +650,15 @@ class Keeper:
             default=self.config.min_safety_margin,
         )
         cap = min(self.config.renew_retry_max, margin / 2)
-        return growing_delay(attempt, self.config.renew_retry_initial, cap)
+        return backoff(attempt, self.config.renew_retry_initial, cap)
 
     async def _sleep(self, delay: float) -> None:
-        if delay <= 0:
-            await asyncio.sleep(0)
-            return
-        sleeper = asyncio.ensure_future(self.clock.sleep(delay))
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
+        await sleep_or_wake(self.clock, delay, self._wake)
 
     # --- the stream ----------------------------------------------------------------------
 
     def _open_stream(self, now: float) -> _Stream:
-        stream = _Stream(self, self.client.connection.current, now)
+        stream = _Stream(self, self.transport.connection.current, now)
         self._stream = stream
         self.stats.streams_opened += 1
         # A ping proves the stream works before anything depends on it.
@@ -736,7 +729,7 @@ class Keeper:
         self._stream_failures += 1
         now = self.clock.monotonic()
         self._next_stream_attempt = now + self._backoff.delay(self._stream_failures)
-        self.client.connection.fail_over(stream.endpoint)
+        self.transport.connection.fail_over(stream.endpoint)
         for record in stream.pending.values():
             for lease, progress in record.leases:
                 self._retry_later(lease, progress, at=now)
@@ -802,18 +795,18 @@ class Keeper:
         failures = self._unary_failures
         self._unary_in_flight += 1
         progress = lease._take_progress()
-        request = lease_pb2.RenewRequest(
-            namespace=lease.namespace, lease_id=lease.lease_id, fencing_token=lease._token
-        )
-        if progress is not None:
-            request.progress = progress
         timeout = max(0.05, min(self._ack_timeout([lease]), lease._safe_until - now))
 
         async def renew() -> None:
             try:
                 # One attempt: the keeper schedules its own retries against the deadline.
-                response = await self.client.unary(
-                    lambda e: e.lease.Renew, request, safe=False, timeout=timeout
+                renewal, _ = await self.leases.renew_timed(
+                    lease.lease_id,
+                    lease._token,
+                    progress=progress,
+                    namespace=lease.namespace,
+                    timeout=timeout,
+                    safe=False,
                 )
             except TetherError as error:
                 # Due again at once; the keeper's probe schedule decides when it goes.
@@ -824,7 +817,7 @@ class Keeper:
             else:
                 self._unary_failures = 0
                 self.stats.renewals_acked += 1
-                lease._acked(now, duration_seconds(response.ttl), to_datetime(response.expires_at))
+                lease._acked(now, renewal.ttl.total_seconds(), renewal.expires_at)
             finally:
                 self._unary_in_flight -= 1
                 self._wake.set()
@@ -849,11 +842,21 @@ class Keeper:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _cancel_body(lease: HeldLease) -> None:
+    lease._cancel_handle = None
+    task = lease._cancel_task
+    if task is not None and not task.done():
+        lease._cancel_issued = True
+        task.cancel()
+
+
 class _Hold:
     """``async with keeper.hold(...) as lease``; cancels the body on loss when asked.
 
-    Like ``asyncio.timeout``: the cancellation this context caused comes out as
-    ``LeaseLost``; any other cancellation passes through untouched.
+    A lease lost while the block ran ends the block with ``LeaseLost``, whatever the body
+    did (returned, raised, or swallowed the cancellation), chained from the body's own
+    error if it raised one. Like ``asyncio.timeout``, the cancellation this context caused
+    never leaves it; any other cancellation passes through untouched.
     """
 
     def __init__(
@@ -886,9 +889,11 @@ class _Hold:
         lease = self._lease
         assert lease is not None
         lease._cancel_task = None
+        if lease._cancel_handle is not None:
+            lease._cancel_handle.cancel()  # the body is out: a deferred cancel must not follow
+            lease._cancel_handle = None
         self._keeper.remove(lease)
-        lost = lease.lost
-        if not lost:
+        if not lease.lost:
             ended = await self._keeper.release(lease)
             if ended is not None:
                 # The lease ended under the body: the caller must not take the work as done
@@ -896,11 +901,17 @@ class _Hold:
                 if exc is None:
                     raise ended
                 exc.add_note(f"tether: {ended.message}")
-        if (
-            lease._cancel_requested
-            and self._task is not None
-            and self._task.uncancel() <= self._cancelling
-            and exc_type is asyncio.CancelledError
+            return
+        others_cancelled = False
+        if lease._cancel_issued and self._task is not None:
+            # Take back the cancellation this context caused; one from elsewhere remains.
+            others_cancelled = self._task.uncancel() > self._cancelling
+        if isinstance(exc, asyncio.CancelledError) and (
+            others_cancelled or not lease._cancel_issued
         ):
-            assert lease._lost_error is not None
-            raise lease._lost_error from exc
+            return  # somebody else's cancellation: it goes on
+        lost = lease._lost_error
+        assert lost is not None
+        if exc is lost:
+            return
+        raise lost from exc

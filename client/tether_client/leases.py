@@ -18,16 +18,18 @@ repeated Acquire return the first grant), so every call here is retried on
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from typing import TypeAlias
 
+from tether_client.connection import Endpoint
 from tether_client.convert import Seconds, seconds, to_datetime, to_duration
 from tether_client.pb import lease_pb2
 from tether_client.results import Acquired, Renewal
-from tether_client.transport import EnumNames, Transport
+from tether_client.transport import EnumNames, Metadata, Transport
 
-LeaseStateValue = lease_pb2.LeaseState.ValueType
+LeaseStateValue: TypeAlias = lease_pb2.LeaseState.ValueType
 lease_states: EnumNames[LeaseStateValue] = EnumNames(
-    "LEASE_STATE_", lease_pb2.LeaseState.items(), "a lease state"  # type: ignore[arg-type]
+    "LEASE_STATE_", dict(lease_pb2.LeaseState.items()), "a lease state"
 )
 
 
@@ -247,12 +249,12 @@ class LeasesClient:
         ns = self._transport.ns(namespace)
 
         def open_stream(
-            endpoint: object, revision: int, metadata: tuple[tuple[str, str], ...]
-        ) -> AsyncIterator[lease_pb2.WatchResponse]:
+            endpoint: Endpoint, revision: int, metadata: Metadata
+        ) -> AsyncIterable[lease_pb2.WatchResponse]:
             request = lease_pb2.WatchRequest(
                 namespace=ns, key_prefix=key_prefix, start_revision=revision
             )
-            return endpoint.lease.Watch(request, metadata=metadata)  # type: ignore[attr-defined,no-any-return]
+            return endpoint.lease.Watch(request, metadata=metadata)
 
         return self._transport.watch(open_stream, start_revision=start_revision)
 

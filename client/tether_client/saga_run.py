@@ -29,17 +29,15 @@ Values that travel (input, outputs, payloads) are JSON: ``None``, ``bool``, numb
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar, overload
+from typing import Any, Literal, TypeAlias, TypedDict, TypeVar, Unpack, overload
 
-from google.protobuf import struct_pb2
-
-from tether_client.convert import Seconds, to_duration
+from tether_client.clock import sleep_or_wake
+from tether_client.convert import Seconds, seconds
 from tether_client.errors import (
     InvalidSagaState,
     LeaseEnded,
@@ -47,6 +45,7 @@ from tether_client.errors import (
     LeaseNotHeld,
     NothingClaimable,
     NotLeaseHolder,
+    SagaAlreadyEnded,
     SagaClaimed,
     SagaNotFound,
     SagaTerminal,
@@ -56,12 +55,13 @@ from tether_client.errors import (
     Unavailable,
     WaitTimeout,
 )
-from tether_client.keeper import HeldLease
+from tether_client.keeper import HeldLease, Keeper
 from tether_client.pb import common_pb2, saga_pb2
+from tether_client.results import Claim
+from tether_client.sagas import SagasClient
+from tether_client.threads import call_user_code
+from tether_client.transport import Transport
 from tether_client.values import from_struct, from_value, to_struct, to_value
-
-if TYPE_CHECKING:
-    from tether_client.client import TetherClient
 
 log = logging.getLogger("tether_client.saga")
 
@@ -87,11 +87,6 @@ FENCED_OUT: tuple[type[TetherError], ...] = (
 # A compensation worker's claim that went elsewhere: on to the next saga.
 _MOVED_ON: tuple[type[TetherError], ...] = (*FENCED_OUT, SagaClaimed)
 
-_ON_STALE: dict[str, saga_pb2.OnStalePolicy.ValueType] = {
-    "requeue": saga_pb2.ON_STALE_POLICY_REQUEUE,
-    "compensate": saga_pb2.ON_STALE_POLICY_COMPENSATE,
-    "quarantine": saga_pb2.ON_STALE_POLICY_QUARANTINE,
-}
 _PENDING = (saga_pb2.COMPENSATION_STATUS_PENDING, saga_pb2.COMPENSATION_STATUS_FAILED)
 _DONE = (saga_pb2.COMPENSATION_STATUS_SUCCEEDED, saga_pb2.COMPENSATION_STATUS_MANUAL)
 # The server takes at most 1024 bytes of a reason; leave room for its own words.
@@ -99,14 +94,6 @@ _MAX_TEXT_BYTES = 1000
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-async def _call(fn: Callable[..., object], *args: object) -> Any:
-    """Call a sync or async callable and return its result."""
-    result = fn(*args)
-    if inspect.isawaitable(result):
-        return await result
-    return result
 
 
 def _describe(exc: BaseException) -> str:
@@ -135,6 +122,37 @@ def _state_name(state: SagaState) -> str:
     return saga_pb2.SagaState.Name(state).removeprefix("SAGA_STATE_")
 
 
+# --- options ------------------------------------------------------------------------------
+
+
+class SagaOptions(TypedDict, total=False):
+    """The options of :func:`run_saga` (``client.run_saga(kind, saga_id, input, **options)``)."""
+
+    ttl: Seconds
+    holder: str | None
+    namespace: str | None
+    labels: Mapping[str, str] | None
+    on_stale: OnStale | None
+    max_attempts: int | None
+    deadline: datetime | None
+    wait: Seconds
+    compensate: CompensateMode
+    retryable: bool
+    retry_after: Seconds
+    handlers: Mapping[str, Handler] | None
+
+
+class CompensationOptions(TypedDict, total=False):
+    """The options of :class:`CompensationWorker`."""
+
+    ttl: Seconds
+    holder: str | None
+    namespace: str | None
+    wait: Seconds
+    poll_interval: Seconds
+    stop: asyncio.Event | None
+
+
 # --- running compensations -----------------------------------------------------------------
 
 
@@ -143,12 +161,14 @@ class _Compensator:
 
     def __init__(
         self,
-        client: TetherClient,
+        transport: Transport,
+        sagas: SagasClient,
         saga: saga_pb2.Saga,
         fence: Callable[[], common_pb2.Fence],
         handler: Callable[[saga_pb2.CompensationRecord], Handler | None],
     ) -> None:
-        self._client = client
+        self._transport = transport
+        self._sagas = sagas
         self._saga = saga
         self._fence = fence
         self._handler = handler
@@ -168,21 +188,19 @@ class _Compensator:
         attempts = record.attempts
         while True:
             error = await self._attempt(record, handler)
-            response = await self._client.sagas.record_compensation(
-                saga_pb2.RecordCompensationRequest(
-                    namespace=self._saga.namespace,
-                    saga_id=self._saga.saga_id,
-                    fence=self._fence(),
-                    step_index=record.step_index,
-                    status=(
-                        saga_pb2.COMPENSATION_STATUS_FAILED
-                        if error
-                        else saga_pb2.COMPENSATION_STATUS_SUCCEEDED
-                    ),
-                    error=error,
-                    # Naming the attempt makes a repeated report harmless (and retryable).
-                    attempt=attempts + 1,
-                )
+            response = await self._sagas.record_compensation(
+                self._saga.saga_id,
+                self._fence(),
+                record.step_index,
+                (
+                    saga_pb2.COMPENSATION_STATUS_FAILED
+                    if error
+                    else saga_pb2.COMPENSATION_STATUS_SUCCEEDED
+                ),
+                error=error,
+                # Naming the attempt makes a repeated report harmless (and retryable).
+                attempt=attempts + 1,
+                namespace=self._saga.namespace,
             )
             done = response.compensation.status in _DONE
             if done or response.state != saga_pb2.SAGA_STATE_COMPENSATING:
@@ -197,14 +215,14 @@ class _Compensator:
                 response.compensation.max_attempts,
                 error,
             )
-            await self._client.clock.sleep(self._client.retry_policy.delay(attempts))
+            await self._transport.clock.sleep(self._transport.retry.delay(attempts))
 
     async def _attempt(self, record: saga_pb2.CompensationRecord, handler: Handler | None) -> str:
         """Run the handler once; the error text, empty on success."""
         if handler is None:
             return f"no handler for compensation {record.name!r}"
         try:
-            await _call(handler, from_value(record.payload))
+            await call_user_code(handler, from_value(record.payload))
         except Exception as exc:
             return _describe(exc)
         return ""
@@ -214,30 +232,37 @@ class _Compensator:
 
 
 class SagaRun:
-    """A claimed saga, inside ``async with client.run_saga(...) as saga``."""
+    """A claimed saga, inside ``async with client.run_saga(...) as saga``.
+
+    ``replay`` is True when the saga had already COMPLETED: the block runs again, every
+    ``step`` returns its recorded output and nothing is executed or recorded.
+    """
 
     def __init__(
         self,
-        client: TetherClient,
-        claim: saga_pb2.ClaimSagaResponse,
-        lease: HeldLease,
+        transport: Transport,
+        sagas: SagasClient,
+        saga: saga_pb2.Saga,
+        fence: common_pb2.Fence | None,
+        lease: HeldLease | None,
         handlers: Mapping[str, Handler],
     ) -> None:
-        self._client = client
+        self._transport = transport
+        self._sagas = sagas
         self._lease = lease
         self._handlers = handlers
-        self._claim_fence = claim.fence
+        self._claim_fence = fence
         #: The saga as last answered by the server (with its logs after claim and failure).
-        self.saga = claim.saga
+        self.saga = saga
         #: The step log as claimed: what earlier attempts recorded.
-        self.steps: tuple[saga_pb2.SagaStep, ...] = tuple(claim.saga.steps)
+        self.steps: tuple[saga_pb2.SagaStep, ...] = tuple(saga.steps)
         #: The progress the last heartbeat stored (an earlier attempt's, at first).
-        self.progress: bytes = claim.saga.progress
-        self._log = {step.index: step for step in claim.saga.steps}
+        self.progress: bytes = saga.progress
+        self._log = {step.index: step for step in saga.steps}
         # Compensation names registered so far, by step index.
         self._registered = {
             step.index: step.compensation.name
-            for step in claim.saga.steps
+            for step in saga.steps
             if step.HasField("compensation") and step.compensation.name
         }
         # Compensations of steps run by this process: index -> (name, handler).
@@ -275,12 +300,22 @@ class SagaRun:
         return self.saga.state
 
     @property
+    def replay(self) -> bool:
+        """Whether this is a re-run of a saga that had already completed (nothing runs)."""
+        return self._lease is None
+
+    @property
     def lease(self) -> HeldLease:
+        """The lease under which the saga is claimed (``LeaseNotHeld`` in a replay)."""
+        if self._lease is None:
+            raise LeaseNotHeld(f"saga {self.saga_id!r} had completed: a replay holds no lease")
         return self._lease
 
     @property
     def fence(self) -> common_pb2.Fence:
         """The claim's fence; raises ``LeaseLost`` once the lease is lost."""
+        if self._lease is None or self._claim_fence is None:
+            raise SagaAlreadyEnded.of(self.saga)
         try:
             self._lease.check()
         except LeaseNotHeld as exc:
@@ -357,6 +392,12 @@ class SagaRun:
             self._local[index] = (comp_name, compensate)
         if recorded is not None and recorded.status == saga_pb2.STEP_STATUS_SUCCEEDED:
             return from_value(recorded.output)
+        if self.replay:
+            raise StepConflict(
+                f"saga {self.saga_id!r} completed without a step {index} ({name!r}): the "
+                "saga's code no longer matches the run that completed it",
+                metadata={"step_index": str(index), "step": name},
+            )
         compensation = None
         if compensate is not None or compensation_payload is not None:
             compensation = saga_pb2.Compensation(name=comp_name, max_attempts=max_attempts or 0)
@@ -381,8 +422,8 @@ class SagaRun:
         # Registered before the side effect: a crash halfway still gets compensated.
         await self._record(index, name, saga_pb2.STEP_STATUS_STARTED, compensation=compensation)
         try:
-            output = await _call(action)
-            value = to_value(output)
+            output = await call_user_code(action)
+            to_value(output)  # refuse what is not JSON before anything is recorded
             if compensation is not None and payload_of_output is not None:
                 compensation.payload.CopyFrom(to_value(payload_of_output(output)))
             else:
@@ -391,7 +432,7 @@ class SagaRun:
             await self._record_failure(index, name, exc)
             raise
         await self._record(
-            index, name, saga_pb2.STEP_STATUS_SUCCEEDED, output=value, compensation=compensation
+            index, name, saga_pb2.STEP_STATUS_SUCCEEDED, output=output, compensation=compensation
         )
         return output
 
@@ -409,31 +450,35 @@ class SagaRun:
         name: str,
         status: saga_pb2.StepStatus.ValueType,
         *,
-        output: struct_pb2.Value | None = None,
+        output: object = None,
         error: str = "",
         compensation: saga_pb2.Compensation | None = None,
     ) -> None:
-        request = saga_pb2.RecordStepRequest(
-            namespace=self.namespace,
-            saga_id=self.saga_id,
-            fence=self.fence,
-            index=index,
-            name=name,
-            status=status,
-            output=output,
-            error=error,
-            compensation=compensation,
+        response = await self._fenced(
+            self._sagas.record_step(
+                self.saga_id,
+                self.fence,
+                index,
+                name,
+                status,
+                output=output,
+                error=error,
+                compensation=compensation,
+                namespace=self.namespace,
+            )
         )
-        response = await self._fenced(self._client.sagas.record_step(request))
         self._log[index] = response.step
         self.saga.state = response.state
 
     async def heartbeat(self, progress: bytes) -> None:
         """Store progress details (read by the next attempt) and renew the claim's lease."""
-        request = saga_pb2.HeartbeatSagaRequest(
-            namespace=self.namespace, saga_id=self.saga_id, fence=self.fence, progress=progress
+        if self.replay:
+            return
+        response = await self._fenced(
+            self._sagas.heartbeat(
+                self.saga_id, self.fence, progress=progress, namespace=self.namespace
+            )
         )
-        response = await self._fenced(self._client.sagas.heartbeat_saga(request))
         self.progress = progress
         self.saga.state = response.state
 
@@ -447,13 +492,13 @@ class SagaRun:
     # --- the end ----------------------------------------------------------------------------
 
     async def _complete(self) -> None:
-        request = saga_pb2.CompleteSagaRequest(
-            namespace=self.namespace, saga_id=self.saga_id, fence=self.fence
+        if self.replay:
+            return
+        self.saga = await self._fenced(
+            self._sagas.complete(
+                self.saga_id, self.fence, output=self._output, namespace=self.namespace
+            )
         )
-        if self._output is not None:
-            request.output.CopyFrom(to_struct(self._output))
-        response = await self._fenced(self._client.sagas.complete_saga(request))
-        self.saga = response.saga
 
     async def _fail(
         self, exc: Exception, *, hand_off: bool, retryable: bool, retry_after: Seconds
@@ -462,7 +507,7 @@ class SagaRun:
 
         Problems doing so are logged and noted on ``exc``: the caller sees its own error.
         """
-        if self._fenced_out is not None or self._lease.lost:
+        if self._lease is None or self._fenced_out is not None or self._lease.lost:
             return
         if not hand_off and not self._can_compensate():
             log.warning(
@@ -471,20 +516,21 @@ class SagaRun:
                 self.saga_id,
             )
             hand_off = True
-        request = saga_pb2.FailSagaRequest(
-            namespace=self.namespace,
-            saga_id=self.saga_id,
-            reason=_describe(exc),
-            retryable=retryable,
-            retry_after=to_duration(retry_after),
-            hand_off=hand_off,
-        )
         try:
-            request.fence.CopyFrom(self.fence)
-            self.saga = (await self._fenced(self._client.sagas.fail_saga(request))).saga
+            self.saga = await self._fenced(
+                self._sagas.fail(
+                    self.saga_id,
+                    self.fence,
+                    reason=_describe(exc),
+                    retryable=retryable,
+                    retry_after=retry_after,
+                    hand_off=hand_off,
+                    namespace=self.namespace,
+                )
+            )
             if not hand_off and self.saga.state == saga_pb2.SAGA_STATE_COMPENSATING:
                 compensator = _Compensator(
-                    self._client, self.saga, lambda: self.fence, self._handler
+                    self._transport, self._sagas, self.saga, lambda: self.fence, self._handler
                 )
                 self.saga.state = await self._fenced(compensator.run())
         except TetherError as error:
@@ -506,97 +552,141 @@ class SagaRun:
 
 # --- run_saga ------------------------------------------------------------------------------
 
+_ENDED = (
+    saga_pb2.SAGA_STATE_COMPLETED,
+    saga_pb2.SAGA_STATE_COMPENSATED,
+    saga_pb2.SAGA_STATE_FAILED,
+    saga_pb2.SAGA_STATE_QUARANTINED,
+    saga_pb2.SAGA_STATE_CANCELLED,
+)
+
 
 async def _ensure_saga(
-    client: TetherClient,
-    request: saga_pb2.CreateSagaRequest,
-    *,
-    input_given: bool,
-) -> None:
-    """Create the saga unless it exists; without an input an existing saga is taken as is."""
-    if not input_given:
+    sagas: SagasClient,
+    saga_id: str,
+    kind: str,
+    input: Mapping[str, Any] | None,
+    namespace: str,
+    options: SagaOptions,
+) -> saga_pb2.Saga:
+    """The saga, created unless it exists; without an input an existing saga is taken as is."""
+    if input is None:
         try:
-            found = await client.sagas.get_saga(
-                saga_pb2.GetSagaRequest(namespace=request.namespace, saga_id=request.saga_id)
-            )
+            found = await sagas.get(saga_id, namespace=namespace)
         except SagaNotFound:
             pass
         else:
-            if found.saga.kind != request.kind:
-                raise ValueError(
-                    f"saga {request.saga_id!r} is of kind {found.saga.kind!r}, not {request.kind!r}"
-                )
-            return
+            if found.kind != kind:
+                raise ValueError(f"saga {saga_id!r} is of kind {found.kind!r}, not {kind!r}")
+            return found
     # Same id and body: a repeat returns the first saga, so racing creators agree.
-    await client.sagas.create_saga(request)
+    created = await sagas.create(
+        saga_id,
+        kind,
+        input=input or {},
+        labels=options.get("labels"),
+        on_stale=options.get("on_stale"),
+        max_attempts=options.get("max_attempts") or 0,
+        deadline=options.get("deadline"),
+        namespace=namespace,
+    )
+    return created.saga
 
 
 @asynccontextmanager
 async def run_saga(
-    client: TetherClient,
+    transport: Transport,
+    sagas: SagasClient,
+    keeper: Keeper,
     kind: str,
     saga_id: str | None = None,
     input: Mapping[str, Any] | None = None,
-    *,
-    ttl: Seconds = 30,
-    holder: str | None = None,
-    namespace: str | None = None,
-    labels: Mapping[str, str] | None = None,
-    on_stale: OnStale | None = None,
-    max_attempts: int | None = None,
-    deadline: datetime | None = None,
-    wait: Seconds = 0,
-    compensate: CompensateMode = "inline",
-    retryable: bool = False,
-    retry_after: Seconds = 0,
-    handlers: Mapping[str, Handler] | None = None,
+    **options: Unpack[SagaOptions],
 ) -> AsyncIterator[SagaRun]:
-    """See :meth:`TetherClient.run_saga`."""
+    """Claim a saga and run the block as its next attempt (``client.run_saga``).
+
+    With ``saga_id`` the saga is created first when it does not exist (``input``,
+    ``labels``, ``on_stale``, ``max_attempts``, ``deadline``; with an ``input`` a repeat
+    must match the first body), its key ``sagas/<saga_id>`` is held (``ttl``, default 30 s;
+    cancelling the block if the lease is lost), waiting up to ``wait`` for it, and the saga
+    is claimed under that lease. Without it, the oldest claimable saga of ``kind`` is
+    claimed (long-polling up to ``wait``; ``NothingClaimable`` when there is none).
+
+    The block runs ``await saga.step(...)``. When it ends normally the saga is completed
+    (with ``saga.set_output``); when it raises, the saga is failed with the error's repr
+    (``retryable``: back to claimable after ``retry_after`` while attempts are left) and,
+    with ``compensate="inline"`` (the default), the compensations run here, last step
+    first, with each step's ``compensate`` or ``handlers[name]``; ``"hand_off"`` leaves them
+    to a compensation worker (as does a missing handler). The block's error is re-raised
+    either way. A lost lease cancels the block (``LeaseLost``); a refused fence propagates;
+    then nothing more is recorded.
+
+    A saga that has already ended: COMPLETED runs the block as a replay (every step returns
+    its recorded output, nothing is executed or recorded: an idempotent re-run); any other
+    end raises :class:`~tether_client.errors.SagaAlreadyEnded` naming the state.
+    """
+    compensate = options.get("compensate", "inline")
     if compensate not in ("inline", "hand_off"):
         raise ValueError(f"compensate is 'inline' or 'hand_off', not {compensate!r}")
-    namespace = client.namespace if namespace is None else namespace
-    holder = holder or client.holder
-    claim = saga_pb2.ClaimSagaRequest(
-        namespace=namespace, purpose=saga_pb2.CLAIM_PURPOSE_EXECUTE, wait=to_duration(wait)
-    )
+    namespace = transport.ns(options.get("namespace"))
+    holder = options.get("holder") or transport.holder
+    ttl = seconds(options.get("ttl", 30))
+    wait = seconds(options.get("wait", 0))
+    handlers = options.get("handlers") or {}
     if saga_id is not None:
-        create = saga_pb2.CreateSagaRequest(
-            namespace=namespace,
-            saga_id=saga_id,
-            kind=kind,
-            labels=dict(labels or {}),
-            input=to_struct(input or {}),
-            on_stale=_ON_STALE[on_stale] if on_stale else saga_pb2.ON_STALE_POLICY_UNSPECIFIED,
-            max_attempts=max_attempts or 0,
-        )
-        if deadline is not None:
-            create.deadline.FromDatetime(deadline)
-        await _ensure_saga(client, create, input_given=input is not None)
-        claim.saga_id = saga_id
+        saga = await _ensure_saga(sagas, saga_id, kind, input, namespace, options)
+        if saga.state in _ENDED:
+            yield _ended(transport, sagas, saga, handlers)
+            return
         key = f"sagas/{saga_id}"
         key_wait = wait
     else:
         if input is not None:
             raise ValueError("an input needs a saga_id: a saga is created only by its id")
-        claim.kind = kind
         # The worker's own lease: the claim fences this one saga with it.
         key = f"sagas/workers/{holder}/{uuid.uuid4().hex}"
         key_wait = 0
-    async with client.hold(
-        key, ttl=ttl, holder=holder, namespace=namespace, wait=key_wait, on_lost="cancel"
+    async with keeper.hold(
+        key, ttl=ttl, holder=holder, namespace=namespace, wait=key_wait, cancel_on_lost=True
     ) as lease:
-        claim.existing_lease.CopyFrom(lease.fence)
-        run = SagaRun(client, await client.sagas.claim_saga(claim), lease, handlers or {})
+        try:
+            claim = await sagas.claim(
+                saga_id, kind=kind, fence=lease.fence, wait=wait, namespace=namespace
+            )
+        except (SagaTerminal, InvalidSagaState):
+            if saga_id is None:
+                raise
+            # It ended between our read and the claim (another worker finished it).
+            saga = await sagas.get(saga_id, namespace=namespace)
+            if saga.state not in _ENDED:
+                raise
+            claim = None
+        if claim is None:
+            run = _ended(transport, sagas, saga, handlers)
+        else:
+            run = SagaRun(transport, sagas, claim.saga, claim.fence, lease, handlers)
         try:
             yield run
         except Exception as exc:
             await run._fail(
-                exc, hand_off=compensate == "hand_off", retryable=retryable, retry_after=retry_after
+                exc,
+                hand_off=compensate == "hand_off",
+                retryable=options.get("retryable", False),
+                retry_after=options.get("retry_after", 0),
             )
             raise
         # Anything else (a lost lease's cancellation, Ctrl-C) records nothing: once the
         # lease is released or runs out the saga is stale, and its on-stale policy decides.
         await run._complete()
+
+
+def _ended(
+    transport: Transport, sagas: SagasClient, saga: saga_pb2.Saga, handlers: Mapping[str, Handler]
+) -> SagaRun:
+    """A replay of a COMPLETED saga; ``SagaAlreadyEnded`` for any other end."""
+    if saga.state != saga_pb2.SAGA_STATE_COMPLETED:
+        raise SagaAlreadyEnded.of(saga)
+    return SagaRun(transport, sagas, saga, None, None, handlers)
 
 
 # --- the compensation worker ---------------------------------------------------------------
@@ -607,32 +697,31 @@ class CompensationWorker:
 
     ``run_once()`` handles at most one saga; ``run()`` loops until ``stop`` is set (a saga
     being compensated is finished first). Handlers are looked up by compensation name and
-    called with the payload; a compensation without a handler counts as failed (so the
-    saga ends QUARANTINED for an operator rather than being claimed over and over).
+    called with the payload (sync ones in a thread of their own); a compensation without a
+    handler counts as failed (so the saga ends QUARANTINED for an operator rather than
+    being claimed over and over).
     """
 
     def __init__(
         self,
-        client: TetherClient,
+        transport: Transport,
+        sagas: SagasClient,
+        keeper: Keeper,
         kind: str,
         handlers: Mapping[str, Handler],
-        *,
-        ttl: Seconds = 30,
-        holder: str | None = None,
-        namespace: str | None = None,
-        wait: Seconds = 0,
-        poll_interval: float = 1.0,
-        stop: asyncio.Event | None = None,
+        **options: Unpack[CompensationOptions],
     ) -> None:
-        self.client = client
+        self._transport = transport
+        self._sagas = sagas
+        self._keeper = keeper
         self.kind = kind
         self.handlers = handlers
-        self.ttl = ttl
-        self.holder = holder or client.holder
-        self.namespace = client.namespace if namespace is None else namespace
-        self.wait = wait
-        self.poll_interval = poll_interval
-        self.stop = stop or asyncio.Event()
+        self.ttl = seconds(options.get("ttl", 30))
+        self.holder = options.get("holder") or transport.holder
+        self.namespace = transport.ns(options.get("namespace"))
+        self.wait = seconds(options.get("wait", 0))
+        self.poll_interval = seconds(options.get("poll_interval", 1.0))
+        self.stop = options.get("stop") or asyncio.Event()
         #: Sagas whose compensation this worker finished (any end state), in order.
         self.handled: list[tuple[str, SagaState]] = []
 
@@ -640,8 +729,8 @@ class CompensationWorker:
         """Claim one saga (waiting up to ``wait``) and compensate it: its state afterwards,
         or None when nothing was claimable (or ``stop`` was set while waiting)."""
         key = f"sagas/workers/{self.holder}/{uuid.uuid4().hex}"
-        async with self.client.hold(
-            key, ttl=self.ttl, holder=self.holder, namespace=self.namespace, on_lost="cancel"
+        async with self._keeper.hold(
+            key, ttl=self.ttl, holder=self.holder, namespace=self.namespace, cancel_on_lost=True
         ) as lease:
             claimed = await self._claim(lease)
             if claimed is None:
@@ -652,22 +741,27 @@ class CompensationWorker:
                 return claimed.fence
 
             compensator = _Compensator(
-                self.client, claimed.saga, fence, lambda record: self.handlers.get(record.name)
+                self._transport,
+                self._sagas,
+                claimed.saga,
+                fence,
+                lambda record: self.handlers.get(record.name),
             )
             state = await compensator.run()
             self.handled.append((claimed.saga.saga_id, state))
             log.info("saga %r compensated: %s", claimed.saga.saga_id, _state_name(state))
             return state
 
-    async def _claim(self, lease: HeldLease) -> saga_pb2.ClaimSagaResponse | None:
-        request = saga_pb2.ClaimSagaRequest(
-            namespace=self.namespace,
-            kind=self.kind,
-            purpose=saga_pb2.CLAIM_PURPOSE_COMPENSATE,
-            existing_lease=lease.fence,
-            wait=to_duration(self.wait),
+    async def _claim(self, lease: HeldLease) -> Claim | None:
+        claiming = asyncio.ensure_future(
+            self._sagas.claim(
+                kind=self.kind,
+                purpose=saga_pb2.CLAIM_PURPOSE_COMPENSATE,
+                fence=lease.fence,
+                wait=self.wait,
+                namespace=self.namespace,
+            )
         )
-        claiming = asyncio.ensure_future(self.client.sagas.claim_saga(request))
         stopping = asyncio.ensure_future(self.stop.wait())
         try:
             await asyncio.wait({claiming, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -698,34 +792,23 @@ class CompensationWorker:
             except Unavailable as exc:
                 failures += 1
                 log.warning("compensation worker for %r: %s", self.kind, exc)
-                await self._pause(self.client.retry_policy.delay(failures))
+                await sleep_or_wake(
+                    self._transport.clock, self._transport.retry.delay(failures), self.stop
+                )
                 continue
             failures = 0
             if state is None:
-                await self._pause(self.poll_interval)
-
-    async def _pause(self, seconds: float) -> None:
-        if self.stop.is_set():
-            return
-        sleeping = asyncio.ensure_future(self.client.clock.sleep(seconds))
-        stopping = asyncio.ensure_future(self.stop.wait())
-        try:
-            await asyncio.wait({sleeping, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeping.cancel()
-            stopping.cancel()
+                await sleep_or_wake(self._transport.clock, self.poll_interval, self.stop)
 
 
 __all__ = [
     "FENCED_OUT",
     "CompensateMode",
+    "CompensationOptions",
     "CompensationWorker",
     "Handler",
     "OnStale",
+    "SagaOptions",
     "SagaRun",
-    "from_struct",
-    "from_value",
     "run_saga",
-    "to_struct",
-    "to_value",
 ]

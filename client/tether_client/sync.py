@@ -42,7 +42,6 @@ from tether_client.connection import TokenSource
 from tether_client.convert import Seconds
 from tether_client.keeper import HeldLease, Keeper, KeeperConfig, LostCallback
 from tether_client.retry import RetryPolicy
-from tether_client.services import ObjectsClient, SagasClient, SweepsClient
 
 A = TypeVar("A")
 P = ParamSpec("P")
@@ -143,53 +142,6 @@ def _blocking_iter(
     return call
 
 
-class SagasClientSync(_Facade[SagasClient]):
-    def __init__(self, loop: _Loop, target: SagasClient) -> None:
-        self._loop, self._target = loop, target
-
-    create_saga = _blocking(SagasClient.create_saga)
-    claim_saga = _blocking(SagasClient.claim_saga)
-    record_step = _blocking(SagasClient.record_step)
-    heartbeat_saga = _blocking(SagasClient.heartbeat_saga)
-    complete_saga = _blocking(SagasClient.complete_saga)
-    fail_saga = _blocking(SagasClient.fail_saga)
-    record_compensation = _blocking(SagasClient.record_compensation)
-    cancel_saga = _blocking(SagasClient.cancel_saga)
-    quarantine_saga = _blocking(SagasClient.quarantine_saga)
-    redrive_saga = _blocking(SagasClient.redrive_saga)
-    mark_step_compensated = _blocking(SagasClient.mark_step_compensated)
-    annotate_saga = _blocking(SagasClient.annotate_saga)
-    get_saga = _blocking(SagasClient.get_saga)
-    list_sagas = _blocking(SagasClient.list_sagas)
-    watch_sagas = _blocking_iter(SagasClient.watch_sagas)
-
-
-class ObjectsClientSync(_Facade[ObjectsClient]):
-    def __init__(self, loop: _Loop, target: ObjectsClient) -> None:
-        self._loop, self._target = loop, target
-
-    create_object = _blocking(ObjectsClient.create_object)
-    get_object = _blocking(ObjectsClient.get_object)
-    list_objects = _blocking(ObjectsClient.list_objects)
-    update_object = _blocking(ObjectsClient.update_object)
-    add_finalizer = _blocking(ObjectsClient.add_finalizer)
-    remove_finalizer = _blocking(ObjectsClient.remove_finalizer)
-    delete_object = _blocking(ObjectsClient.delete_object)
-    list_dependents = _blocking(ObjectsClient.list_dependents)
-    get_owner_graph = _blocking(ObjectsClient.get_owner_graph)
-    force_remove_finalizers = _blocking(ObjectsClient.force_remove_finalizers)
-    watch_objects = _blocking_iter(ObjectsClient.watch_objects)
-
-
-class SweepsClientSync(_Facade[SweepsClient]):
-    def __init__(self, loop: _Loop, target: SweepsClient) -> None:
-        self._loop, self._target = loop, target
-
-    run_sweep = _blocking(SweepsClient.run_sweep)
-    list_sweep_reports = _blocking(SweepsClient.list_sweep_reports)
-    get_sweep_report = _blocking(SweepsClient.get_sweep_report)
-
-
 class TetherClientSync(_Facade[TetherClient]):
     """A blocking client; use as ``with TetherClientSync("host:50051") as client:``.
 
@@ -233,9 +185,6 @@ class TetherClientSync(_Facade[TetherClient]):
         except BaseException:
             self._loop.stop()
             raise
-        self.sagas = SagasClientSync(self._loop, self._target.sagas)
-        self.objects = ObjectsClientSync(self._loop, self._target.objects)
-        self.sweeps = SweepsClientSync(self._loop, self._target.sweeps)
 
     @property
     def client(self) -> TetherClient:
@@ -279,14 +228,6 @@ class TetherClientSync(_Facade[TetherClient]):
     ) -> None:
         self.close()
 
-    acquire = _blocking(TetherClient.acquire)
-    renew = _blocking(TetherClient.renew)
-    release = _blocking(TetherClient.release)
-    revoke = _blocking(TetherClient.revoke)
-    get_lease = _blocking(TetherClient.get_lease)
-    list_leases = _blocking(TetherClient.list_leases)
-    iter_leases = _blocking_iter(TetherClient.iter_leases)
-    watch = _blocking_iter(TetherClient.watch)
 
     @contextlib.contextmanager
     def hold(

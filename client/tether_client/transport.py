@@ -10,16 +10,17 @@ know nothing of ``TetherClient``.
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any, Generic, Protocol, TypeVar
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 
 from tether_client.clock import Clock
 from tether_client.connection import Connection, Endpoint
 from tether_client.convert import Seconds, seconds
-from tether_client.errors import RevisionCompacted, from_rpc_error
+from tether_client.errors import RevisionCompacted, TetherError, from_rpc_error
 from tether_client.retry import Attempt, RetryPolicy, invoke, is_transient
 
 R = TypeVar("R")
@@ -31,8 +32,7 @@ Enum = TypeVar("Enum", bound=int)
 
 # Picks a unary RPC off an endpoint's stubs, e.g. ``lambda e: e.lease.Renew``.
 Unary = Callable[[Endpoint], "grpc.aio.UnaryUnaryMultiCallable[Req, Resp]"]
-# Opens a server stream for a start revision, e.g. a Watch from revision N.
-OpenStream = Callable[[Endpoint, int, tuple[tuple[str, str], ...]], AsyncIterator[Resp]]
+Metadata = tuple[tuple[str, str], ...]
 
 
 class Revisioned(Protocol):
@@ -175,9 +175,32 @@ class Transport:
             if not token:
                 return
 
+    async def stream(
+        self, open_stream: Callable[[Endpoint, Metadata], AsyncIterable[Resp]]
+    ) -> AsyncIterator[Resp]:
+        """The answers of one server stream, as sent; a failure raises its typed error (an
+        ``Unavailable`` moves later calls to the next target). For a caller that needs the
+        stream's headers; :meth:`watch` is what everything else uses."""
+        endpoint = self.connection.current
+        call = open_stream(endpoint, self.connection.metadata())
+        error = None
+        try:
+            async for answer in call:
+                yield answer
+            return
+        except grpc.aio.AioRpcError as exc:
+            error = from_rpc_error(exc)
+        finally:
+            cancel = getattr(call, "cancel", None)
+            if cancel is not None:
+                cancel()
+        if is_transient(error):
+            self.connection.fail_over(endpoint)
+        raise error
+
     async def watch(
         self,
-        open_stream: Callable[[Endpoint, int, Any], AsyncIterator[WatchAnswer[E]]],
+        open_stream: Callable[[Endpoint, int, Metadata], AsyncIterable[WatchAnswer[E]]],
         *,
         start_revision: int,
     ) -> AsyncIterator[E]:
@@ -192,11 +215,9 @@ class Transport:
         next_revision = start_revision
         failures = 0
         while True:
-            endpoint = self.connection.current
-            stream = open_stream(endpoint, next_revision, self.connection.metadata())
-            error = None
+            answers = self.stream(functools.partial(_from_revision, open_stream, next_revision))
             try:
-                async for answer in stream:
+                async for answer in answers:
                     failures = 0
                     if next_revision == 0:
                         # A watch "from now" resumes after the revision it started at.
@@ -205,17 +226,22 @@ class Transport:
                         next_revision = event.revision + 1
                         yield event
                 return
-            except grpc.aio.AioRpcError as exc:
-                error = from_rpc_error(exc)
+            except TetherError as error:
+                if isinstance(error, RevisionCompacted) or not is_transient(error):
+                    raise
             finally:
-                cancel = getattr(stream, "cancel", None)
-                if cancel is not None:
-                    cancel()
-            if isinstance(error, RevisionCompacted) or not is_transient(error):
-                raise error
-            self.connection.fail_over(endpoint)
+                await answers.aclose()
             failures += 1
             await self.clock.sleep(self.retry.delay(failures))
+
+
+def _from_revision(
+    open_stream: Callable[[Endpoint, int, Metadata], AsyncIterable[Resp]],
+    revision: int,
+    endpoint: Endpoint,
+    metadata: Metadata,
+) -> AsyncIterable[Resp]:
+    return open_stream(endpoint, revision, metadata)
 
 
 class EnumNames(Generic[Enum]):
@@ -255,4 +281,4 @@ class EnumNames(Generic[Enum]):
         return [self(item) for item in given]
 
 
-__all__ = ["EnumNames", "OpenStream", "Transport", "Unary"]
+__all__ = ["EnumNames", "Metadata", "Transport", "Unary"]
