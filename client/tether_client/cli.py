@@ -7,35 +7,50 @@ installed distributions add commands through the ``tether.commands`` entry-point
 entry point names a function ``register(subparsers) -> None`` that adds subparsers whose
 parsed namespace carries ``handler`` (``args -> exit status``). tether-server adds
 ``tether serve`` and ``tether migrate`` that way, so a worker that installs only
-tether-client still has ``tether lease``.
+tether-client still has ``tether lease``; there, ``tether serve`` says what to install.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
-import signal
+# gRPC reads its logging settings when it is first imported: before anything else.
 import sys
-from collections.abc import Sequence
-from importlib.metadata import entry_points
 
-from tether_client import __version__
-from tether_client.cli_lease import EXIT_CODES, SubParsers, register_lease
-from tether_client.cli_object import register_object
-from tether_client.cli_saga import register_saga
-from tether_client.cli_sweep import register_sweep
+from tether_client.cli_env import set_grpc_logging
+
+set_grpc_logging(sys.argv[1:])
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from importlib.metadata import entry_points  # noqa: E402
+
+from tether_client import __version__  # noqa: E402
+from tether_client.cli_args import Parser  # noqa: E402
+from tether_client.cli_common import (  # noqa: E402
+    EXIT_CODES,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    SubParsers,
+)
+from tether_client.cli_lease import register_lease  # noqa: E402
+from tether_client.cli_object import register_object  # noqa: E402
+from tether_client.cli_saga import register_saga  # noqa: E402
+from tether_client.cli_sweep import register_sweep  # noqa: E402
 
 PLUGIN_GROUP = "tether.commands"
-EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+# The server's commands, and the distribution that adds them.
+SERVER_COMMANDS = ("serve", "migrate")
+SERVER_DISTRIBUTION = "tether-server"
 
 
 # --- the command --------------------------------------------------------------------------
 
 
-def load_plugins(commands: SubParsers) -> None:
-    """Let installed distributions add commands (``tether serve`` from tether-server)."""
+def load_plugins(commands: SubParsers) -> list[str]:
+    """Let installed distributions add commands (``tether serve`` from tether-server); the
+    entry points that failed to load."""
     seen: set[str] = set()
+    failed: list[str] = []
     for entry in entry_points(group=PLUGIN_GROUP):
         if entry.name in seen:  # the same distribution found twice on sys.path
             continue
@@ -44,16 +59,43 @@ def load_plugins(commands: SubParsers) -> None:
             entry.load()(commands)
         except Exception as exc:
             # A broken plugin must not take `tether lease` down with it.
+            failed.append(entry.name)
             print(
                 f"tether: warning: commands of {entry.name!r} ({entry.value}) not loaded: {exc}",
                 file=sys.stderr,
             )
+    return failed
+
+
+def _missing_command(name: str, *, broken: bool) -> argparse.Namespace:
+    """What ``tether serve`` says when tether-server is not there to add it."""
+
+    def handler(args: argparse.Namespace) -> int:
+        if broken:
+            why = f"{SERVER_DISTRIBUTION} is installed but its commands did not load (see above)"
+        else:
+            why = f"it comes with the server: pip install {SERVER_DISTRIBUTION}"
+        print(f"tether: 'tether {name}' is not available: {why}", file=sys.stderr)
+        return EXIT_USAGE
+
+    return argparse.Namespace(handler=handler)
+
+
+def _add_missing_server_commands(commands: SubParsers, *, broken: bool) -> None:
+    """Stand-ins for ``serve`` and ``migrate`` when no plugin added them: not listed in the
+    help, taking any arguments, saying what to install."""
+    for name in SERVER_COMMANDS:
+        if name in commands.choices:
+            continue
+        stand_in = commands.add_parser(name, add_help=False, prefix_chars="\0")
+        stand_in.add_argument("rest", nargs=argparse.REMAINDER)
+        stand_in.set_defaults(handler=_missing_command(name, broken=broken).handler)
 
 
 def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = Parser(
         prog="tether",
-        description="tether: leases for unreliable workers",
+        description="tether: leases for unreliable workers, sagas, owner references, sweeps",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -63,14 +105,14 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     register_saga(commands)
     register_object(commands)
     register_sweep(commands)
-    if plugins:
-        load_plugins(commands)
+    failed = load_plugins(commands) if plugins else []
+    _add_missing_server_commands(commands, broken=bool(failed))
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, plugins: bool = True) -> int:
     try:
+        args = build_parser(plugins=plugins).parse_args(argv)
         status: int = args.handler(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -4,7 +4,7 @@ JSON is the protobuf JSON mapping with the proto field names (``lease_id``, as g
 prints them) and every field present, so a script never has to guess a missing zero.
 Errors go to stderr as ``tether: REASON: message``, then the facts a person acts on.
 The few helpers every command group shares live here too: the argument type for
-``--state a,b``-style options and the paging of ``list`` commands.
+``--state a,b``-style options.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -68,24 +68,6 @@ def name_list(names: Mapping[str, T], what: str) -> Callable[[str], list[T]]:
         return [names[name] for name in found]
 
     return parse
-
-
-async def collect(
-    fetch: Callable[[int, str], Awaitable[tuple[Iterable[T], str]]], limit: int = 0
-) -> list[T]:
-    """The items of page after page, at most ``limit`` of them (0: all).
-
-    ``fetch(page_size, page_token)`` returns one page's items and the next page's token.
-    """
-    items: list[T] = []
-    page_size = min(limit, DEFAULT_PAGE_SIZE) if limit else 0
-    token = ""
-    while True:
-        page, token = await fetch(page_size, token)
-        items.extend(page)
-        if not token or (limit and len(items) >= limit):
-            break
-    return items[:limit] if limit else items
 
 
 def report(error: TetherError, facts: Iterable[str] = ()) -> None:

@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from tether_client import cli_format as fmt
-from tether_client.cli_lease import (
-    SubParsers,
-    _emit,
-    _non_negative_int,
-    _operator_command,
-    _operator_group,
-    _positive_int,
-)
-from tether_client.cli_saga import _annotation_line, _json_text
+from tether_client.cli_args import non_negative_int, positive_int
+from tether_client.cli_common import Call, SubParsers, command, emit, group, page_size, take
+from tether_client.cli_saga import annotation_line, json_text
 from tether_client.client import TetherClient
 from tether_client.errors import TetherError
 from tether_client.pb import owner_ref_pb2
-from tether_client.saga import from_struct
+from tether_client.results import OwnerGraph
+from tether_client.values import from_struct
 
-ObjectCall = Callable[[TetherClient, argparse.Namespace], Awaitable[int]]
 # Facts a person acts on, printed under the error line when the server sent them.
 _FACTS = (
     "uid",
@@ -106,9 +100,9 @@ def object_fields(obj: owner_ref_pb2.Object) -> list[tuple[str, str]]:
     if obj.annotations:
         pairs.append(("annotations", _pairs(obj.annotations.items())))
     if obj.spec.fields:
-        pairs.append(("spec", _json_text(from_struct(obj.spec))))
+        pairs.append(("spec", json_text(from_struct(obj.spec))))
     if obj.status.fields:
-        pairs.append(("status", _json_text(from_struct(obj.status))))
+        pairs.append(("status", json_text(from_struct(obj.status))))
     return pairs
 
 
@@ -163,7 +157,7 @@ def object_details(obj: owner_ref_pb2.Object) -> str:
         if obj.termination.refusals:
             sections.append("refusals:\n" + _refusal_table(obj.termination))
     if obj.history:
-        sections.append("history:\n" + "\n".join(_annotation_line(a) for a in obj.history))
+        sections.append("history:\n" + "\n".join(annotation_line(a) for a in obj.history))
     return "\n\n".join(sections)
 
 
@@ -177,7 +171,7 @@ def _node_line(node: owner_ref_pb2.OwnerGraphNode, indent: int, *, this: bool) -
     return "  ".join([line, node.ref.uid, *marks])
 
 
-def owner_tree(graph: owner_ref_pb2.GetOwnerGraphResponse) -> str:
+def owner_tree(graph: OwnerGraph | owner_ref_pb2.GetOwnerGraphResponse) -> str:
     """The graph as an indented tree: owners above the object (less indented, each owner's
     own owners above it), dependents below it (more indented). The object is marked ``*``;
     a node reached a second time is shown once more as ``(see above)``."""
@@ -232,92 +226,93 @@ def owner_tree(graph: owner_ref_pb2.GetOwnerGraphResponse) -> str:
 
 
 def _print_object(obj: owner_ref_pb2.Object, args: argparse.Namespace) -> None:
-    _emit(fmt.json_block(fmt.to_json(obj)) if args.json else object_details(obj))
+    emit(fmt.json_block(fmt.to_json(obj)) if args.json else object_details(obj))
 
 
 # --- commands -----------------------------------------------------------------------------
 
 
 async def _get(client: TetherClient, args: argparse.Namespace) -> int:
-    request = owner_ref_pb2.GetObjectRequest(kind=args.kind)
     if args.uid is not None:
-        request.uid = args.uid
+        obj = await client.objects.get(args.kind, "", uid=args.uid)
     else:
-        request.name = args.name
-    _print_object((await client.objects.get_object(request)).object, args)
+        obj = await client.objects.get(args.kind, args.name)
+    _print_object(obj, args)
     return 0
 
 
 async def _list(client: TetherClient, args: argparse.Namespace) -> int:
-    async def page(size: int, token: str) -> tuple[Iterable[owner_ref_pb2.Object], str]:
-        response = await client.objects.list_objects(
-            owner_ref_pb2.ListObjectsRequest(
-                kind=args.kind,
-                owner_uid=args.owner,
-                label_selector=args.selector,
-                terminating_only=args.terminating,
-                page_size=size,
-                page_token=token,
-            )
-        )
-        return response.objects, response.next_page_token
-
-    objects = await fmt.collect(page, args.limit)
+    objects = await take(
+        client.objects.list(
+            kind=args.kind,
+            owner_uid=args.owner,
+            label_selector=args.selector,
+            terminating_only=args.terminating,
+            page_size=page_size(args.limit),
+        ),
+        args.limit,
+    )
     if args.json:
-        _emit(fmt.json_block([fmt.to_json(obj) for obj in objects]))
+        emit(fmt.json_block([fmt.to_json(obj) for obj in objects]))
     else:
-        _emit(object_table(objects))
+        emit(object_table(objects))
     return 0
 
 
 async def _delete(client: TetherClient, args: argparse.Namespace) -> int:
-    request = owner_ref_pb2.DeleteObjectRequest(
-        kind=args.kind,
-        name=args.name,
-        propagation_policy=PROPAGATION[args.propagation],
-        preconditions=owner_ref_pb2.DeletePreconditions(
-            uid=args.uid, resource_version=args.resource_version
-        ),
+    written = await client.objects.delete(
+        args.kind,
+        args.name,
+        propagation=args.propagation,
+        uid=args.uid or None,
+        resource_version=args.resource_version or None,
     )
-    response = await client.objects.delete_object(request)
     if args.json:
-        _emit(fmt.json_block(fmt.to_json(response)))
-    elif response.deleted or not response.HasField("object"):
-        _emit(f"deleted {_ref(args.kind, args.name)}")
+        response = owner_ref_pb2.DeleteObjectResponse(deleted=written.deleted)
+        if not written.deleted:
+            response.object.CopyFrom(written.object)
+        emit(fmt.json_block(fmt.to_json(response)))
+    elif written.deleted:
+        emit(f"deleted {_ref(args.kind, args.name)}")
     else:
-        _emit(object_details(response.object))
+        emit(object_details(written.object))
     return 0
 
 
 async def _tree(client: TetherClient, args: argparse.Namespace) -> int:
-    request = owner_ref_pb2.GetOwnerGraphRequest(kind=args.kind, max_objects=args.max_objects)
     if args.uid is not None:
-        request.uid = args.uid
+        graph = await client.objects.owner_graph(
+            args.kind, "", uid=args.uid, max_objects=args.max_objects
+        )
     else:
-        request.name = args.name
-    graph = await client.objects.get_owner_graph(request)
-    _emit(fmt.json_block(fmt.to_json(graph)) if args.json else owner_tree(graph))
+        graph = await client.objects.owner_graph(args.kind, args.name, max_objects=args.max_objects)
+    if args.json:
+        response = owner_ref_pb2.GetOwnerGraphResponse(
+            nodes=graph.nodes, edges=graph.edges, truncated=graph.truncated
+        )
+        emit(fmt.json_block(fmt.to_json(response)))
+    else:
+        emit(owner_tree(graph))
     return 0
 
 
 async def _force_remove_finalizers(client: TetherClient, args: argparse.Namespace) -> int:
-    response = await client.objects.force_remove_finalizers(
-        owner_ref_pb2.ForceRemoveFinalizersRequest(
-            kind=args.kind,
-            name=args.name,
-            finalizers=args.finalizers,
-            reason=args.reason,
-            uid=args.uid,
-        )
+    forced = await client.objects.force_remove_finalizers(
+        args.kind, args.name, finalizers=args.finalizers, reason=args.reason, uid=args.uid
     )
     if args.json:
-        _emit(fmt.json_block(fmt.to_json(response)))
+        response = owner_ref_pb2.ForceRemoveFinalizersResponse(
+            deleted=forced.deleted, removed=forced.removed
+        )
+        if not forced.deleted:
+            response.object.CopyFrom(forced.object)
+        emit(fmt.json_block(fmt.to_json(response)))
         return 0
-    removed = ",".join(response.removed) or "none"
-    if response.deleted or not response.HasField("object"):
-        _emit(f"removed: {removed}\ndeleted {_ref(args.kind, args.name)}")
+    removed = ",".join(forced.removed) or "none"
+    if forced.deleted:
+        emit(f"removed: {removed}\ndeleted {_ref(args.kind, args.name)}")
     else:
-        _emit(f"removed: {removed}\n\n{object_details(response.object)}")
+        emit(f"removed: {removed}\n\n{object_details(forced.object)}")
     return 0
 
 
@@ -336,8 +331,8 @@ Connection options go after `tether object` or after the command.
 """
 
 
-def _command(sub: SubParsers, name: str, help: str, call: ObjectCall) -> argparse.ArgumentParser:
-    return _operator_command(sub, name, help, call, report_error=report)
+def _command(sub: SubParsers, name: str, help: str, call: Call) -> argparse.ArgumentParser:
+    return command(sub, name, help, call, report_error=report)
 
 
 def _add_selector(parser: argparse.ArgumentParser) -> None:
@@ -355,7 +350,7 @@ def _add_name(parser: argparse.ArgumentParser, *, uid_help: str) -> None:
 
 
 def register_object(commands: SubParsers) -> None:
-    sub = _operator_group(
+    sub = group(
         commands,
         "object",
         help="inspect objects, owners and finalizers; delete objects",
@@ -380,7 +375,7 @@ def register_object(commands: SubParsers) -> None:
         "--terminating", action="store_true", help="only objects waiting to be deleted"
     )
     listing.add_argument("--owner", default="", metavar="UID", help="only dependents of this uid")
-    listing.add_argument("--limit", type=_positive_int, default=0, help="at most N objects")
+    listing.add_argument("--limit", type=positive_int, default=0, help="at most N objects")
 
     delete = _command(
         sub, "delete", "delete an object (it waits for its finalizers, if any)", _delete
@@ -395,7 +390,7 @@ def register_object(commands: SubParsers) -> None:
     )
     delete.add_argument(
         "--resource-version",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="only if the object is at this resource version",
@@ -407,7 +402,7 @@ def register_object(commands: SubParsers) -> None:
     _add_selector(tree)
     tree.add_argument(
         "--max-objects",
-        type=_positive_int,
+        type=positive_int,
         default=0,
         metavar="N",
         help="at most N nodes (the server's default: 1000)",

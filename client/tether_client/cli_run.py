@@ -18,14 +18,20 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
-from tether_client.cli_format import duration
+from tether_client.cli_env import child_environment
+from tether_client.cli_format import duration, timestamp
 from tether_client.client import TetherClient
-from tether_client.errors import LeaseLost
+from tether_client.convert import duration_seconds, to_datetime
+from tether_client.errors import LeaseLost, TetherError
 from tether_client.keeper import HeldLease
+from tether_client.pb import lease_pb2
 
+T = TypeVar("T")
 EXIT_LEASE_LOST = 75  # EX_TEMPFAIL: the work may be retried by whoever holds the lease next
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
@@ -34,6 +40,49 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 def say(message: str) -> None:
     print(f"tether: {message}", file=sys.stderr, flush=True)
+
+
+def _available_at(lease: lease_pb2.Lease) -> datetime | None:
+    """When an ended lease's key is free again, if its lock delay still holds it."""
+    delay = duration_seconds(lease.lock_delay)
+    if delay <= 0 or lease.state == lease_pb2.LEASE_STATE_ACTIVE:
+        return None
+    ended = lease.ended_at if lease.HasField("ended_at") else lease.expires_at
+    available = to_datetime(ended) + timedelta(seconds=delay)
+    return available if available > datetime.now(UTC) else None
+
+
+async def announce_wait(client: TetherClient, key: str, *, wait: float, holder: str) -> None:
+    """Say once who holds ``key`` and until when (or until when its lock delay lasts),
+    while an acquisition waits up to ``wait`` for it. Cancelled once it is acquired."""
+    try:
+        lease = await client.leases.get(key)
+    except TetherError:
+        return  # no lease for the key, or no answer: the acquisition says what matters
+    waiting = f"waiting up to {duration(wait)}"
+    if lease.state == lease_pb2.LEASE_STATE_ACTIVE and lease.holder != holder:
+        until = timestamp(lease.expires_at)
+        say(f"{key} is held by {lease.holder} until {until} (unless renewed); {waiting}")
+        return
+    available = _available_at(lease)
+    if available is not None:
+        until = available.strftime("%Y-%m-%dT%H:%M:%SZ")
+        say(f"{key} is in its lock delay until {until}; {waiting}")
+
+
+async def acquiring(
+    client: TetherClient, acquisition: Awaitable[T], key: str, *, wait: float, holder: str
+) -> T:
+    """``acquisition``, saying who holds ``key`` if it has to wait (``wait`` > 0)."""
+    task = asyncio.ensure_future(acquisition)
+    if wait <= 0:
+        return await task
+    notice = asyncio.create_task(announce_wait(client, key, wait=wait, holder=holder))
+    try:
+        return await task
+    finally:
+        notice.cancel()
+        await asyncio.gather(notice, return_exceptions=True)
 
 
 def exit_status(returncode: int) -> int:
@@ -63,6 +112,7 @@ class RunSpec:
     lock_delay: float = 0.0
     grace: float = 10.0
     labels: Mapping[str, str] = field(default_factory=dict)
+    holder: str = ""
 
 
 class Runner:
@@ -80,16 +130,24 @@ class Runner:
         self._main = asyncio.current_task()
         for signum in FORWARDED_SIGNALS:
             loop.add_signal_handler(signum, self._on_signal, signum)
+        spec = self.spec
+        notice = None
+        if spec.wait > 0:
+            notice = asyncio.create_task(
+                announce_wait(client, spec.key, wait=spec.wait, holder=spec.holder)
+            )
         try:
-            spec = self.spec
             async with client.hold(
                 spec.key,
                 ttl=spec.ttl,
+                holder=spec.holder or None,
                 wait=spec.wait,
                 lock_delay=spec.lock_delay,
                 labels=spec.labels,
                 on_lost=self._on_lost,
             ) as lease:
+                if notice is not None:
+                    notice.cancel()
                 return await self._run_command(lease)
         except LeaseLost as exc:
             if self.proc is None:
@@ -105,16 +163,21 @@ class Runner:
                 raise
             return 128 + self.interrupted
         finally:
+            if notice is not None:
+                notice.cancel()
+                await asyncio.gather(notice, return_exceptions=True)
             for signum in FORWARDED_SIGNALS:
                 loop.remove_signal_handler(signum)
 
     async def _run_command(self, lease: HeldLease) -> int:
-        env = dict(os.environ)
-        env.update(
-            TETHER_LEASE_KEY=lease.key,
-            TETHER_LEASE_ID=lease.lease_id,
-            TETHER_FENCING_TOKEN=str(lease.fencing_token),  # raises LeaseLost if lost already
-            TETHER_NAMESPACE=lease.namespace,
+        env = child_environment(
+            {
+                "TETHER_LEASE_KEY": lease.key,
+                "TETHER_LEASE_ID": lease.lease_id,
+                # Raises LeaseLost if the lease is lost already.
+                "TETHER_FENCING_TOKEN": str(lease.fencing_token),
+                "TETHER_NAMESPACE": lease.namespace,
+            }
         )
         command = self.spec.argv[0]
         try:

@@ -1,4 +1,5 @@
-"""``tether saga ...``: inspect sagas and act on them as an operator, over :class:`TetherClient`.
+"""``tether saga ...``: inspect sagas and act on them as an operator; run one from a shell
+script (the commands of :mod:`tether_client.cli_saga_flow`).
 
 Same conventions as ``tether lease``: connection options after ``tether saga`` or after the
 command, text for people (tables, ``name: value`` blocks), JSON with ``--json``; errors as
@@ -9,27 +10,41 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from tether_client import cli_format as fmt
-from tether_client.cli_lease import (
+from tether_client.cli_args import attribute, int32, label, positive_int
+from tether_client.cli_common import (
+    OPERATOR_EXIT_CODES,
+    Call,
     SubParsers,
-    _emit,
-    _label,
-    _operator_command,
-    _operator_group,
-    _positive_int,
+    command,
+    emit,
+    group,
+    page_size,
+    take,
 )
 from tether_client.client import TetherClient
-from tether_client.convert import parse_int
 from tether_client.errors import TetherError
 from tether_client.pb import common_pb2, saga_pb2
-from tether_client.saga import from_struct, from_value
+from tether_client.values import from_struct, from_value
 
-SagaCall = Callable[[TetherClient, argparse.Namespace], Awaitable[int]]
 # Facts a person acts on, printed under the error line when the server sent them.
-_FACTS = ("saga_id", "state", "holder", "expires_at", "step_index", "next_step_index", "field")
+FACTS = (
+    "saga_id",
+    "state",
+    "holder",
+    "expires_at",
+    "step_index",
+    "step",
+    "next_step_index",
+    "lease_id",
+    "presented_token",
+    "current_token",
+    "not_before",
+    "field",
+)
 
 
 # --- names --------------------------------------------------------------------------------
@@ -57,14 +72,8 @@ MODES: dict[str, saga_pb2.RedriveMode.ValueType] = {
 
 # ``running`` or ``running,compensating``.
 _states = fmt.name_list(STATES, "state")
-
-
-def _non_negative_index(text: str) -> int:
-    # Step indexes are int32 on the wire.
-    try:
-        return parse_int(text, maximum=2**31 - 1)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"step index: {exc}") from None
+# Step indexes are int32 on the wire.
+step_index = int32("step index")
 
 
 # --- text ---------------------------------------------------------------------------------
@@ -92,7 +101,7 @@ def saga_table(sagas: Iterable[saga_pb2.Saga]) -> str:
     return fmt.table(header, rows)
 
 
-def _json_text(value: Any) -> str:
+def json_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
@@ -116,9 +125,9 @@ def saga_fields(saga: saga_pb2.Saga) -> list[tuple[str, str]]:
         pairs.append(("labels", ",".join(f"{k}={v}" for k, v in sorted(saga.labels.items()))))
     if saga.failure_reason:
         pairs.append(("failure_reason", saga.failure_reason))
-    pairs.append(("input", _json_text(from_struct(saga.input))))
+    pairs.append(("input", json_text(from_struct(saga.input))))
     if saga.HasField("output"):
-        pairs.append(("output", _json_text(from_struct(saga.output))))
+        pairs.append(("output", json_text(from_struct(saga.output))))
     if saga.progress:
         pairs.append(("progress", f"{len(saga.progress)} bytes"))
     for name in ("created_at", "updated_at", "not_before", "deadline", "ended_at"):
@@ -136,7 +145,7 @@ def _step_table(steps: Iterable[saga_pb2.SagaStep]) -> str:
             _short(saga_pb2.StepStatus.Name(step.status), "STEP_STATUS_"),
             str(step.attempt),
             step.compensation.name or "-",
-            step.error or (_json_text(from_value(step.output)) if step.HasField("output") else ""),
+            step.error or (json_text(from_value(step.output)) if step.HasField("output") else ""),
         )
         for step in steps
     )
@@ -158,7 +167,7 @@ def _compensation_table(records: Iterable[saga_pb2.CompensationRecord]) -> str:
     return fmt.table(header, rows)
 
 
-def _annotation_line(annotation: common_pb2.Annotation) -> str:
+def annotation_line(annotation: common_pb2.Annotation) -> str:
     attributes = " ".join(f"{k}={v}" for k, v in sorted(annotation.attributes.items()))
     line = f"{fmt.timestamp(annotation.created_at)}  {annotation.author}  {annotation.text}"
     return f"{line}  {attributes}" if attributes else line
@@ -172,91 +181,77 @@ def saga_details(saga: saga_pb2.Saga) -> str:
     if saga.compensations:
         sections.append("compensations:\n" + _compensation_table(saga.compensations))
     if saga.annotations:
-        lines = (_annotation_line(annotation) for annotation in saga.annotations)
+        lines = (annotation_line(annotation) for annotation in saga.annotations)
         sections.append("annotations:\n" + "\n".join(lines))
     return "\n\n".join(sections)
 
 
-def _print_saga(saga: saga_pb2.Saga, args: argparse.Namespace) -> None:
-    _emit(fmt.json_block(fmt.to_json(saga)) if args.json else saga_details(saga))
+def print_saga(saga: saga_pb2.Saga, args: argparse.Namespace) -> None:
+    emit(fmt.json_block(fmt.to_json(saga)) if args.json else saga_details(saga))
 
 
 # --- commands -----------------------------------------------------------------------------
 
 
 async def _list(client: TetherClient, args: argparse.Namespace) -> int:
-    async def page(size: int, token: str) -> tuple[Iterable[saga_pb2.Saga], str]:
-        response = await client.sagas.list_sagas(
-            saga_pb2.ListSagasRequest(
-                states=args.states,
-                kind=args.kind,
-                labels=dict(args.labels),
-                stale_only=args.stale,
-                overdue_only=args.overdue,
-                page_size=size,
-                page_token=token,
-            )
-        )
-        return response.sagas, response.next_page_token
-
-    sagas = await fmt.collect(page, args.limit)
+    sagas = await take(
+        client.sagas.list(
+            kind=args.kind,
+            states=args.states,
+            labels=dict(args.labels),
+            stale_only=args.stale,
+            overdue_only=args.overdue,
+            page_size=page_size(args.limit),
+        ),
+        args.limit,
+    )
     if args.json:
-        _emit(fmt.json_block([fmt.to_json(saga) for saga in sagas]))
+        emit(fmt.json_block([fmt.to_json(saga) for saga in sagas]))
     else:
-        _emit(saga_table(sagas))
+        emit(saga_table(sagas))
     return 0
 
 
 async def _get(client: TetherClient, args: argparse.Namespace) -> int:
-    response = await client.sagas.get_saga(saga_pb2.GetSagaRequest(saga_id=args.saga_id))
-    _print_saga(response.saga, args)
+    print_saga(await client.sagas.get(args.saga_id), args)
     return 0
 
 
 async def _annotate(client: TetherClient, args: argparse.Namespace) -> int:
-    response = await client.sagas.annotate_saga(
-        saga_pb2.AnnotateSagaRequest(
-            saga_id=args.saga_id, text=args.text, attributes=dict(args.attributes)
-        )
+    annotation = await client.sagas.annotate(
+        args.saga_id, args.text, attributes=dict(args.attributes)
     )
-    if args.json:
-        _emit(fmt.json_block(fmt.to_json(response)))
-    else:
-        _emit(_annotation_line(response.annotation))
+    emit(fmt.json_block(fmt.to_json(annotation)) if args.json else annotation_line(annotation))
     return 0
 
 
 async def _cancel(client: TetherClient, args: argparse.Namespace) -> int:
-    request = saga_pb2.CancelSagaRequest(saga_id=args.saga_id, reason=args.reason)
-    _print_saga((await client.sagas.cancel_saga(request)).saga, args)
+    print_saga(await client.sagas.cancel(args.saga_id, reason=args.reason), args)
     return 0
 
 
 async def _quarantine(client: TetherClient, args: argparse.Namespace) -> int:
-    request = saga_pb2.QuarantineSagaRequest(saga_id=args.saga_id, reason=args.reason)
-    _print_saga((await client.sagas.quarantine_saga(request)).saga, args)
+    print_saga(await client.sagas.quarantine(args.saga_id, reason=args.reason), args)
     return 0
 
 
 async def _redrive(client: TetherClient, args: argparse.Namespace) -> int:
-    request = saga_pb2.RedriveSagaRequest(
-        saga_id=args.saga_id, mode=MODES[args.mode], reason=args.reason
-    )
-    _print_saga((await client.sagas.redrive_saga(request)).saga, args)
+    saga = await client.sagas.redrive(args.saga_id, mode=MODES[args.mode], reason=args.reason)
+    print_saga(saga, args)
     return 0
 
 
 async def _mark_compensated(client: TetherClient, args: argparse.Namespace) -> int:
-    request = saga_pb2.MarkStepCompensatedRequest(
-        saga_id=args.saga_id, step_index=args.step_index, reason=args.reason
+    saga = await client.sagas.mark_step_compensated(
+        args.saga_id, args.step_index, reason=args.reason
     )
-    _print_saga((await client.sagas.mark_step_compensated(request)).saga, args)
+    print_saga(saga, args)
     return 0
 
 
 def report(error: TetherError) -> None:
     """``tether: REASON: message`` plus the facts the server sent, to stderr."""
-    fmt.report(error, _FACTS)
+    fmt.report(error, FACTS)
 
 
 # --- the parser ---------------------------------------------------------------------------
@@ -265,24 +260,49 @@ SAGA_HELP = """\
 Inspect sagas on a tether server and act on them as an operator: annotate, cancel,
 quarantine, redrive, or mark a step's compensation done by hand.
 
+Or run a saga from a shell script: create it, claim it (the claim's fence comes out as
+`export` lines, as `lease run` gives its command TETHER_LEASE_ID and TETHER_FENCING_TOKEN),
+then record its steps and complete or fail it; those commands read the fence from the
+environment. A step that succeeded in an earlier attempt is not run again: `step` prints
+its recorded output instead.
+
+  tether saga create deploy-42 --kind deploy --input '{"app": "web"}'
+  claim=$(tether saga claim deploy-42 --ttl 10m) || exit; eval "$claim"
+  image=$(tether saga step 0 build -- ./build.sh web)   # run as step 0, skipped if done
+  tether saga step 1 push --compensation unpush --payload "\\"$image\\"" -- ./push.sh "$image" ||
+    { tether saga fail --reason "push failed" --hand-off; exit 1; }
+  tether saga complete --output "{\\"image\\": \\"$image\\"}"
+
 Connection options go after `tether saga` or after the command.
 """
+
+SAGA_EXIT_CODES = (
+    OPERATOR_EXIT_CODES.removesuffix("  130  interrupted (Ctrl-C)\n")
+    + """\
+  75   step -- COMMAND: the claim was lost while the command ran (EX_TEMPFAIL)
+  130  interrupted (Ctrl-C)
+  step -- COMMAND otherwise exits with the command's own status (128+N if signal N killed it)
+"""
+)
 
 
 def _add_reason(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
     parser.add_argument("--reason", default="", required=required, help="why, recorded on the saga")
 
 
-def _command(sub: SubParsers, name: str, help: str, call: SagaCall) -> argparse.ArgumentParser:
-    return _operator_command(sub, name, help, call, report_error=report)
+def _command(sub: SubParsers, name: str, help: str, call: Call) -> argparse.ArgumentParser:
+    return command(sub, name, help, call, report_error=report, epilog=SAGA_EXIT_CODES)
 
 
 def register_saga(commands: SubParsers) -> None:
-    sub = _operator_group(
+    from tether_client.cli_saga_flow import register_flow
+
+    sub = group(
         commands,
         "saga",
-        help="inspect sagas; annotate, cancel, quarantine or redrive them",
+        help="inspect sagas and act on them; run one from a shell script",
         description=SAGA_HELP,
+        epilog=SAGA_EXIT_CODES,
     )
 
     listing = _command(sub, "list", "list sagas as a table (a JSON array with --json)", _list)
@@ -299,7 +319,7 @@ def register_saga(commands: SubParsers) -> None:
     listing.add_argument(
         "--label",
         dest="labels",
-        type=_label,
+        type=label,
         action="append",
         default=[],
         metavar="KEY=VALUE",
@@ -307,7 +327,7 @@ def register_saga(commands: SubParsers) -> None:
     )
     listing.add_argument("--stale", action="store_true", help="only sagas whose claim went stale")
     listing.add_argument("--overdue", action="store_true", help="only sagas past their deadline")
-    listing.add_argument("--limit", type=_positive_int, default=0, help="at most N sagas")
+    listing.add_argument("--limit", type=positive_int, default=0, help="at most N sagas")
 
     get = _command(sub, "get", "show a saga with its steps, compensations and annotations", _get)
     get.add_argument("saga_id", metavar="SAGA_ID")
@@ -320,7 +340,7 @@ def register_saga(commands: SubParsers) -> None:
     annotate.add_argument(
         "--attr",
         dest="attributes",
-        type=_label,
+        type=attribute,
         action="append",
         default=[],
         metavar="KEY=VALUE",
@@ -359,5 +379,7 @@ def register_saga(commands: SubParsers) -> None:
         _mark_compensated,
     )
     mark.add_argument("saga_id", metavar="SAGA_ID")
-    mark.add_argument("step_index", type=_non_negative_index, metavar="STEP_INDEX")
+    mark.add_argument("step_index", type=step_index, metavar="STEP_INDEX")
     _add_reason(mark, required=True)
+
+    register_flow(sub, report_error=report, epilog=SAGA_EXIT_CODES)

@@ -10,21 +10,15 @@ namespace); ``TETHER_NAMESPACE`` does not narrow it.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 
 from tether_client import cli_format as fmt
-from tether_client.cli_lease import (
-    SubParsers,
-    _emit,
-    _operator_command,
-    _operator_group,
-    _positive_int,
-)
+from tether_client.cli_args import positive_int
+from tether_client.cli_common import Call, SubParsers, command, emit, group, page_size, take
 from tether_client.client import TetherClient
 from tether_client.errors import TetherError
 from tether_client.pb import sweep_pb2
 
-SweepCall = Callable[[TetherClient, argparse.Namespace], Awaitable[int]]
 # Facts a person acts on, printed under the error line when the server sent them.
 _FACTS = ("sweep_id", "namespace", "field")
 
@@ -192,40 +186,34 @@ def report_details(report: sweep_pb2.SweepReport) -> str:
 
 
 def _print_report(report: sweep_pb2.SweepReport, args: argparse.Namespace) -> None:
-    _emit(fmt.json_block(fmt.to_json(report)) if args.json else report_details(report))
+    emit(fmt.json_block(fmt.to_json(report)) if args.json else report_details(report))
 
 
 # --- commands -----------------------------------------------------------------------------
 
 
 async def _run(client: TetherClient, args: argparse.Namespace) -> int:
-    request = sweep_pb2.RunSweepRequest(
+    report = await client.sweeps.run(
         namespace=args.namespace, dry_run=args.dry_run, parts=list(dict.fromkeys(args.parts))
     )
-    _print_report((await client.sweeps.run_sweep(request)).report, args)
+    _print_report(report, args)
     return 0
 
 
 async def _reports(client: TetherClient, args: argparse.Namespace) -> int:
-    async def page(size: int, token: str) -> tuple[Iterable[sweep_pb2.SweepReport], str]:
-        response = await client.sweeps.list_sweep_reports(
-            sweep_pb2.ListSweepReportsRequest(
-                triggers=args.triggers, page_size=size, page_token=token
-            )
-        )
-        return response.reports, response.next_page_token
-
-    reports = await fmt.collect(page, args.limit)
+    reports = await take(
+        client.sweeps.reports(triggers=args.triggers, page_size=page_size(args.limit)),
+        args.limit,
+    )
     if args.json:
-        _emit(fmt.json_block([fmt.to_json(report) for report in reports]))
+        emit(fmt.json_block([fmt.to_json(report) for report in reports]))
     else:
-        _emit(report_table(reports))
+        emit(report_table(reports))
     return 0
 
 
 async def _show(client: TetherClient, args: argparse.Namespace) -> int:
-    request = sweep_pb2.GetSweepReportRequest(sweep_id=args.sweep_id)
-    _print_report((await client.sweeps.get_sweep_report(request)).report, args)
+    _print_report(await client.sweeps.get(args.sweep_id), args)
     return 0
 
 
@@ -245,13 +233,13 @@ Connection options go after `tether sweep` or after the command; --namespace is 
 """
 
 
-def _command(sub: SubParsers, name: str, help: str, call: SweepCall) -> argparse.ArgumentParser:
+def _command(sub: SubParsers, name: str, help: str, call: Call) -> argparse.ArgumentParser:
     # A sweep's namespace is a scope, not the connection's default: `run` has its own.
-    return _operator_command(sub, name, help, call, report_error=report, taken=("--namespace",))
+    return command(sub, name, help, call, report_error=report, taken=("--namespace",))
 
 
 def register_sweep(commands: SubParsers) -> None:
-    sub = _operator_group(
+    sub = group(
         commands,
         "sweep",
         help="run a sweep now (admin); list and show sweep reports",
@@ -293,7 +281,7 @@ def register_sweep(commands: SubParsers) -> None:
         metavar="TRIGGER[,TRIGGER]",
         help=f"only sweeps run so (repeatable): {', '.join(TRIGGERS)}",
     )
-    reports.add_argument("--limit", type=_positive_int, default=0, help="at most N reports")
+    reports.add_argument("--limit", type=positive_int, default=0, help="at most N reports")
 
     show = _command(sub, "show", "show one sweep report in full", _show)
     show.add_argument("sweep_id", metavar="SWEEP_ID")

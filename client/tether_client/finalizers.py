@@ -34,7 +34,6 @@ import asyncio
 import functools
 import itertools
 import logging
-import random
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, Unpack
@@ -83,11 +82,6 @@ def _truncate(text: str, max_bytes: int = _MAX_REASON_BYTES) -> str:
     if len(data) <= max_bytes:
         return text
     return data[: max_bytes - 3].decode(errors="ignore") + "..."
-
-
-def _jittered(delay: float) -> float:
-    # At least half the delay: jitter spreads workers out without hammering a failing handler.
-    return delay * random.uniform(0.5, 1.0)
 
 
 @dataclass
@@ -252,7 +246,7 @@ class FinalizerWorker:
             return backoff(entry.refusals, self.refusal_retry, self.max_refusal_retry)
         if outcome == "busy":
             # Someone is at it; by a ttl from now a dead holder's lease has run out too.
-            return _jittered(self.ttl)
+            return backoff(1, self.ttl, self.ttl)  # between half the ttl and the ttl
         entry.failures += 1
         return backoff(entry.failures, self.initial_backoff, self.max_backoff)
 

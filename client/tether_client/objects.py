@@ -21,14 +21,14 @@ forced removal is recorded) and an unconditional ``update`` are tried once.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import TypeAlias, cast
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from typing import TypeAlias
 
 from tether_client.connection import Endpoint
 from tether_client.convert import Seconds
 from tether_client.pb import common_pb2, owner_ref_pb2
 from tether_client.results import FinalizersForced, ObjectCreated, ObjectWritten, OwnerGraph
-from tether_client.transport import EnumNames, Transport
+from tether_client.transport import EnumNames, Metadata, Transport
 from tether_client.values import to_struct
 
 PropagationPolicy: TypeAlias = owner_ref_pb2.PropagationPolicy.ValueType
@@ -344,16 +344,12 @@ class ObjectsClient:
         ns = self._transport.ns(namespace)
 
         def open_stream(
-            endpoint: Endpoint, revision: int, metadata: tuple[tuple[str, str], ...]
-        ) -> AsyncIterator[owner_ref_pb2.WatchObjectsResponse]:
+            endpoint: Endpoint, revision: int, metadata: Metadata
+        ) -> AsyncIterable[owner_ref_pb2.WatchObjectsResponse]:
             request = owner_ref_pb2.WatchObjectsRequest(
                 namespace=ns, kind=kind, label_selector=label_selector, start_revision=revision
             )
-            # A stream call is async-iterable, which is all Transport.watch needs of it.
-            return cast(
-                AsyncIterator[owner_ref_pb2.WatchObjectsResponse],
-                endpoint.owner_ref.WatchObjects(request, metadata=metadata),
-            )
+            return endpoint.owner_ref.WatchObjects(request, metadata=metadata)
 
         return self._transport.watch(open_stream, start_revision=start_revision)
 

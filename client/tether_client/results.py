@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeAlias
 
 from tether_client.pb import common_pb2, lease_pb2, owner_ref_pb2, saga_pb2
 
-SagaStateValue = saga_pb2.SagaState.ValueType
+SagaStateValue: TypeAlias = saga_pb2.SagaState.ValueType
 
 
 @dataclass(frozen=True)

@@ -651,7 +651,11 @@ async def run_saga(
     ) as lease:
         try:
             claim = await sagas.claim(
-                saga_id, kind=kind, fence=lease.fence, wait=wait, namespace=namespace
+                saga_id,
+                kind="" if saga_id is not None else kind,
+                fence=lease.fence,
+                wait=wait,
+                namespace=namespace,
             )
         except (SagaTerminal, InvalidSagaState):
             if saga_id is None:

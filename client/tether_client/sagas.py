@@ -20,9 +20,9 @@ tried once: a repeat after a lost answer could act twice.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from datetime import datetime
-from typing import TypeAlias, cast
+from typing import TypeAlias
 
 from google.protobuf import timestamp_pb2
 
@@ -36,7 +36,7 @@ from tether_client.results import (
     SagaHeartbeat,
     StepRecorded,
 )
-from tether_client.transport import EnumNames, Transport
+from tether_client.transport import EnumNames, Metadata, Transport
 from tether_client.values import to_struct, to_value
 
 SagaState: TypeAlias = saga_pb2.SagaState.ValueType
@@ -467,14 +467,10 @@ class SagasClient:
         ns = self._transport.ns(namespace)
 
         def open_stream(
-            endpoint: Endpoint, revision: int, metadata: tuple[tuple[str, str], ...]
-        ) -> AsyncIterator[saga_pb2.WatchSagasResponse]:
+            endpoint: Endpoint, revision: int, metadata: Metadata
+        ) -> AsyncIterable[saga_pb2.WatchSagasResponse]:
             request = saga_pb2.WatchSagasRequest(namespace=ns, kind=kind, start_revision=revision)
-            # A stream call is async-iterable, which is all Transport.watch needs of it.
-            return cast(
-                AsyncIterator[saga_pb2.WatchSagasResponse],
-                endpoint.saga.WatchSagas(request, metadata=metadata),
-            )
+            return endpoint.saga.WatchSagas(request, metadata=metadata)
 
         return self._transport.watch(open_stream, start_revision=start_revision)
 

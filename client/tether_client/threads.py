@@ -14,8 +14,8 @@ import contextlib
 import contextvars
 import inspect
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 
 async def call_user_code(fn: Callable[..., object], *args: object) -> Any:
@@ -27,7 +27,7 @@ async def call_user_code(fn: Callable[..., object], *args: object) -> Any:
     if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
     ):
-        return await fn(*args)
+        return await cast(Awaitable[Any], fn(*args))
     result = await in_thread(fn, *args)
     if inspect.isawaitable(result):
         return await result

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Generic, Protocol, TypeVar
 
 import grpc
@@ -27,6 +27,7 @@ R = TypeVar("R")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 E = TypeVar("E", bound="Revisioned")
+E_co = TypeVar("E_co", bound="Revisioned", covariant=True)
 Item = TypeVar("Item")
 Enum = TypeVar("Enum", bound=int)
 
@@ -40,14 +41,14 @@ class Revisioned(Protocol):
     def revision(self) -> int: ...
 
 
-class WatchAnswer(Protocol[E]):
+class WatchAnswer(Protocol[E_co]):
     """What every Watch RPC streams: a header revision and events."""
 
     @property
     def header_revision(self) -> int: ...
 
     @property
-    def events(self) -> Iterable[E]: ...
+    def events(self) -> Iterable[E_co]: ...
 
 
 class Transport:
@@ -177,7 +178,7 @@ class Transport:
 
     async def stream(
         self, open_stream: Callable[[Endpoint, Metadata], AsyncIterable[Resp]]
-    ) -> AsyncIterator[Resp]:
+    ) -> AsyncGenerator[Resp, None]:
         """The answers of one server stream, as sent; a failure raises its typed error (an
         ``Unavailable`` moves later calls to the next target). For a caller that needs the
         stream's headers; :meth:`watch` is what everything else uses."""
@@ -268,7 +269,7 @@ class EnumNames(Generic[Enum]):
     def __call__(self, given: str | int) -> Enum:
         if isinstance(given, int) and not isinstance(given, bool):
             if given in self._values:
-                return given  # type: ignore[return-value]
+                return given
         elif isinstance(given, str):
             value = self.by_name.get(given.strip().lower())
             if value is not None:
