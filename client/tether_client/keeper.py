@@ -14,8 +14,8 @@ set, callbacks run, the body is cancelled if asked, and the fencing token stops 
 A lost lease is never renewed again.
 
 When the stream breaks (server restart, replica gone, network cut) the keeper reconnects
-with exponential backoff and full jitter, failing over between targets, and re-sends what
-was in flight. A stream that stops answering (a black-holed connection) is treated as
+after growing, jittered delays (``clock.backoff``), failing over between targets, and
+re-sends what was in flight. A stream that stops answering (a black-holed connection) is treated as
 broken once a request goes unacknowledged for ``ack_timeout``. After ``fallback_after``
 failed streams in a row, due renewals go by unary ``Renew`` until a stream works again.
 A renewal that failed for a transient reason is retried after growing, jittered delays
