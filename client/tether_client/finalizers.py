@@ -284,7 +284,7 @@ class FinalizerWorker:
         """The object as it is now, if it still waits for this finalizer."""
         try:
             obj = await self._objects.get(
-                seen.kind, seen.name, uid=seen.uid, namespace=seen.namespace or self.namespace
+                seen.kind, uid=seen.uid, namespace=seen.namespace or self.namespace
             )
         except ObjectNotFound:
             return None

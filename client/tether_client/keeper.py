@@ -380,7 +380,7 @@ class Keeper:
         async def acquire() -> HeldLease:
             # The deadline counts from the attempt that got the grant: the first attempt
             # may lie a whole outage earlier, which would hand out a lease lost on arrival.
-            response, sent_at = await self.leases.acquire_timed(
+            response, sent_at = await self.leases._acquire_timed(
                 key,
                 ttl=ttl,
                 holder=holder,
@@ -435,7 +435,7 @@ class Keeper:
         else:
             # An existing lease handed back, or one granted at some unknown moment of a
             # wait: only a renewal from a known send time gives a sound deadline.
-            renewed, sent_at = await self.leases.renew_timed(
+            renewed, sent_at = await self.leases._renew_timed(
                 lease.lease_id, lease._token, namespace=lease.namespace, timeout=timeout
             )
             lease._acked(sent_at, renewed.ttl.total_seconds(), renewed.expires_at)
@@ -800,7 +800,7 @@ class Keeper:
         async def renew() -> None:
             try:
                 # One attempt: the keeper schedules its own retries against the deadline.
-                renewal, _ = await self.leases.renew_timed(
+                renewal, _ = await self.leases._renew_timed(
                     lease.lease_id,
                     lease._token,
                     progress=progress,

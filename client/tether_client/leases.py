@@ -57,7 +57,7 @@ class LeasesClient:
         Raises ``LeaseHeld`` / ``LockDelay`` (no wait) or ``WaitTimeout``. The same holder
         acquiring again gets its live lease back (``created`` False).
         """
-        acquired, _ = await self.acquire_timed(
+        acquired, _ = await self._acquire_timed(
             key,
             ttl=ttl,
             holder=holder,
@@ -70,7 +70,7 @@ class LeasesClient:
         )
         return acquired
 
-    async def acquire_timed(
+    async def _acquire_timed(
         self,
         key: str,
         *,
@@ -111,12 +111,12 @@ class LeasesClient:
         timeout: Seconds | None = None,
     ) -> Renewal:
         """Extend a live lease by its ttl (``progress``: details a successor can read)."""
-        renewal, _ = await self.renew_timed(
+        renewal, _ = await self._renew_timed(
             lease_id, fencing_token, progress=progress, namespace=namespace, timeout=timeout
         )
         return renewal
 
-    async def renew_timed(
+    async def _renew_timed(
         self,
         lease_id: str,
         fencing_token: int,

@@ -70,7 +70,7 @@ T = TypeVar("T")
 Handler = Callable[[Any], object]
 OnStale = Literal["requeue", "compensate", "quarantine"]
 CompensateMode = Literal["inline", "hand_off"]
-SagaState: TypeAlias = "saga_pb2.SagaState.ValueType"
+SagaState: TypeAlias = saga_pb2.SagaState.ValueType
 
 # The claim is gone: its lease, or the saga's acceptance of its fence. Nothing more may be
 # recorded for it; whoever claims the saga next carries on from the log.

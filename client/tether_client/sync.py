@@ -101,6 +101,8 @@ class _Loop:
         )
         self.thread.start()
         self.closed = False
+        # Streams of generators dropped on the loop thread, being closed there.
+        self._closing: set[asyncio.Task[None]] = set()
 
     def check(self) -> None:
         if self.closed:
@@ -137,7 +139,9 @@ class _Loop:
                 pass  # stop() closed every stream still open
             elif threading.current_thread() is self.thread:
                 # Dropped on the loop thread (in a callback): close it there, without waiting.
-                self.loop.create_task(_aclose(iterator))
+                task = self.loop.create_task(_aclose(iterator))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
             else:
                 # Ends the stream (the async generator cancels its call). A step that was
                 # interrupted may still be unwinding; its cancellation ends the stream then.
@@ -229,18 +233,18 @@ def _wrap(loop: _Loop, value: Any) -> Any:
     return value if view is None else view(loop, value)
 
 
-def sync_type(annotation: Any) -> Any:
+def _sync_type(annotation: Any) -> Any:
     """The type a blocking call gives where the async one gives ``annotation``: the view
     of a class that has one (also inside a union), anything else as it is."""
     if isinstance(annotation, type):
         view = _view_of(annotation)
         return annotation if view is None else view
     if isinstance(annotation, types.UnionType):
-        return functools.reduce(operator.or_, map(sync_type, typing.get_args(annotation)))
+        return functools.reduce(operator.or_, map(_sync_type, typing.get_args(annotation)))
     return annotation
 
 
-def blocking_kind(function: Callable[..., Any], returns: Any) -> str:
+def _blocking_kind(function: Callable[..., Any], returns: Any) -> str:
     """How a blocking call runs ``function``: ``await`` it, ``iterate`` the async iterator
     it returns, ``enter`` the async context manager it returns, or ``call`` it."""
     if inspect.isasyncgenfunction(function):
@@ -257,30 +261,33 @@ def blocking_kind(function: Callable[..., Any], returns: Any) -> str:
     return "call"
 
 
-def blocking_return(function: Callable[..., Any], returns: Any) -> Any:
+def _blocking_return(function: Callable[..., Any], returns: Any) -> Any:
     """The return annotation of the blocking form of ``function`` (declared ``returns``)."""
     if isinstance(returns, str) or returns is inspect.Signature.empty:
         return returns  # unresolvable: passed on as written
-    kind = blocking_kind(function, returns)
+    kind = _blocking_kind(function, returns)
     args = typing.get_args(returns)
     if kind == "await" and not inspect.iscoroutinefunction(function):
-        return sync_type(args[-1]) if args else Any
+        return _sync_type(args[-1]) if args else Any
     if kind == "iterate":
-        return Iterator[sync_type(args[0]) if args else Any]  # type: ignore[misc]
+        return Iterator[_sync_type(args[0]) if args else Any]  # type: ignore[misc]
     if kind == "enter":
-        return AbstractContextManager[sync_type(args[0]) if args else Any]  # type: ignore[misc]
-    return sync_type(returns)
+        return AbstractContextManager[_sync_type(args[0]) if args else Any]  # type: ignore[misc]
+    return _sync_type(returns)
 
 
 def _resolved(annotation: Any, namespace: dict[str, Any]) -> Any:
     """An annotation written as a string (``from __future__ import annotations``),
-    evaluated where it was written; left as the string when that fails."""
-    if not isinstance(annotation, str):
-        return annotation
-    try:
-        return eval(annotation, namespace)
-    except Exception:
-        return annotation
+    evaluated where it was written (again while it names a string alias); left as the
+    string when that fails."""
+    for _ in range(8):
+        if not isinstance(annotation, str):
+            break
+        try:
+            annotation = eval(annotation, namespace)
+        except Exception:
+            break
+    return annotation
 
 
 def _describe(
@@ -311,7 +318,7 @@ def _blocking_method(owner: str, name: str, function: Callable[..., Any]) -> Cal
     """The blocking form of the async class's method ``name`` (``function``)."""
     namespace: dict[str, Any] = getattr(function, "__globals__", {})
     returns = _resolved(inspect.signature(function).return_annotation, namespace)
-    kind = blocking_kind(function, returns)
+    kind = _blocking_kind(function, returns)
 
     def method(self: _Generated[Any], /, *args: Any, **kwargs: Any) -> Any:
         loop = self._loop
@@ -325,7 +332,7 @@ def _blocking_method(owner: str, name: str, function: Callable[..., Any]) -> Cal
             return _BlockingContext[Any](loop, result)
         return _wrap(loop, result)
 
-    _describe(method, function, f"{owner}.{name}", blocking_return(function, returns))
+    _describe(method, function, f"{owner}.{name}", _blocking_return(function, returns))
     return method
 
 
@@ -338,7 +345,7 @@ def _read_through(owner: str, name: str, prop: property) -> property:
     if prop.fget is not None:
         namespace: dict[str, Any] = getattr(prop.fget, "__globals__", {})
         returns = _resolved(inspect.signature(prop.fget).return_annotation, namespace)
-        _describe(read, prop.fget, f"{owner}.{name}", sync_type(returns))
+        _describe(read, prop.fget, f"{owner}.{name}", _sync_type(returns))
     return property(read, doc=prop.__doc__)
 
 
@@ -519,8 +526,10 @@ class TetherClientSync(_Generated[TetherClient], of=TetherClient, left_out=("stu
     """A blocking client; use as ``with TetherClientSync("host:50051") as client:``.
 
     Takes the arguments of :class:`TetherClient`; ``clock`` must be one the loop thread
-    can use (the default :class:`SystemClock` is). ``stubs`` is not here: the generated
-    stubs are async (``client.client.stubs``, on the client's loop via ``run_coroutine``).
+    can use (the default :class:`SystemClock` is; a :class:`ManualClock` is advanced on
+    that loop: ``client.run_coroutine(advance())`` with ``async def advance():
+    clock.advance(5)``). ``stubs`` is not here: the generated stubs are async
+    (``client.client.stubs``, called on the client's loop through ``run_coroutine``).
     """
 
     # The area clients, blocking: made in __init__ from the async client's.
@@ -636,7 +645,4 @@ __all__ = [
     "SagasClientSync",
     "SweepsClientSync",
     "TetherClientSync",
-    "blocking_kind",
-    "blocking_return",
-    "sync_type",
 ]
