@@ -20,9 +20,9 @@ run inline, last step first (``RecordCompensation`` each) until it is ``COMPENSA
 sagas with raw stubs: the claim creates its own lease (``new_lease``), no retry wrapper.
 
 Figures: sagas finished in the window per second (completed and compensated apart), RPCs
-per saga (unary calls, counted per saga through the client's single call path; the
-keeper's stream messages apart), RPC/s, claim latency (the ``ClaimSaga`` call) and whole
-saga latency p50/p99.
+per saga (unary calls, counted per saga through the client's single call path,
+``Transport.call``; the keeper's stream messages apart), RPC/s, claim latency (the
+``ClaimSaga`` call) and whole saga latency p50/p99.
 
 On the ``noop`` target (no SagaService) the same number of callers send unary
 ``LeaseService.Acquire`` calls back to back: the RPC rate of a store-less Python gRPC server
@@ -90,9 +90,12 @@ class SagaScenario(Scenario):
 
         logging.getLogger("tether_client").setLevel(logging.ERROR)
         self.client = TetherClient(self.cfg["targets"], holder=f"bench-{self.wid}")
-        await asyncio.wait_for(self.client.sagas.list_sagas(_list_request()), 30)
-        original_call = self.client.call
-        original_claim = self.client.sagas.claim_saga
+        await asyncio.wait_for(_reachable(self.client), 30)
+        # Every unary call of the client (the keeper's Acquire and Release too) goes
+        # through its transport's call: count them there.
+        transport = self.client._transport
+        original_call = transport.call
+        original_claim = self.client.sagas.claim
 
         async def counting_call(*args: Any, **kwargs: Any) -> Any:
             counter = _saga_rpcs.get()
@@ -109,8 +112,8 @@ class SagaScenario(Scenario):
                 self.claim_lat.append(now() - started)
             return response
 
-        self.client.call = counting_call  # type: ignore[method-assign]
-        self.client.sagas.claim_saga = timed_claim  # type: ignore[method-assign]
+        transport.call = counting_call  # type: ignore[method-assign]
+        self.client.sagas.claim = timed_claim  # type: ignore[method-assign]
 
     async def _open_stubs(self) -> None:
         import grpc
@@ -160,13 +163,14 @@ class SagaScenario(Scenario):
             token = _saga_rpcs.set(counter)
             started = now()
             state = None
-            create = saga_pb2.CreateSagaRequest(saga_id=f"{self.prefix}{caller}-{n}", kind=KIND)
+            saga_id = f"{self.prefix}{caller}-{n}"
             try:
                 if cfg.get("driver") == "stubs":
+                    create = saga_pb2.CreateSagaRequest(saga_id=saga_id, kind=KIND)
                     await self._rpc("CreateSaga", create)
                     state = await self.one_saga_stubs(failing, f"bench-{self.wid}-{caller}")
                 else:
-                    await self.client.sagas.create_saga(create)
+                    await self.client.sagas.create(saga_id, KIND)
                     state = await self.one_saga(failing)
             except Exception as exc:
                 if self.recording:
@@ -277,14 +281,14 @@ class SagaScenario(Scenario):
 
     async def measure(self) -> float:
         if hasattr(self, "client"):
-            self.stream_msgs_before = int(self.client.keeper.stats.requests_sent)
+            self.stream_msgs_before = int(self.client.keeper_stats.requests_sent)
         return await super().measure()
 
     async def stop(self) -> None:
         self.stopping = True
         self.errors.update(await _wait_tasks(self.tasks, self.cfg["rpc_timeout"] + 5))
         if hasattr(self, "client"):
-            sent = int(self.client.keeper.stats.requests_sent)
+            sent = int(self.client.keeper_stats.requests_sent)
             self.extra["keepalive_msgs"] = sent - self.stream_msgs_before
 
     async def close(self) -> None:
@@ -301,10 +305,10 @@ class SagaScenario(Scenario):
         return out
 
 
-def _list_request() -> Any:
-    from tether_client.pb import saga_pb2
-
-    return saga_pb2.ListSagasRequest(kind=KIND, page_size=1)
+async def _reachable(client: Any) -> None:
+    """One small read: the server answers (the first page of the kind's sagas)."""
+    async for _ in client.sagas.list(kind=KIND, page_size=1):
+        break
 
 
 # --- profiling one run -------------------------------------------------------------------
@@ -333,7 +337,7 @@ def _layer(group: str, frames: list[str]) -> str:
         return "retry wrapper (tenacity)"
     for frame in reversed(frames):
         if "(tether_client/" in frame:
-            return "tether_client (run_saga, services)"
+            return "tether_client (run_saga, area clients, transport)"
     return "asyncio, the bench harness"
 
 

@@ -603,7 +603,8 @@ class ScaleScenario(Scenario):
         # lease when the client closes) would flood the output.
         logging.getLogger("tether_client").setLevel(logging.ERROR)
         self.client = TetherClient(cfg["targets"], keeper=keeper_cfg)
-        self._time_acks(self.client.keeper)
+        # The keeper is internal to the client: the bench times its acks from inside.
+        self._time_acks(self.client._keeper)
         # The holds are entered here and never exited: leaving 10 000 hold() blocks would
         # release every lease one call at a time; the server is thrown away instead.
         self.stack = contextlib.AsyncExitStack()
@@ -659,19 +660,19 @@ class ScaleScenario(Scenario):
     def _acked(self) -> int:
         if self.cfg["api"] == "etcd":
             return self.keeper.acked
-        return int(self.client.keeper.stats.renewals_acked)
+        return int(self.client.keeper_stats.renewals_acked)
 
     def _lost(self) -> int:
         if self.cfg["api"] == "etcd":
             return self.keeper.lost
-        return int(self.client.keeper.stats.leases_lost)
+        return int(self.client.keeper_stats.leases_lost)
 
     def _min_slack(self) -> float:
         if self.cfg["api"] == "etcd":
             t = now()
             live = [s[1] for s in self.keeper.leases.values() if not s[4]]
             return min(live) - t if live else math.inf
-        t = self.client.clock.monotonic()
+        t = self.client._transport.clock.monotonic()
         live = [lease.safe_until for lease in self.held if not lease.lost]
         return min(live) - t if live else math.inf
 
@@ -699,7 +700,7 @@ class ScaleScenario(Scenario):
                 streams_broken=self.keeper.streams_broken,
             )
         else:
-            stats = self.client.keeper.stats
+            stats = self.client.keeper_stats
             self.extra.update(
                 streams_opened=stats.streams_opened,
                 streams_broken=stats.streams_broken,

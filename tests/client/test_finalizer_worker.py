@@ -13,7 +13,6 @@ from tests.client.conftest import ClientFactory, Clocks, InProcessServer, advanc
 from tether_client import FinalizerWorker, RefuseFinalization, TetherClient
 from tether_client.errors import ObjectNotFound
 from tether_client.pb import owner_ref_pb2
-from tether_client.saga import to_struct
 
 KIND = "Worktree"
 FINALIZER = "example.com/worktree"
@@ -28,17 +27,10 @@ class Boom(Exception):
 async def create(
     client: TetherClient, name: str, finalizers: tuple[str, ...] = (FINALIZER,)
 ) -> owner_ref_pb2.Object:
-    response = await client.objects.create_object(
-        owner_ref_pb2.CreateObjectRequest(
-            object=owner_ref_pb2.Object(
-                kind=KIND,
-                name=name,
-                finalizers=list(finalizers),
-                spec=to_struct({"path": f"/work/{name}"}),
-            )
-        )
+    created = await client.objects.create(
+        KIND, name, finalizers=finalizers, spec={"path": f"/work/{name}"}
     )
-    return response.object
+    return created.object
 
 
 async def terminate(
@@ -46,9 +38,7 @@ async def terminate(
 ) -> owner_ref_pb2.Object:
     """A new object with ``finalizers``, deleted: it stays, terminating."""
     await create(client, name, finalizers)
-    response = await client.objects.delete_object(
-        owner_ref_pb2.DeleteObjectRequest(kind=KIND, name=name)
-    )
+    response = await client.objects.delete(KIND, name)
     assert not response.deleted
     assert response.object.HasField("deletion_timestamp")
     return response.object
@@ -56,12 +46,9 @@ async def terminate(
 
 async def find(client: TetherClient, name: str) -> owner_ref_pb2.Object | None:
     try:
-        response = await client.objects.get_object(
-            owner_ref_pb2.GetObjectRequest(kind=KIND, name=name)
-        )
+        return await client.objects.get(KIND, name)
     except ObjectNotFound:
         return None
-    return response.object
 
 
 async def until(condition: Callable[[], Awaitable[bool]], within: float = WAIT_S) -> None:
@@ -241,9 +228,7 @@ async def test_an_object_recreated_under_the_same_name_is_not_finalized(
     worker = client.finalizer_worker(FINALIZER, KIND, handler)
     await worker._resync()
     # Gone (forced) and recreated, not deleted, before the worker gets to it.
-    await client.objects.force_remove_finalizers(
-        owner_ref_pb2.ForceRemoveFinalizersRequest(kind=KIND, name="wt-again", reason="test")
-    )
+    await client.objects.force_remove_finalizers(KIND, "wt-again", reason="test")
     new = await create(client, "wt-again")
     assert new.uid != old.uid
 
