@@ -223,15 +223,9 @@ class LeasesClient:
             states=lease_states.many(states),
             page_size=page_size,
         )
-
-        async def fetch(token: str) -> tuple[Iterable[lease_pb2.Lease], str]:
-            request.page_token = token
-            page = await self._transport.unary(
-                lambda e: e.lease.ListLeases, request, safe=True, timeout=timeout
-            )
-            return page.leases, page.next_page_token
-
-        return self._transport.pages(fetch)
+        return self._transport.pages(
+            lambda e: e.lease.ListLeases, request, lambda page: page.leases, timeout=timeout
+        )
 
     def watch(
         self,

@@ -138,15 +138,9 @@ class ObjectsClient:
             terminating_only=terminating_only,
             page_size=page_size,
         )
-
-        async def fetch(token: str) -> tuple[Iterable[owner_ref_pb2.Object], str]:
-            request.page_token = token
-            page = await self._transport.unary(
-                lambda e: e.owner_ref.ListObjects, request, safe=True, timeout=timeout
-            )
-            return page.objects, page.next_page_token
-
-        return self._transport.pages(fetch)
+        return self._transport.pages(
+            lambda e: e.owner_ref.ListObjects, request, lambda page: page.objects, timeout=timeout
+        )
 
     async def update(
         self,
@@ -268,15 +262,12 @@ class ObjectsClient:
             recursive=recursive,
             page_size=page_size,
         )
-
-        async def fetch(token: str) -> tuple[Iterable[owner_ref_pb2.Dependent], str]:
-            request.page_token = token
-            page = await self._transport.unary(
-                lambda e: e.owner_ref.ListDependents, request, safe=True, timeout=timeout
-            )
-            return page.dependents, page.next_page_token
-
-        return self._transport.pages(fetch)
+        return self._transport.pages(
+            lambda e: e.owner_ref.ListDependents,
+            request,
+            lambda page: page.dependents,
+            timeout=timeout,
+        )
 
     async def owner_graph(
         self,

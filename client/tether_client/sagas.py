@@ -441,15 +441,9 @@ class SagasClient:
             overdue_only=overdue_only,
             page_size=page_size,
         )
-
-        async def fetch(token: str) -> tuple[Iterable[saga_pb2.Saga], str]:
-            request.page_token = token
-            page = await self._transport.unary(
-                lambda e: e.saga.ListSagas, request, safe=True, timeout=timeout
-            )
-            return page.sagas, page.next_page_token
-
-        return self._transport.pages(fetch)
+        return self._transport.pages(
+            lambda e: e.saga.ListSagas, request, lambda page: page.sagas, timeout=timeout
+        )
 
     def watch(
         self,

@@ -72,15 +72,9 @@ class SweepsClient:
         request = sweep_pb2.ListSweepReportsRequest(
             triggers=sweep_triggers.many(triggers), page_size=page_size
         )
-
-        async def fetch(token: str) -> tuple[Iterable[sweep_pb2.SweepReport], str]:
-            request.page_token = token
-            page = await self._transport.unary(
-                lambda e: e.sweep.ListSweepReports, request, safe=True, timeout=timeout
-            )
-            return page.reports, page.next_page_token
-
-        return self._transport.pages(fetch)
+        return self._transport.pages(
+            lambda e: e.sweep.ListSweepReports, request, lambda page: page.reports, timeout=timeout
+        )
 
     async def get(self, sweep_id: str, *, timeout: Seconds | None = None) -> sweep_pb2.SweepReport:
         """One sweep report by its id (``SweepReportNotFound`` once purged)."""

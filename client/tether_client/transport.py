@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Mapping,
+)
 from typing import Generic, Protocol, TypeVar
 
 import grpc
@@ -34,6 +41,19 @@ Enum = TypeVar("Enum", bound=int)
 # Picks a unary RPC off an endpoint's stubs, e.g. ``lambda e: e.lease.Renew``.
 Unary = Callable[[Endpoint], "grpc.aio.UnaryUnaryMultiCallable[Req, Resp]"]
 Metadata = tuple[tuple[str, str], ...]
+
+
+class PagedRequestLike(Protocol):
+    page_token: str
+
+
+class PagedAnswerLike(Protocol):
+    @property
+    def next_page_token(self) -> str: ...
+
+
+PagedRequest = TypeVar("PagedRequest", bound=PagedRequestLike)
+PagedAnswer = TypeVar("PagedAnswer", bound=PagedAnswerLike)
 
 
 class Revisioned(Protocol):
@@ -162,17 +182,23 @@ class Transport:
 
     # --- lists and watches ---------------------------------------------------------------
 
-    @staticmethod
     async def pages(
-        fetch: Callable[[str], Awaitable[tuple[Iterable[Item], str]]],
+        self,
+        method: Unary[PagedRequest, PagedAnswer],
+        request: PagedRequest,
+        items: Callable[[PagedAnswer], Iterable[Item]],
+        *,
+        timeout: Seconds | None,
     ) -> AsyncIterator[Item]:
-        """Every item of a paged List: ``fetch(page_token)`` returns a page and the next
-        token (empty after the last page)."""
+        """Every item of a paged List: ``request`` is sent again with each next page token
+        (``timeout`` bounds each page) until a page comes without one."""
         token = ""
         while True:
-            items, token = await fetch(token)
-            for item in items:
+            request.page_token = token
+            page = await self.unary(method, request, safe=True, timeout=timeout)
+            for item in items(page):
                 yield item
+            token = page.next_page_token
             if not token:
                 return
 
