@@ -26,8 +26,8 @@ from typing import Any, NoReturn
 
 from tether_client.convert import parse_duration, parse_int
 
-# ``-5``, ``-0.5``, ``-.5``, ``-5s``, ``-1m30s``: values, not options.
-_NEGATIVE = re.compile(r"^-(\d+\.?\d*|\.\d+)([a-z]+(\d+\.?\d*|\.\d+)?)*$")
+# ``-5``, ``-0.5``, ``-.5``, ``-5s``, ``-1m30s``, ``-1e400``, ``-inf``: values, not options.
+_NEGATIVE = re.compile(r"^-((\d+\.?\d*|\.\d+)([a-z]+(\d+\.?\d*|\.\d+)?)*|inf|infinity|nan)$", re.I)
 _INVALID_CHOICE = re.compile(r"^argument (?P<arg>[^:]+): invalid choice: '(?P<given>[^']*)'")
 
 
@@ -36,12 +36,21 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = _NEGATIVE
         self._arguments: list[str] = []
+        #: The attribute that gets what follows ``--`` (a command to run), if any.
+        self.trailing_command: str | None = None
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        self._arguments = list(sys.argv[1:] if args is None else args)
+        arguments = list(sys.argv[1:] if args is None else args)
+        command: list[str] = []
+        if self.trailing_command is not None and "--" in arguments:
+            split = arguments.index("--")
+            arguments, command = arguments[:split], arguments[split + 1 :]
+        self._arguments = arguments
         parsed, extras = super().parse_known_args(self._arguments, namespace)
+        if self.trailing_command is not None:
+            setattr(parsed, self.trailing_command, command)
         unknown = self._unknown_option(extras)
         if unknown is not None:
             self._unrecognized(unknown)

@@ -61,6 +61,7 @@ OPERATOR_EXIT_CODES = _STATUS_HEAD + _INTERRUPTED
 
 Handler = Callable[[argparse.Namespace], int]
 Call = Callable[[TetherClient, argparse.Namespace], Awaitable[int]]
+Check = Callable[[argparse.Namespace], None]
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 log = logging.getLogger("tether_client.cli")
@@ -298,14 +299,18 @@ def command_handler(
     *,
     holder: Callable[[], str] = cli_holder,
     report_error: Callable[[TetherError], None] = report,
+    check: Check | None = None,
 ) -> Handler:
     """An ``args -> exit status`` handler that runs ``call`` with a connected client,
-    reporting errors with ``report_error``."""
+    reporting errors with ``report_error``. ``check`` looks at the arguments first (a
+    ``UsageError`` for ones that do not go together), before anything is sent."""
 
     def handler(args: argparse.Namespace) -> int:
         configure_logging(args.verbose)
 
         async def main() -> int:
+            if check is not None:
+                check(args)
             client, settings = make_client(args, holder=args.holder or holder())
             async with client:
                 await wait_for_server(
@@ -406,9 +411,11 @@ def command(
     epilog: str = OPERATOR_EXIT_CODES,
     description: str | None = None,
     json: bool = True,
+    check: Check | None = None,
 ) -> argparse.ArgumentParser:
-    """A command of a group: ``call`` with a client, errors by ``report_error``."""
-    handler = command_handler(call, report_error=report_error, holder=holder)
+    """A command of a group: ``call`` with a client, errors by ``report_error``, the
+    arguments looked at by ``check`` first."""
+    handler = command_handler(call, report_error=report_error, holder=holder, check=check)
     return leaf(
         sub,
         name,

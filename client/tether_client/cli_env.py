@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Sequence
 
 GRPC_VARIABLES = ("GRPC_VERBOSITY", "GRPC_TRACE")
@@ -37,7 +38,12 @@ def verbosity(argv: Sequence[str]) -> int:
 
 def set_grpc_logging(argv: Sequence[str]) -> None:
     """gRPC core logs nothing (not even its handshake errors: the command says what went
-    wrong itself) unless ``-vv``; settings already in the environment win."""
+    wrong itself) unless ``-vv``; settings already in the environment win.
+
+    Only before grpc is imported, when it takes effect: a program that imports the CLI
+    (a test calling ``main``) keeps its environment as it is."""
+    if "grpc" in sys.modules:
+        return
     for name in GRPC_VARIABLES:
         _original.setdefault(name, os.environ.get(name))
     if verbosity(argv) >= 2:

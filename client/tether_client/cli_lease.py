@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import os
 import signal
-from typing import Any
+from collections.abc import Callable
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -28,6 +28,8 @@ from tether_client.cli_common import (
     EXIT_CODES,
     EXIT_INTERRUPTED,
     EXIT_UNAVAILABLE,
+    Call,
+    Handler,
     SubParsers,
     add_connection_options,
     add_json_option,
@@ -55,8 +57,8 @@ def report(error: TetherError) -> None:
     fmt.report(error, names)
 
 
-def _handler(call: Any, **kwargs: Any) -> Any:
-    return command_handler(call, report_error=report, **kwargs)
+def _handler(call: Call, *, holder: Callable[[], str]) -> Handler:
+    return command_handler(call, report_error=report, holder=holder)
 
 
 # --- lease commands -----------------------------------------------------------------------
@@ -253,14 +255,14 @@ def _command(
     name: str,
     *,
     help: str,
-    call: Any,
+    call: Call,
     json: bool = True,
     fencing_token: bool = False,
     taken: tuple[str, ...] = (),
     description: str | None = None,
     epilog: str | None = EXIT_CODES,
     usage: str | None = None,
-    holder: Any = cli_holder,
+    holder: Callable[[], str] = cli_holder,
 ) -> argparse.ArgumentParser:
     if fencing_token:
         taken = (*taken, "--token")

@@ -281,7 +281,8 @@ SAGA_EXIT_CODES = (
     + """\
   75   step -- COMMAND: the claim was lost while the command ran (EX_TEMPFAIL)
   130  interrupted (Ctrl-C)
-  step -- COMMAND otherwise exits with the command's own status (128+N if signal N killed it)
+  step -- COMMAND otherwise exits with the command's own status (128+N if signal N killed it;
+  126 when it could not be executed, 127 when it was not found)
 """
 )
 

@@ -40,6 +40,7 @@ from typing import Any
 
 from tether_client import cli_format as fmt
 from tether_client.cli_args import (
+    Parser,
     duration,
     int32,
     json_object,
@@ -52,6 +53,7 @@ from tether_client.cli_args import (
 from tether_client.cli_common import (
     EXIT_LOST,
     Call,
+    Check,
     SubParsers,
     UsageError,
     cli_holder,
@@ -291,9 +293,12 @@ async def _announce_claimed(client: TetherClient, saga_id: str, wait: float) -> 
         say(f"saga {saga_id} is not claimable before {fmt.timestamp(saga.not_before)}; {waiting}")
 
 
-async def _claim(client: TetherClient, args: argparse.Namespace) -> int:
+def _check_claim(args: argparse.Namespace) -> None:
     if bool(args.saga_id) == bool(args.kind):
         raise UsageError("give SAGA_ID or --kind KIND (the oldest claimable saga of the kind)")
+
+
+async def _claim(client: TetherClient, args: argparse.Namespace) -> int:
     holder = args.holder or cli_holder()
     claiming = asyncio.ensure_future(
         client.sagas.claim(
@@ -323,20 +328,38 @@ async def _claim(client: TetherClient, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _step(client: TetherClient, args: argparse.Namespace) -> int:
-    saga_id, fence = _fence(args)
-    compensation = _compensation(args)
+def _check_claimed(args: argparse.Namespace) -> None:
+    """The saga and fence a command acts under, as ``args.claimed``."""
+    args.claimed = _fence(args)
+
+
+def _check_step(args: argparse.Namespace) -> None:
+    _check_claimed(args)
+    args.compensation_spec = _compensation(args)
     if args.argv:
         if args.status is not None or args.output is not NOT_GIVEN or args.error:
             raise UsageError("-- COMMAND records the step itself: no --status, --output, --error")
+    elif args.status is None:
+        raise UsageError("give --status STATUS, or -- COMMAND to run as the step")
+    if args.output is not NOT_GIVEN:
+        _value(args.output, "--output")
+
+
+def _check_fail(args: argparse.Namespace) -> None:
+    _check_claimed(args)
+    if args.retry_after and not args.retryable:
+        raise UsageError("--retry-after goes with --retryable")
+
+
+async def _step(client: TetherClient, args: argparse.Namespace) -> int:
+    saga_id, fence = args.claimed
+    compensation = args.compensation_spec
+    if args.argv:
         runner = StepRunner(saga_id, fence, args, compensation)
         return await runner.run(client)
-    if args.status is None:
-        raise UsageError("give --status STATUS, or -- COMMAND to run as the step")
     extra: dict[str, Any] = {}
     if args.output is not NOT_GIVEN:
         extra["output"] = args.output
-        _value(args.output, "--output")
     try:
         recorded = await client.sagas.record_step(
             saga_id,
@@ -365,7 +388,7 @@ async def _step(client: TetherClient, args: argparse.Namespace) -> int:
 
 
 async def _heartbeat(client: TetherClient, args: argparse.Namespace) -> int:
-    saga_id, fence = _fence(args)
+    saga_id, fence = args.claimed
     beat = await client.sagas.heartbeat(saga_id, fence, progress=args.progress.encode())
     if args.json:
         response = saga_pb2.HeartbeatSagaResponse(state=beat.state)
@@ -384,15 +407,13 @@ async def _heartbeat(client: TetherClient, args: argparse.Namespace) -> int:
 
 
 async def _complete(client: TetherClient, args: argparse.Namespace) -> int:
-    saga_id, fence = _fence(args)
+    saga_id, fence = args.claimed
     print_saga(await client.sagas.complete(saga_id, fence, output=args.output), args)
     return 0
 
 
 async def _fail(client: TetherClient, args: argparse.Namespace) -> int:
-    saga_id, fence = _fence(args)
-    if args.retry_after and not args.retryable:
-        raise UsageError("--retry-after goes with --retryable")
+    saga_id, fence = args.claimed
     saga = await client.sagas.fail(
         saga_id,
         fence,
@@ -406,7 +427,7 @@ async def _fail(client: TetherClient, args: argparse.Namespace) -> int:
 
 
 async def _compensation_done(client: TetherClient, args: argparse.Namespace) -> int:
-    saga_id, fence = _fence(args)
+    saga_id, fence = args.claimed
     recorded = await client.sagas.record_compensation(
         saga_id, fence, args.step_index, args.status, error=args.error, attempt=args.attempt
     )
@@ -662,7 +683,12 @@ def register_flow(sub: SubParsers, *, report_error: Any, epilog: str) -> None:
     """Add the commands that run a saga from a script to ``tether saga``."""
 
     def cmd(
-        name: str, help: str, call: Call, *, description: str | None = None
+        name: str,
+        help: str,
+        call: Call,
+        *,
+        description: str | None = None,
+        check: Check | None = _check_claimed,
     ) -> argparse.ArgumentParser:
         return command(
             sub,
@@ -672,9 +698,12 @@ def register_flow(sub: SubParsers, *, report_error: Any, epilog: str) -> None:
             report_error=report_error,
             epilog=epilog,
             description=description,
+            check=check,
         )
 
-    create = cmd("create", "create a saga (a repeat with the same body is no error)", _create)
+    create = cmd(
+        "create", "create a saga (a repeat with the same body is no error)", _create, check=None
+    )
     create.add_argument("saga_id", metavar="SAGA_ID")
     create.add_argument("--kind", required=True, help="what the saga does, for claim --kind")
     create.add_argument(
@@ -719,6 +748,7 @@ def register_flow(sub: SubParsers, *, report_error: Any, epilog: str) -> None:
         "claim a saga; print the claim as shell export lines",
         _claim,
         description=CLAIM_HELP,
+        check=_check_claim,
     )
     claim.add_argument("saga_id", nargs="?", default="", metavar="SAGA_ID")
     claim.add_argument("--kind", default="", help="claim the oldest claimable saga of this kind")
@@ -757,6 +787,7 @@ def register_flow(sub: SubParsers, *, report_error: Any, epilog: str) -> None:
         "record a step of the claimed saga, or run a command as one",
         _step,
         description=STEP_HELP,
+        check=_check_step,
     )
     step.usage = (
         "%(prog)s [options] INDEX NAME (--status STATUS [--output JSON] [--error TEXT] "
@@ -764,7 +795,12 @@ def register_flow(sub: SubParsers, *, report_error: Any, epilog: str) -> None:
     )
     step.add_argument("index", type=int32("step index"), metavar="INDEX")
     step.add_argument("name", metavar="NAME")
-    step.add_argument("--status", choices=STEP_STATUSES, default=None)
+    step.add_argument(
+        "--status",
+        choices=STEP_STATUSES,
+        default=None,
+        help="record the step so (instead of running a COMMAND as the step)",
+    )
     step.add_argument(
         "--output",
         type=json_value,
@@ -800,7 +836,9 @@ def register_flow(sub: SubParsers, *, report_error: Any, epilog: str) -> None:
         metavar="DURATION",
         help="-- COMMAND: after a lost claim, SIGKILL it this long after SIGTERM (default 10s)",
     )
-    step.add_argument("argv", nargs="*", metavar="COMMAND", help=argparse.SUPPRESS)
+    # What follows `--` (argparse would give a "*" positional nothing, next to INDEX NAME).
+    if isinstance(step, Parser):
+        step.trailing_command = "argv"
     _add_fence_options(step)
 
     heartbeat = cmd("heartbeat", "renew the claim's lease (and store progress)", _heartbeat)
@@ -822,7 +860,9 @@ def register_flow(sub: SubParsers, *, report_error: Any, epilog: str) -> None:
     )
     _add_fence_options(complete)
 
-    fail = cmd("fail", "fail the claimed saga: compensate it, or retry it later", _fail)
+    fail = cmd(
+        "fail", "fail the claimed saga: compensate it, or retry it later", _fail, check=_check_fail
+    )
     fail.add_argument("--reason", required=True, metavar="TEXT", help="why, recorded on the saga")
     fail.add_argument(
         "--retryable",
@@ -850,7 +890,9 @@ def register_flow(sub: SubParsers, *, report_error: Any, epilog: str) -> None:
         _compensation_done,
     )
     compensation.add_argument("step_index", type=int32("step index"), metavar="STEP_INDEX")
-    compensation.add_argument("--status", choices=COMPENSATION_STATUSES, required=True)
+    compensation.add_argument(
+        "--status", choices=COMPENSATION_STATUSES, required=True, help="how the compensation went"
+    )
     compensation.add_argument("--error", default="", metavar="TEXT", help="why it failed")
     compensation.add_argument(
         "--attempt",

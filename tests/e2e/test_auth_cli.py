@@ -32,6 +32,7 @@ cert  {CLIENT_URI}  worker  default
 """
 # `tether lease ...` in a clean environment (cli_support.CLI_ENV dropped), plus ``env=``.
 LEASE = Cli("lease")
+EXIT_UNAVAILABLE = 69
 
 
 def start_server(
@@ -113,10 +114,14 @@ def test_a_wrong_or_missing_token_is_refused(
 
 
 def test_plaintext_to_a_tls_port_fails(tls_server: TlsServerProcess) -> None:
-    # Loopback: the token may go in plaintext, but the TLS port does not speak it.
+    # Loopback: the token may go in plaintext, but the TLS port does not speak it. No
+    # connection within --timeout: exit 69, and a hint.
     result = LEASE(tls_server.target, "--timeout", "2s", "--token", TOKEN, "list")
-    assert result.returncode == 1
-    assert result.stderr.startswith("tether: UNAVAILABLE: "), result.stderr
+    assert result.returncode == EXIT_UNAVAILABLE, result.stderr
+    lines = result.stderr.splitlines()
+    failure = f"tether: UNAVAILABLE: no connection to {tls_server.target} within 2s: "
+    assert failure in result.stderr
+    assert lines[-1].startswith("hint: the server may expect TLS: add --tls"), result.stderr
 
 
 def test_mutual_tls_with_a_client_certificate(
@@ -139,5 +144,10 @@ def test_mutual_tls_with_a_client_certificate(
         str(stranger.key),
         "list",
     )
-    assert refused.returncode == 1
-    assert refused.stderr.startswith("tether: UNAVAILABLE: "), refused.stderr
+    # The server ends the handshake: no connection, exit 69, and what to suspect.
+    assert refused.returncode == EXIT_UNAVAILABLE, refused.stderr
+    assert "tether: UNAVAILABLE: no connection to " in refused.stderr
+    assert refused.stderr.splitlines()[-1] == (
+        "hint: the server ended the TLS handshake: it may not trust the client certificate "
+        f"in {stranger.cert}"
+    )

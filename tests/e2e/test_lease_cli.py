@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.e2e import ServerFactory
-from tests.e2e.cli_support import Cli, cli_env
+from tests.e2e.cli_support import Cli, Running, cli_env
 
 pytestmark = pytest.mark.e2e
 
@@ -221,6 +221,84 @@ def test_watch_json_streams_events(db_url: str, server_factory: ServerFactory) -
         watch.send_signal(signal.SIGTERM)
         status, err = finish(watch)
     assert status == 0, err  # SIGTERM is the normal way to end a watch
+
+
+def test_ctrl_c_ends_a_watch_with_130(db_url: str, server_factory: ServerFactory) -> None:
+    target = server_factory(db_url).target
+    # From revision 1: no race between the watch starting and the acquire below.
+    watch = Running(LEASE.argv(target, "watch", "--prefix", "jobs/", "--from-revision", "1"))
+    try:
+        # Connected and streaming: the acquire's event arrives.
+        ok(target, "acquire", "jobs/1", "--ttl", "30s")
+        watch.wait_for("ACQUIRED", stream="stdout")
+        watch.proc.send_signal(signal.SIGINT)
+        status, _, err = watch.finish()
+    finally:
+        watch.kill()
+    assert status == 130, err  # as the help says
+    assert "Traceback" not in err
+
+
+def test_a_wait_says_who_holds_the_key_and_until_when(
+    db_url: str, server_factory: ServerFactory, command: list[str], tmp_path: Path
+) -> None:
+    target = server_factory(db_url).target
+
+    def notice(holder: str, lease: dict[str, Any]) -> str:
+        until = lease["expires_at"][:19] + "Z"  # to the second, as the CLI prints times
+        return (
+            f"tether: jobs/1 is held by {holder} until {until} (unless renewed); waiting up to 5m"
+        )
+
+    def release(holder: str, lease: dict[str, Any]) -> None:
+        ok(
+            target,
+            "--holder",
+            holder,
+            "release",
+            lease["lease_id"],
+            "--token",
+            lease["fencing_token"],
+        )
+
+    first = ok_json(target, "--holder", "agent-1", "acquire", "jobs/1", "--ttl", "30s")["lease"]
+    waiting = Running(
+        LEASE.argv(
+            target,
+            "--holder",
+            "agent-2",
+            "acquire",
+            "jobs/1",
+            "--ttl",
+            "30s",
+            "--wait",
+            "5m",
+            "--json",
+        )
+    )
+    try:
+        assert waiting.wait_for("is held by") == notice("agent-1", first)
+        release("agent-1", first)
+        status, out, err = waiting.finish()
+    finally:
+        waiting.kill()
+    assert status == 0, err
+    second = json.loads(out)["lease"]
+    assert second["holder"] == "agent-2"
+    assert len([line for line in err.splitlines() if "is held by" in line]) == 1
+
+    running = Running(
+        LEASE.argv(target, "run", "jobs/1", "--ttl", "30s", "--wait", "5m", "--", *command, "0")
+    )
+    try:
+        assert running.wait_for("is held by") == notice("agent-2", second)
+        release("agent-2", second)
+        json.loads(wait_for_file(tmp_path / "started", running.proc))
+        running.proc.send_signal(signal.SIGTERM)
+        status, _, err = running.finish()
+    finally:
+        running.kill()
+    assert status == 0, err
 
 
 def test_the_installed_tether_has_lease_and_server_commands(

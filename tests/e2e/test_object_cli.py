@@ -41,8 +41,7 @@ async def _setup(target: str) -> dict[str, str]:
     async with TetherClient(target) as client:
 
         async def create(obj: owner_ref_pb2.Object) -> owner_ref_pb2.Object:
-            request = owner_ref_pb2.CreateObjectRequest(object=obj)
-            return (await client.objects.create_object(request)).object
+            return (await client.objects.create(obj=obj)).object
 
         project = await create(owner_ref_pb2.Object(kind="Project", name="tether"))
         job = await create(
@@ -70,11 +69,7 @@ async def _setup(target: str) -> dict[str, str]:
 
 async def _refuse(target: str, reason: str) -> None:
     async with TetherClient(target) as client:
-        await client.objects.remove_finalizer(
-            owner_ref_pb2.RemoveFinalizerRequest(
-                kind="Worktree", name="wt-1", finalizer=FINALIZER, refusal=reason
-            )
-        )
+        await client.objects.remove_finalizer("Worktree", "wt-1", FINALIZER, refusal=reason)
 
 
 def test_get_list_and_tree(db_url: str, server_factory: ServerFactory) -> None:

@@ -13,7 +13,6 @@ import pytest
 from tests.e2e import ServerFactory
 from tests.e2e.cli_support import Cli, fields, section
 from tether_client import TetherClient
-from tether_client.pb import saga_pb2
 
 pytestmark = pytest.mark.e2e
 
@@ -43,9 +42,7 @@ async def _setup(target: str) -> None:
                 raise Boom("rollout failed")
         except Boom:
             pass
-        await client.sagas.create_saga(
-            saga_pb2.CreateSagaRequest(saga_id="waiting", kind="report", labels={"team": "ops"})
-        )
+        await client.sagas.create("waiting", "report", labels={"team": "ops"})
 
 
 def test_list_and_get(db_url: str, server_factory: ServerFactory) -> None:

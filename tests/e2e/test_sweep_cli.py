@@ -18,7 +18,7 @@ from tests.e2e.cli_support import Cli, fields, section
 from tests.support.server_process import FileClockDriver
 from tether_client import TetherClient
 from tether_client.cli_sweep import PARTS, report_details, report_table
-from tether_client.pb import owner_ref_pb2, sweep_pb2
+from tether_client.pb import sweep_pb2
 
 FINALIZER = "example.com/worktree"
 REFUSAL = "uncommitted changes in src/"
@@ -34,16 +34,9 @@ ok_json = tether.ok_json
 async def _stuck_worktree(target: str) -> str:
     """Worktree/wt-1, deleted but kept by its finalizer, whose handler refused; its uid."""
     async with TetherClient(target) as client:
-        obj = owner_ref_pb2.Object(kind="Worktree", name="wt-1", finalizers=[FINALIZER])
-        created = await client.objects.create_object(owner_ref_pb2.CreateObjectRequest(object=obj))
-        await client.objects.delete_object(
-            owner_ref_pb2.DeleteObjectRequest(kind="Worktree", name="wt-1")
-        )
-        await client.objects.remove_finalizer(
-            owner_ref_pb2.RemoveFinalizerRequest(
-                kind="Worktree", name="wt-1", finalizer=FINALIZER, refusal=REFUSAL
-            )
-        )
+        created = await client.objects.create("Worktree", "wt-1", finalizers=[FINALIZER])
+        await client.objects.delete("Worktree", "wt-1")
+        await client.objects.remove_finalizer("Worktree", "wt-1", FINALIZER, refusal=REFUSAL)
         return created.object.uid
 
 
