@@ -577,12 +577,20 @@ class StepRunner:
         return exit_status(self.proc.returncode or 0), output
 
     async def _keep_alive(self, client: TetherClient, interval: float, ttl: float) -> None:
-        """Heartbeat the claim every ``interval``; stop the command once it is lost."""
+        """Heartbeat the claim every ``interval``; stop the command once it is lost.
+
+        Lost means: no heartbeat acknowledged before the safety deadline, the send time of
+        the last acknowledged one plus its ttl minus a margin (a tenth, as ``hold()``
+        keeps), so the command is stopped before the server can hand the saga on."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + ttl
+        margin = max(0.05, ttl / 10)
+        deadline = loop.time() + ttl - margin
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(min(interval, max(deadline - loop.time(), 0)))
             sent = loop.time()
+            if sent >= deadline:
+                self._on_lost(Unavailable("no heartbeat acknowledged before the claim's deadline"))
+                return
             try:
                 beat = await client.sagas.heartbeat(
                     self.saga_id, self.fence, timeout=max(deadline - sent, 0.1)
@@ -595,7 +603,8 @@ class StepRunner:
             except TetherError as exc:
                 self._on_lost(exc)
                 return
-            deadline = sent + beat.ttl.total_seconds()
+            granted = beat.ttl.total_seconds()
+            deadline = sent + granted - max(0.05, granted / 10)
 
     def _on_lost(self, error: TetherError) -> None:
         self.lost = _Lost(error)
