@@ -120,26 +120,32 @@ def test_one_remote_target_in_a_fail_over_list_refuses_the_token() -> None:
 @pytest.mark.parametrize("target", ["127.0.0.1:50051", "localhost:1,[::1]:2", "unix:/x.sock"])
 async def test_a_token_goes_over_plaintext_on_this_host(target: str) -> None:
     client = TetherClient(target, token="s3cret-token-value")
-    assert client.connection.metadata() == (("authorization", "Bearer s3cret-token-value"),)
+    assert client._transport.connection.metadata() == (
+        ("authorization", "Bearer s3cret-token-value"),
+    )
     await client.close()
 
 
 async def test_insecure_token_lets_the_token_go_over_plaintext() -> None:
     client = TetherClient("10.0.0.7:50051", token="s3cret-token-value", insecure_token=True)
-    assert client.connection.metadata() == (("authorization", "Bearer s3cret-token-value"),)
+    assert client._transport.connection.metadata() == (
+        ("authorization", "Bearer s3cret-token-value"),
+    )
     await client.close()
 
 
 async def test_a_token_over_tls_goes_anywhere(test_pki: TestPki) -> None:
     credentials = tls_credentials(ca_file=test_pki.ca)
     client = TetherClient("10.0.0.7:50051", credentials=credentials, token="s3cret-token-value")
-    assert client.connection.metadata() == (("authorization", "Bearer s3cret-token-value"),)
+    assert client._transport.connection.metadata() == (
+        ("authorization", "Bearer s3cret-token-value"),
+    )
     await client.close()
 
 
 async def test_without_a_token_plaintext_to_another_host_is_allowed() -> None:
     client = TetherClient("10.0.0.7:50051")
-    assert client.connection.metadata() == ()
+    assert client._transport.connection.metadata() == ()
     await client.close()
 
 
@@ -333,17 +339,17 @@ async def test_tokens_over_tls(tls_server: ServerStarter, test_pki: TestPki) -> 
     credentials = tls_credentials(ca_file=test_pki.ca)
     for token, principal in ((ALICE_TOKEN, "alice"), (BOB_TOKEN, "bob")):
         async with client(server.target, credentials, token=token) as c:
-            acquired = await c.acquire(f"tls/{principal}", ttl=30)
+            acquired = await c.leases.acquire(f"tls/{principal}", ttl=30)
             assert acquired.lease.principal == principal
     async with client(server.target, credentials, token="not-a-token-of-this-server") as c:
         with pytest.raises(InvalidCredentials):
-            await c.acquire("tls/wrong", ttl=30)
+            await c.leases.acquire("tls/wrong", ttl=30)
     async with client(server.target, credentials) as c:
         with pytest.raises(CredentialsRequired):
-            await c.acquire("tls/nobody", ttl=30)
+            await c.leases.acquire("tls/nobody", ttl=30)
     # Nothing was granted to the refused callers.
     async with client(server.target, credentials, token=ALICE_TOKEN) as c:
-        keys = [lease.key for lease in (await c.list_leases()).leases]
+        keys = [lease.key async for lease in c.leases.list()]
     assert sorted(keys) == ["tls/alice", "tls/bob"]
 
 
@@ -354,7 +360,7 @@ async def test_tls_needs_a_trusted_server_certificate(
     credentials = tls_credentials(ca_file=test_pki.other_ca)
     async with client(server.target, credentials, token=ALICE_TOKEN) as c:
         with pytest.raises(Unavailable):
-            await c.acquire("tls/untrusted", ttl=30)
+            await c.leases.acquire("tls/untrusted", ttl=30)
 
 
 async def test_mutual_tls_principal_is_the_certificate(
@@ -364,7 +370,7 @@ async def test_mutual_tls_principal_is_the_certificate(
     for pair, principal in ((test_pki.client_uri, CLIENT_URI), (test_pki.client_cn, CLIENT_CN)):
         credentials = tls_credentials(test_pki.ca, pair.cert, pair.key)
         async with client(server.target, credentials) as c:
-            acquired = await c.acquire(f"mtls/{pair.cert.stem}", ttl=30)
+            acquired = await c.leases.acquire(f"mtls/{pair.cert.stem}", ttl=30)
             # The URI SAN wins over the certificate's CN (CLIENT_URI_CN) when it has one.
             assert acquired.lease.principal == principal
 
@@ -379,7 +385,7 @@ async def test_mutual_tls_refuses_other_certificates(
         # A token does not stand in for the certificate the handshake needs.
         async with client(server.target, credentials, token=ALICE_TOKEN) as c:
             with pytest.raises(Unavailable):
-                await c.acquire("mtls/stranger", ttl=30)
+                await c.leases.acquire("mtls/stranger", ttl=30)
     pair = test_pki.client_cn
     async with client(server.target, tls_credentials(test_pki.ca, pair.cert, pair.key)) as c:
-        assert list((await c.list_leases()).leases) == []
+        assert [lease async for lease in c.leases.list()] == []

@@ -1,9 +1,12 @@
-"""Typed errors: every reason the protocol defines has its class, with the server's code."""
+"""Typed errors: every reason the protocol defines has its class, with the server's code,
+and a refused call surfaces as that one exception (the gRPC error kept as ``rpc_error``, no
+chain of gRPC or retry frames)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,8 +15,15 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from tests.client.conftest import ClientFactory, Clocks, InProcessServer
-from tests.service.conftest import advance_until_done
+import tether_client
+from tests.client.conftest import (
+    ClientFactory,
+    Clocks,
+    InProcessServer,
+    advance_until,
+    wait_until,
+)
+from tests.support.ports import free_port
 from tether_client import errors
 from tether_client.convert import to_datetime
 from tether_client.pb import common_pb2
@@ -54,9 +64,63 @@ def rpc_error(
     )
 
 
+def proto_reasons() -> list[str]:
+    """The ErrorReason values as common.proto spells them (not the generated code)."""
+    text = COMMON_PROTO.read_text()
+    block = re.search(r"enum ErrorReason \{(.*?)\n\}", text, re.S)
+    assert block is not None, "no ErrorReason enum in common.proto"
+    return [
+        name
+        for name in re.findall(PREFIX + r"([A-Z_]+)\s*=\s*\d+\s*;", block.group(1))
+        if name != "UNSPECIFIED"
+    ]
+
+
+# What most callers catch: importable from the package itself.
+COMMON_ERRORS = [
+    "TetherError",
+    "LeaseHeld",
+    "LockDelay",
+    "LeaseLost",
+    "LeaseNotHeld",
+    "LeaseExpired",
+    "LeaseRevoked",
+    "StaleFencingToken",
+    "WaitTimeout",
+    "SagaTerminal",
+    "SagaAlreadyEnded",
+    "SagaClaimed",
+    "SagaNotFound",
+    "NothingClaimable",
+    "ObjectNotFound",
+    "RevisionCompacted",
+    "Unavailable",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "PermissionDenied",
+    "Unauthenticated",
+]
+
+
 def test_the_reason_list_and_its_documentation_agree() -> None:
     assert len(REASONS) >= 25
+    assert proto_reasons() == REASONS
     assert set(documented_codes()) == set(REASONS)
+
+
+@pytest.mark.parametrize("reason", proto_reasons())
+def test_every_reason_of_the_proto_has_a_public_class_in_errors(reason: str) -> None:
+    cls = errors.BY_REASON[reason]
+    assert cls.reason == reason
+    assert cls.__name__ in errors.__all__, f"{cls.__name__} is not in tether_client.errors"
+    assert getattr(errors, cls.__name__) is cls
+
+
+@pytest.mark.parametrize("name", COMMON_ERRORS)
+def test_the_common_errors_come_from_the_package(name: str) -> None:
+    assert name in tether_client.__all__
+    assert getattr(tether_client, name) is getattr(errors, name)
+    assert issubclass(getattr(tether_client, name), errors.TetherError)
 
 
 def test_every_reason_has_its_own_class_with_the_servers_code() -> None:
@@ -118,7 +182,11 @@ def test_a_status_without_error_info_maps_by_code(code: grpc.StatusCode) -> None
         assert not type(error).reason
     assert error.reason == ""
     assert error.status_code == code
-    assert isinstance(error.__cause__, grpc.aio.AioRpcError)
+    assert isinstance(error.rpc_error, grpc.aio.AioRpcError)
+    assert error.rpc_error.code() == code
+    # Kept, not chained: raised, the typed error is the only one shown.
+    assert error.__cause__ is None
+    assert error.__suppress_context__
 
 
 def test_error_info_of_another_domain_or_garbage_details_map_by_code() -> None:
@@ -161,9 +229,9 @@ async def test_lease_held_from_the_server_names_holder_and_deadline(
 ) -> None:
     first = client_factory(tether.target, holder="w1")
     second = client_factory(tether.target, holder="w2")
-    held = await first.acquire("jobs/a", ttl=30)
+    held = await first.leases.acquire("jobs/a", ttl=30)
     with pytest.raises(errors.LeaseHeld) as caught:
-        await second.acquire("jobs/a", ttl=30)
+        await second.leases.acquire("jobs/a", ttl=30)
     assert caught.value.status_code == grpc.StatusCode.FAILED_PRECONDITION
     assert caught.value.holder == "w1"
     assert caught.value.expires_at == to_datetime(held.lease.expires_at)
@@ -174,9 +242,14 @@ async def test_wait_timeout_from_the_server(
 ) -> None:
     first = client_factory(tether.target, holder="w1")
     second = client_factory(tether.target, holder="w2")
-    held = await first.acquire("jobs/a", ttl=3600)
-    waiter = asyncio.ensure_future(second.acquire("jobs/a", ttl=10, wait=5))
-    await advance_until_done(clocks.server, waiter, step_s=1, max_steps=60)
+    held = await first.leases.acquire("jobs/a", ttl=3600)
+    waiter = asyncio.ensure_future(second.leases.acquire("jobs/a", ttl=10, wait=5))
+    # Parked on the server, its wait counting from the server's clock...
+    await wait_until(lambda: tether.waits_for_key("jobs/a"), "the parked Acquire")
+    assert not waiter.done()
+    # ...which moves past the end of it: the server gives up.
+    clocks.advance(6)
+    await wait_until(waiter.done, "the refusal")
     with pytest.raises(errors.WaitTimeout) as caught:
         waiter.result()
     assert caught.value.holder == "w1"
@@ -188,7 +261,7 @@ async def test_invalid_field_from_the_server(
 ) -> None:
     client = client_factory(tether.target)
     with pytest.raises(errors.InvalidField) as caught:
-        await client.acquire("jobs/a", ttl=0)
+        await client.leases.acquire("jobs/a", ttl=0)
     assert caught.value.field == "ttl"
 
 
@@ -211,3 +284,56 @@ def test_saga_refusals_read_their_facts() -> None:
     claimed = errors.error_for(failed, "SAGA_CLAIMED", "no", {"holder": "w1"})
     assert isinstance(claimed, errors.SagaClaimed)
     assert claimed.holder == "w1"
+
+
+# --- a refusal is one exception ------------------------------------------------------
+
+
+def assert_one_exception(error: errors.TetherError, code: grpc.StatusCode) -> None:
+    """``error`` as raised by a refused call: the typed error alone, the gRPC error kept as
+    ``rpc_error``, and a traceback of the caller's frames down to the one place it was
+    raised (the retry loop's ``invoke``), nothing of gRPC or of earlier attempts."""
+    assert error.__cause__ is None
+    assert error.__suppress_context__
+    assert isinstance(error.rpc_error, grpc.aio.AioRpcError)
+    assert error.rpc_error.code() == code
+    formatted = "".join(traceback.format_exception(error))
+    assert formatted.count("Traceback (most recent call last)") == 1, formatted
+    assert "During handling of the above exception" not in formatted
+    assert "direct cause" not in formatted
+    assert "tenacity" not in formatted
+    frames = traceback.extract_tb(error.__traceback__)
+    retry_frames = [f.name for f in frames if Path(f.filename).name == "retry.py"]
+    assert retry_frames == ["invoke"], formatted
+    assert frames[-1].name == "invoke"
+    assert not [f for f in frames if f"{Path('grpc')}" in Path(f.filename).parts], formatted
+
+
+async def test_a_refusal_is_raised_as_one_exception(
+    tether: InProcessServer, client_factory: ClientFactory
+) -> None:
+    first = client_factory(tether.target, holder="w1")
+    second = client_factory(tether.target, holder="w2")
+    await first.leases.acquire("jobs/a", ttl=30)
+    with pytest.raises(errors.LeaseHeld) as caught:
+        await second.leases.acquire("jobs/a", ttl=30)
+    assert_one_exception(caught.value, grpc.StatusCode.FAILED_PRECONDITION)
+    assert caught.value.holder == "w1"
+
+
+async def test_a_call_retried_then_refused_is_raised_as_one_exception(
+    tether: InProcessServer, clocks: Clocks, client_factory: ClientFactory
+) -> None:
+    """The first attempt goes to a closed port (unavailable: retried on the next target
+    after a backoff on the client's clock), the second is refused: only the refusal shows,
+    not the failed attempt before it."""
+    first = client_factory(tether.target, holder="w1")
+    await first.leases.acquire("jobs/a", ttl=30)
+    second = client_factory([f"127.0.0.1:{free_port()}", tether.target], holder="w2")
+    acquiring = asyncio.ensure_future(second.leases.acquire("jobs/a", ttl=30))
+    await advance_until(clocks.advance, acquiring.done, step=0.05)
+    with pytest.raises(errors.LeaseHeld) as caught:
+        await acquiring
+    assert second._transport.connection.fail_overs == 1
+    assert_one_exception(caught.value, grpc.StatusCode.FAILED_PRECONDITION)
+    assert "Unavailable" not in "".join(traceback.format_exception(caught.value))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.client.conftest import Activity, reachable
 from tests.client.test_outages import TTL, Outage
 from tests.conftest import DbFactory, ServerFactory
 from tests.support.server_process import FileClockDriver
@@ -32,7 +33,9 @@ async def test_keeper_fails_over_to_another_replica_without_losing_the_lease(
         clock=clock,
         keeper=KeeperConfig(reconnect_initial=0.1, reconnect_max=0.5),
     ) as client:
-        stats = client.keeper.stats
+        outage.activity = Activity(client)
+        await reachable(client)
+        stats = client.keeper_stats
         async with client.hold("jobs/a", ttl=TTL) as lease:
             token = lease.fencing_token
             await outage.advance_until(lambda: stats.renewals_acked >= 1)
@@ -41,12 +44,13 @@ async def test_keeper_fails_over_to_another_replica_without_losing_the_lease(
             await outage.advance_until(lambda: stats.renewals_acked > acked, step=0.1)
             assert not lease.lost
             assert lease.fencing_token == token
-            assert client.connection.fail_overs >= 1
-            assert client.connection.current.target == second.target
-            stored = await client.get_lease(lease_id=lease.lease_id)
+            connection = client._transport.connection
+            assert connection.fail_overs >= 1
+            assert connection.current.target == second.target
+            stored = await client.leases.get(lease_id=lease.lease_id)
             assert stored.state == lease_pb2.LEASE_STATE_ACTIVE
             assert stored.fencing_token == token
         # Released through the surviving replica.
-        assert (await client.get_lease(lease_id=lease.lease_id)).state == (
+        assert (await client.leases.get(lease_id=lease.lease_id)).state == (
             lease_pb2.LEASE_STATE_RELEASED
         )

@@ -21,8 +21,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from tests.client.conftest import advance_until
-from tests.service.conftest import eventually
+from tests.client.conftest import Activity, advance_until, turns, wait_until
 from tether_client import KeeperConfig, LeaseLost, ManualClock, TetherClient
 from tether_client.errors import LeaseExpired, TetherError
 from tether_client.pb import common_pb2, lease_pb2, lease_pb2_grpc
@@ -192,6 +191,7 @@ class Rig:
     servicer: ScriptedLeaseService
     clock: ManualClock
     client: TetherClient
+    activity: Activity
 
     @property
     def script(self) -> Script:
@@ -202,9 +202,22 @@ class Rig:
         return self.servicer.seen
 
     async def advance_until(
-        self, predicate: Callable[[], bool], *, step: float = 0.1, limit: float = 60.0
+        self,
+        predicate: Callable[[], bool],
+        *,
+        step: float = 0.1,
+        limit: float = 60.0,
+        quiet: Callable[[], bool] | None = None,
     ) -> float:
-        return await advance_until(self.clock.advance, predicate, step=step, limit=limit, settle=10)
+        """Each step waits until the client has nothing under way (``quiet``: by default
+        no RPC attempt and no keep-alive request unanswered)."""
+        return await advance_until(
+            self.clock.advance,
+            predicate,
+            step=step,
+            limit=limit,
+            quiet=quiet or self.activity.quiet,
+        )
 
 
 @pytest.fixture
@@ -219,14 +232,19 @@ async def rig(
         keeper=KeeperConfig(reconnect_initial=0.2, reconnect_max=1.0),
     )
     try:
-        yield Rig(grpc_servicer, clock, client)
+        yield Rig(grpc_servicer, clock, client, Activity(client))
     finally:
         grpc_servicer.script.release_answers.set()
         await client.close()
 
 
+def renewal_times(rig: Rig) -> list[float]:
+    """When (client clock) the server received each request that renewed something."""
+    return [t for t, ids in rig.seen.requests if ids]
+
+
 async def _acked_requests(rig: Rig, count: int) -> None:
-    await eventually(lambda: rig.client.keeper.stats.renewals_acked >= count, "acks")
+    await wait_until(lambda: rig.client.keeper_stats.renewals_acked >= count, "acks")
 
 
 async def test_safe_deadline_is_send_time_plus_granted_ttl_minus_margin(rig: Rig) -> None:
@@ -236,8 +254,8 @@ async def test_safe_deadline_is_send_time_plus_granted_ttl_minus_margin(rig: Rig
         # The first renewal goes out at a third of the ttl: move the clock just past it
         # and hold it there, so a slow machine cannot let it run on before the send.
         rig.clock.advance(max(0.0, start + TTL / 3 + 0.05 - rig.clock.monotonic()))
-        await eventually(lambda: rig.client.keeper.stats.renewals_sent >= 1, "the renewal")
-        sent_at = rig.seen.requests[-1][0]
+        await wait_until(lambda: renewal_times(rig), "the renewal at the server")
+        (sent_at,) = renewal_times(rig)
         assert sent_at == pytest.approx(start + TTL / 3, abs=0.11)
         # Not before a third of the ttl either.
         assert sent_at >= start + TTL / 3 - 0.11
@@ -249,10 +267,10 @@ async def test_safe_deadline_is_send_time_plus_granted_ttl_minus_margin(rig: Rig
 
 async def test_slow_answer_counts_from_the_send_not_the_arrival(rig: Rig) -> None:
     async with rig.client.hold("jobs/a", ttl=TTL) as lease:
-        await eventually(lambda: rig.seen.answers >= 1, "the opening ping answered")
+        await wait_until(lambda: rig.seen.answers >= 1, "the opening ping answered")
         rig.script.release_answers.clear()
         await rig.advance_until(lambda: len(rig.seen.requests) >= 2)  # ping, then renewal
-        sent_at = rig.seen.requests[-1][0]
+        (sent_at,) = renewal_times(rig)
         rig.clock.advance(2.0)  # the answer is late...
         rig.script.release_answers.set()
         await _acked_requests(rig, 1)
@@ -263,14 +281,14 @@ async def test_slow_answer_counts_from_the_send_not_the_arrival(rig: Rig) -> Non
 async def test_shorter_granted_ttl_shortens_the_deadline_and_the_renew_interval(rig: Rig) -> None:
     async with rig.client.hold("jobs/a", ttl=TTL) as lease:
         rig.script.granted_ttl = 3.0
-        await rig.advance_until(lambda: rig.client.keeper.stats.renewals_acked >= 1)
-        first = rig.seen.requests[-1][0]
+        await rig.advance_until(lambda: rig.client.keeper_stats.renewals_acked >= 1)
+        (first,) = renewal_times(rig)
         assert lease.safe_until == pytest.approx(first + 3.0 - MARGIN)
         # Renewed after a third of the granted 3 s, not of the asked-for 9 s: just past
         # that moment the second renewal goes out (the clock waits there for it).
         rig.clock.advance(max(0.0, first + 1.0 + 0.05 - rig.clock.monotonic()))
         await _acked_requests(rig, 2)
-        second = [t for t, ids in rig.seen.requests if ids][1]
+        second = renewal_times(rig)[1]
         assert second - first == pytest.approx(1.0, abs=0.11)
         assert lease.alive
 
@@ -278,9 +296,9 @@ async def test_shorter_granted_ttl_shortens_the_deadline_and_the_renew_interval(
 async def test_dropped_stream_reconnects_and_renewals_resume(rig: Rig) -> None:
     rig.script.drop_after = 2  # each stream: the opening ping and one renewal, then gone
     async with rig.client.hold("jobs/a", ttl=TTL) as lease:
-        await rig.advance_until(lambda: rig.client.keeper.stats.renewals_acked >= 4, limit=30)
+        await rig.advance_until(lambda: rig.client.keeper_stats.renewals_acked >= 4, limit=30)
         assert len(rig.seen.streams) >= 3
-        assert rig.client.keeper.stats.streams_broken >= 2
+        assert rig.client.keeper_stats.streams_broken >= 2
         assert lease.alive
         assert not lease.lost
 
@@ -299,39 +317,58 @@ async def test_refused_streams_back_off_with_jitter_and_fall_back_to_unary_renew
         assert len({round(gap, 1) for gap in gaps}) > 1 or len(gaps) == 1
         # The unary renewals kept the deadline moving.
         last_unary = rig.seen.unary_renewals[-1][0]
-        await eventually(lambda: lease.safe_until >= last_unary + TTL - MARGIN - 1e-6)
+        await wait_until(lambda: lease.safe_until >= last_unary + TTL - MARGIN - 1e-6)
         # Once streams work again, renewals go back to the stream.
         rig.script.refuse_streams = False
-        streamed = rig.client.keeper.stats.renewals_sent
-        await rig.advance_until(lambda: rig.client.keeper.stats.renewals_sent > streamed + 1)
-        assert rig.client.keeper.streaming
+        streamed = rig.client.keeper_stats.renewals_sent
+        await rig.advance_until(lambda: rig.client.keeper_stats.renewals_sent > streamed + 1)
+        assert rig.client._keeper.streaming
 
 
 async def test_silent_server_loses_the_lease_at_the_safety_deadline_and_stops_renewing(
     rig: Rig,
 ) -> None:
     lost_at: list[float] = []
-    async with rig.client.hold(
-        "jobs/a", ttl=TTL, on_lost=lambda lease: lost_at.append(rig.clock.monotonic())
-    ) as lease:
-        await rig.advance_until(lambda: rig.client.keeper.stats.renewals_acked >= 1)
-        last_ack_send = [t for t, ids in rig.seen.requests if ids][-1]
-        rig.script.silent = True
-        rig.script.refuse_renew = True
-        await rig.advance_until(lambda: lease.lost, step=0.05)
-        assert lost_at
-        assert lost_at[0] == pytest.approx(last_ack_send + TTL - MARGIN, abs=0.06)
-        # The server's own deadline (a full ttl after it received that renewal) is later.
-        assert lost_at[0] < last_ack_send + TTL
-        with pytest.raises(LeaseLost):
-            _ = lease.fencing_token
-        assert isinstance(await lease.wait_lost(), LeaseLost)
-        renewals = len([1 for _, ids in rig.seen.requests if lease.lease_id in ids])
-        unary = len(rig.seen.unary_renewals)
-        rig.clock.advance(TTL * 3)
-        await asyncio.sleep(0.05)
-        assert len([1 for _, ids in rig.seen.requests if lease.lease_id in ids]) == renewals
-        assert len(rig.seen.unary_renewals) == unary
+    stats = rig.client.keeper_stats
+
+    async def body() -> None:
+        async with rig.client.hold(
+            "jobs/a", ttl=TTL, on_lost=lambda lease: lost_at.append(rig.clock.monotonic())
+        ) as lease:
+            await rig.advance_until(lambda: stats.renewals_acked >= 1)
+            last_ack_send = renewal_times(rig)[-1]
+            rig.script.silent = True
+            rig.script.refuse_renew = True
+            # Nothing sent on the stream is answered now: the steps wait only for the unary
+            # renewals, which are refused at once.
+            await rig.advance_until(
+                lambda: lease.lost, step=0.05, quiet=lambda: rig.activity.attempts == 0
+            )
+            assert lost_at
+            assert lost_at[0] == pytest.approx(last_ack_send + TTL - MARGIN, abs=0.06)
+            # The server's own deadline (a full ttl after it received that renewal) is later.
+            assert lost_at[0] < last_ack_send + TTL
+            with pytest.raises(LeaseLost):
+                _ = lease.fencing_token
+            assert isinstance(await lease.wait_lost(), LeaseLost)
+            renewals = lease.renewals_sent
+            sent = (stats.renewals_sent, stats.unary_renewals)
+            rig.clock.advance(TTL * 3)
+            # Holding nothing, the keeper drops its stream and waits for a lease to keep,
+            # not for a moment on the clock: nothing can fall due any more.
+            await wait_until(
+                lambda: not rig.client._keeper.streaming and rig.clock.sleepers == 0,
+                "the keeper to go idle",
+            )
+            assert rig.client._keeper.held == []
+            await turns()
+            assert lease.renewals_sent == renewals
+            assert (stats.renewals_sent, stats.unary_renewals) == sent
+            assert rig.activity.attempts == 0
+
+    # The block ends with the loss.
+    with pytest.raises(LeaseLost):
+        await body()
     # A lost lease is not released: its token is stale as far as anyone knows.
     assert rig.seen.releases == []
 
@@ -341,7 +378,7 @@ async def test_refused_renewal_loses_the_lease_at_once(rig: Rig) -> None:
         async with rig.client.hold("jobs/a", ttl=TTL, on_lost="cancel") as lease:
             rig.script.expired.add(lease.lease_id)
             await rig.advance_until(lambda: lease.lost)
-            await asyncio.sleep(10)  # cancelled by the loss
+            await asyncio.Event().wait()  # cancelled by the loss
 
     with pytest.raises(LeaseLost) as caught:
         await body()
@@ -351,12 +388,20 @@ async def test_refused_renewal_loses_the_lease_at_once(rig: Rig) -> None:
 
 async def test_a_lease_acquired_but_not_kept_is_released(rig: Rig) -> None:
     rig.script.refuse_renew = True
-    # Granted after a wait: the hold needs a renewal to know its deadline, which fails.
-    with pytest.raises(TetherError):
+
+    async def hold() -> None:
+        # Granted after a wait: the hold needs a renewal to know its deadline, which fails
+        # (retried on the client's clock until the 0.5 s timeout).
         async with rig.client.hold("jobs/a", ttl=TTL, wait=5, timeout=0.5):
             pytest.fail("the body must not run")
+
+    task = asyncio.create_task(hold())
+    await rig.advance_until(task.done, step=0.05)
+    with pytest.raises(TetherError):
+        await task
+    assert len(rig.seen.unary_renewals) > 1
     assert len(rig.seen.releases) == 1
-    assert rig.client.keeper.held == []
+    assert rig.client._keeper.held == []
 
 
 async def test_token_goes_out_as_bearer_metadata_read_afresh_for_every_call(
@@ -372,10 +417,10 @@ async def test_token_goes_out_as_bearer_metadata_read_afresh_for_every_call(
         return f"t{issued}"
 
     async with TetherClient(grpc_addr, clock=clock, token=rotating_token) as client:
-        await client.acquire("jobs/a", ttl=TTL)
-        await client.renew("lease", 1)
+        await client.leases.acquire("jobs/a", ttl=TTL)
+        await client.leases.renew("lease", 1)
         async with client.hold("jobs/b", ttl=TTL):  # its Acquire, then the stream
-            await eventually(lambda: len(grpc_servicer.seen.authorization) >= 4)
+            await wait_until(lambda: len(grpc_servicer.seen.authorization) >= 4)
     assert grpc_servicer.seen.authorization[:4] == [
         "Bearer t1",
         "Bearer t2",

@@ -1,13 +1,14 @@
 """Retries: only safe calls, only on UNAVAILABLE, jittered, bounded, and failing over.
 
 A scripted server (pytest-grpc, a real port) answers with a chosen status a number of
-times before it succeeds, and counts what it received.
+times before it succeeds, and counts what it received. Backoffs and deadlines run on the
+client's clock: the tests about time give the client a ``ManualClock`` and move it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,12 +17,14 @@ import grpc
 import pytest
 from google.protobuf.message import Message
 
+from tests.client.conftest import advance_until, wait_until
 from tests.support.ports import free_port
 from tests.support.tcp_proxy import TcpProxy
-from tether_client import RetryPolicy, TetherClient
+from tether_client import ManualClock, RetryPolicy, TetherClient
 from tether_client.connection import Endpoint
 from tether_client.errors import ClientClosed, DeadlineExceeded, FailedPrecondition, Unavailable
 from tether_client.pb import lease_pb2, lease_pb2_grpc, saga_pb2, saga_pb2_grpc
+from tether_client.transport import Transport
 
 grpc_max_workers = 8
 
@@ -160,14 +163,32 @@ def test_the_script_fails_then_succeeds(script: Script, grpc_stub: Any) -> None:
 
 async def test_a_read_is_retried_until_it_succeeds(client: TetherClient, script: Script) -> None:
     script.reset(failures=3)
-    lease = await client.get_lease(lease_id="lease-1")
+    lease = await client.leases.get(lease_id="lease-1")
     assert lease == LEASE
     assert script.count("GetLease") == 4
 
 
+async def test_a_retry_waits_on_the_clients_clock(grpc_addr: str, script: Script) -> None:
+    script.reset(failures=1)
+    clock = ManualClock()
+    client = TetherClient(grpc_addr, retry=FAST, clock=clock)
+    try:
+        call = asyncio.ensure_future(client.leases.get(lease_id="lease-1"))
+        # The first attempt failed and the call sleeps its backoff on the clock...
+        await wait_until(lambda: clock.sleepers == 1 or call.done(), "the backoff")
+        assert not call.done()
+        assert script.count("GetLease") == 1
+        # ...until the clock moves past it (at most the first retry's ceiling).
+        clock.advance(FAST.initial_backoff)
+        assert await asyncio.wait_for(call, 10) == LEASE
+        assert script.count("GetLease") == 2
+    finally:
+        await client.close()
+
+
 async def test_acquire_retries_carry_one_request_id(client: TetherClient, script: Script) -> None:
     script.reset(failures=2)
-    response = await client.acquire("jobs/a", ttl=10)
+    response = await client.leases.acquire("jobs/a", ttl=10)
     assert response.lease == LEASE
     ids = [request.request_id for request in script.requests("Acquire")]
     assert len(ids) == 3
@@ -178,8 +199,8 @@ async def test_acquire_retries_carry_one_request_id(client: TetherClient, script
 async def test_separate_acquires_get_separate_request_ids(
     client: TetherClient, script: Script
 ) -> None:
-    await client.acquire("jobs/a", ttl=10)
-    await client.acquire("jobs/a", ttl=10)
+    await client.leases.acquire("jobs/a", ttl=10)
+    await client.leases.acquire("jobs/a", ttl=10)
     ids = [request.request_id for request in script.requests("Acquire")]
     assert len(ids) == 2
     assert len(set(ids)) == 2
@@ -188,12 +209,12 @@ async def test_separate_acquires_get_separate_request_ids(
 async def test_an_unsafe_saga_call_is_tried_once(client: TetherClient, script: Script) -> None:
     script.reset(failures=1)
     with pytest.raises(Unavailable):
-        await client.sagas.cancel_saga(saga_pb2.CancelSagaRequest(saga_id="s1"))
+        await client.sagas.cancel("s1")
     assert script.count("CancelSaga") == 1
     # The same failure on a safe saga call is retried.
     script.reset(failures=1)
-    response = await client.sagas.get_saga(saga_pb2.GetSagaRequest(saga_id="s1"))
-    assert response.saga.saga_id == "s1"
+    saga = await client.sagas.get("s1")
+    assert saga.saga_id == "s1"
     assert script.count("GetSaga") == 2
 
 
@@ -207,36 +228,45 @@ async def test_a_raw_call_retries_only_when_marked_safe(
             lease_pb2.GetLeaseRequest(lease_id="lease-1"), timeout=left, metadata=metadata
         )
 
+    transport: Transport = client._transport
     script.reset(failures=1)
     with pytest.raises(Unavailable):
-        await client.call(attempt, safe=False, timeout=5)
+        await transport.call(attempt, safe=False, timeout=5)
     assert script.count("GetLease") == 1
     script.reset(failures=1)
-    assert (await client.call(attempt, safe=True, timeout=5)).lease == LEASE
+    assert (await transport.call(attempt, safe=True, timeout=5)).lease == LEASE
     assert script.count("GetLease") == 2
 
 
 async def test_a_non_transient_error_is_not_retried(client: TetherClient, script: Script) -> None:
     script.reset(failures=1, code=grpc.StatusCode.FAILED_PRECONDITION)
     with pytest.raises(FailedPrecondition):
-        await client.get_lease(lease_id="lease-1")
+        await client.leases.get(lease_id="lease-1")
     assert script.count("GetLease") == 1
 
 
 async def test_retries_stop_at_the_callers_timeout(grpc_addr: str, script: Script) -> None:
     script.reset(failures=-1)
     policy = RetryPolicy(initial_backoff=0.02, max_backoff=0.1)
-    client = TetherClient(grpc_addr, retry=policy)
-    timeout = 0.8
-    started = time.monotonic()
+    clock = ManualClock()
+    client = TetherClient(grpc_addr, retry=policy, clock=clock)
+    timeout, step = 0.8, 0.01
+    started = clock.monotonic()
     try:
+        call = asyncio.ensure_future(client.leases.get(lease_id="lease-1", timeout=timeout))
+        await wait_until(lambda: call.done() or clock.sleepers > 0, "the first backoff")
+        # Time moves only while the call sleeps a backoff on the clock; each step is over
+        # once the woken retry has failed and sleeps again (or the call gave up).
+        await advance_until(
+            clock.advance, call.done, step=step, quiet=lambda: call.done() or clock.sleepers > 0
+        )
         with pytest.raises((Unavailable, DeadlineExceeded)):
-            await client.get_lease(lease_id="lease-1", timeout=timeout)
+            await call
     finally:
         await client.close()
-    elapsed = time.monotonic() - started
     assert script.count("GetLease") > 1
-    assert elapsed < timeout + 0.5
+    # The call gave up by its deadline on the client's clock (give or take one step).
+    assert clock.monotonic() - started <= timeout + step
 
 
 def test_backoff_delays_are_jittered_and_capped() -> None:
@@ -254,10 +284,11 @@ async def test_calls_fail_over_to_the_next_target(grpc_addr: str, script: Script
     closed = f"127.0.0.1:{free_port()}"
     client = TetherClient([closed, grpc_addr], retry=FAST)
     try:
-        assert (await client.get_lease(lease_id="lease-1", timeout=10)).lease_id == "lease-1"
-        assert client.connection.fail_overs >= 1
-        assert client.connection.current.target == grpc_addr
-        response = await client.acquire("jobs/a", ttl=10, timeout=10)
+        assert (await client.leases.get(lease_id="lease-1", timeout=10)).lease_id == "lease-1"
+        connection = client._transport.connection
+        assert connection.fail_overs >= 1
+        assert connection.current.target == grpc_addr
+        response = await client.leases.acquire("jobs/a", ttl=10, timeout=10)
         assert response.created
     finally:
         await client.close()
@@ -275,10 +306,13 @@ async def test_a_target_that_never_answers_costs_one_attempt_bound_not_the_deadl
     policy = RetryPolicy(initial_backoff=0.01, max_backoff=0.05, attempt_timeout=0.5)
     client = TetherClient([f"127.0.0.1:{black_hole.port}", grpc_addr], retry=policy)
     try:
-        started = time.monotonic()
-        assert (await client.get_lease(lease_id="lease-1", timeout=20)).lease_id == "lease-1"
-        assert time.monotonic() - started < 10
-        assert client.connection.current.target == grpc_addr
+        # Without the attempt bound the first attempt would wait out the whole 20 s and
+        # end the call with DeadlineExceeded; bounded, it counts as unavailable and the
+        # retry goes to the next target.
+        assert (await client.leases.get(lease_id="lease-1", timeout=20)).lease_id == "lease-1"
+        connection = client._transport.connection
+        assert connection.fail_overs == 1
+        assert connection.current.target == grpc_addr
     finally:
         await client.close()
         black_hole.resume()
@@ -289,5 +323,5 @@ async def test_a_closed_client_refuses_calls(grpc_addr: str, script: Script) -> 
     client = TetherClient(grpc_addr, retry=FAST)
     await client.close()
     with pytest.raises(ClientClosed):
-        await client.get_lease(lease_id="lease-1")
+        await client.leases.get(lease_id="lease-1")
     assert script.count("GetLease") == 0

@@ -5,16 +5,25 @@ its deadline, or a compensation past its backoff, without sleeping."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from google.protobuf import struct_pb2
 
-from tests.client.conftest import ClientFactory, Clocks, InProcessServer, advance_until
-from tether_client import LeaseLost, TetherClient
+from tests.client.conftest import (
+    ClientFactory,
+    Clocks,
+    InProcessServer,
+    advance_until,
+    wait_until,
+)
+from tether_client import Fence, LeaseLost, SagaAlreadyEnded, SagaTerminal, TetherClient
 from tether_client.errors import (
     InvalidSagaState,
     NothingClaimable,
@@ -23,13 +32,14 @@ from tether_client.errors import (
     StepConflict,
 )
 from tether_client.pb import lease_pb2, saga_pb2
-from tether_client.saga import SagaRun, from_struct, from_value, to_struct, to_value
+from tether_client.saga_run import SagaRun
+from tether_client.values import from_struct, from_value, to_struct, to_value
 
 TTL = 9.0
 
 
 async def get_saga(client: TetherClient, saga_id: str) -> saga_pb2.Saga:
-    return (await client.sagas.get_saga(saga_pb2.GetSagaRequest(saga_id=saga_id))).saga
+    return await client.sagas.get(saga_id)
 
 
 def compensations(saga: saga_pb2.Saga) -> dict[int, tuple[str, str, int]]:
@@ -157,7 +167,7 @@ async def test_three_steps_complete(tether: InProcessServer, client_factory: Cli
     assert from_struct(stored.output) == {"pr": 42}
     assert stored.labels["team"] == "ci"
     assert stored.progress == b"pr opened"
-    lease = await client.get_lease(key="sagas/task-168")
+    lease = await client.leases.get("sagas/task-168")
     assert lease.state == lease_pb2.LEASE_STATE_RELEASED
 
 
@@ -302,9 +312,7 @@ async def test_without_an_input_an_existing_saga_is_taken_as_is(
     tether: InProcessServer, client_factory: ClientFactory
 ) -> None:
     client = client_factory(tether.target)
-    await client.sagas.create_saga(
-        saga_pb2.CreateSagaRequest(saga_id="s1", kind="open-pr", input=to_struct({"x": 1}))
-    )
+    await client.sagas.create("s1", "open-pr", input={"x": 1})
     with pytest.raises(RequestIdConflict):
         async with client.run_saga("open-pr", "s1", {"x": 2}, ttl=TTL):
             pytest.fail("a different body must not run")
@@ -325,8 +333,8 @@ async def test_claim_by_kind_takes_the_oldest(
         async with client.run_saga("open-pr", ttl=TTL):
             pytest.fail("nothing to claim")
     for saga_id in ("s1", "s2"):
-        await client.sagas.create_saga(saga_pb2.CreateSagaRequest(saga_id=saga_id, kind="open-pr"))
-    await client.sagas.create_saga(saga_pb2.CreateSagaRequest(saga_id="s0", kind="other"))
+        await client.sagas.create(saga_id, "open-pr")
+    await client.sagas.create("s0", "other")
     async with client.run_saga("open-pr", ttl=TTL) as saga:
         assert saga.saga_id == "s1"
         assert saga.lease.key.startswith(f"sagas/workers/{client.holder}/")
@@ -431,7 +439,7 @@ async def test_a_lost_lease_cancels_the_body_and_records_nothing_more(
         nonlocal reached_end
         async with client.run_saga("open-pr", "s1", {}, ttl=TTL) as saga:
             await saga.step("one", lambda: 1, compensate=undo.sync("one"))
-            await admin.revoke(saga.lease.lease_id)
+            await admin.leases.revoke(saga.lease.lease_id)
             await asyncio.Event().wait()  # the loss must cancel this
             reached_end = True
 
@@ -460,7 +468,7 @@ async def test_a_cancelled_claim_refuses_the_next_step_and_nothing_more_is_recor
         async with client.run_saga("open-pr", "s1", {}, ttl=TTL) as saga:
             runs.append(saga)
             await saga.step("one", lambda: 1, compensate=undo.sync("one"))
-            await admin.sagas.cancel_saga(saga_pb2.CancelSagaRequest(saga_id="s1"))
+            await admin.sagas.cancel("s1")
             await saga.step("two", lambda: pytest.fail("must not run"))
 
     with pytest.raises(InvalidSagaState):
@@ -582,3 +590,388 @@ async def test_a_worker_that_comes_back_after_a_takeover_is_fenced_out(
     stored = await get_saga(second, "s1")
     assert stored.state == saga_pb2.SAGA_STATE_COMPLETED
     assert [(step.name, step.attempt) for step in stored.steps] == [("a", 1), ("b", 2)]
+
+
+# --- sync user code runs off the loop, while the claim is renewed --------------------------
+
+# The claim's ttl: a step blocking for several of these keeps the claim only if the lease
+# keeper on the event loop goes on renewing meanwhile.
+SHORT_TTL = 2.0
+# Set by the body before a step; sync user code must see it (run with the caller's context).
+REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="unset")
+# Real-time bound on a thread blocked by a test, reached only if the test fails to let go.
+GUARD_S = 30.0
+
+
+class Blocking:
+    """Sync user code (a step action, or a compensation with its payload) that blocks its
+    thread until the test releases it, recording where it ran and what context it saw."""
+
+    def __init__(self, output: object = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.loop_thread = threading.get_ident()
+        self.entered = asyncio.Event()
+        self.release = threading.Event()
+        self.output = output
+        self.thread: int | None = None
+        self.request: str | None = None
+        self.args: tuple[object, ...] | None = None
+
+    def __call__(self, *args: object) -> object:
+        self.thread = threading.get_ident()
+        self.request = REQUEST.get()
+        self.args = args
+        self._loop.call_soon_threadsafe(self.entered.set)
+        if self.thread == self.loop_thread:
+            # Nothing else runs while the loop is blocked, the test's release included.
+            raise AssertionError("sync user code ran on the event loop's thread")
+        if not self.release.wait(GUARD_S):
+            raise AssertionError("the test never released the blocked call")
+        return self.output
+
+
+async def renew_through(clocks: Clocks, client: TetherClient, span: float) -> int:
+    """Move both clocks ``span`` s on, in small steps, each time until the keeper's next
+    renewal was acknowledged (never more than a ttl without one); the renewals seen."""
+    stats = client.keeper_stats
+    start = stats.renewals_acked
+    advanced = 0.0
+
+    def renewed_since(acked: int) -> Callable[[], bool]:
+        return lambda: stats.renewals_acked > acked
+
+    while advanced < span:
+        advanced += await advance_until(
+            clocks.advance,
+            renewed_since(stats.renewals_acked),
+            step=0.1,
+            limit=SHORT_TTL,
+            # The blocked thread is under way until the test lets it go: wait for the
+            # network only.
+            quiet=lambda: all(activity.quiet() for activity in clocks.activities),
+        )
+    return stats.renewals_acked - start
+
+
+@asynccontextmanager
+async def running(coroutine: Any, *blocked: Blocking) -> AsyncIterator[asyncio.Task[Any]]:
+    """``coroutine`` as a task; if the test fails halfway, the blocked calls are let go and
+    the task cancelled."""
+    task: asyncio.Task[Any] = asyncio.create_task(coroutine)
+    try:
+        yield task
+    finally:
+        for call in blocked:
+            call.release.set()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_long_sync_step_runs_in_a_thread_while_the_claim_is_renewed(
+    tether: InProcessServer, clocks: Clocks, client_factory: ClientFactory
+) -> None:
+    client = client_factory(tether.target)
+    agent = Blocking({"commits": 3})
+    runs: list[SagaRun] = []
+
+    async def body() -> Any:
+        async with client.run_saga("open-pr", "s1", {}, ttl=SHORT_TTL) as saga:
+            runs.append(saga)
+            REQUEST.set("task-168")
+            out = await saga.step("agent", agent)
+            assert await saga.step("after", lambda: "ok") == "ok"  # the claim still works
+            saga.set_output({"agent": out})
+            return out
+
+    async with running(body(), agent) as task:
+        await wait_until(agent.entered.is_set, "the step to start")
+        assert agent.thread != agent.loop_thread
+        # Well past the ttl, several times: only renewals keep the claim.
+        renewals = await renew_through(clocks, client, 3 * SHORT_TTL)
+        assert renewals >= 3
+        saga = runs[0]
+        assert not saga.lease.lost
+        assert not task.done()
+        agent.release.set()
+        assert await task == {"commits": 3}
+
+    assert agent.request == "task-168"
+    assert agent.args == ()
+    assert client.keeper_stats.leases_lost == 0
+    assert saga.fenced_out is None
+    stored = await get_saga(client, "s1")
+    assert stored.state == saga_pb2.SAGA_STATE_COMPLETED
+    assert stored.attempt == 1
+    assert steps(stored) == [("agent", "SUCCEEDED"), ("after", "SUCCEEDED")]
+    assert from_value(stored.steps[0].output) == {"commits": 3}
+    assert from_struct(stored.output) == {"agent": {"commits": 3}}
+    # Released at the end, not expired on the way.
+    lease = await client.leases.get("sagas/s1")
+    assert lease.state == lease_pb2.LEASE_STATE_RELEASED
+
+
+async def test_a_sync_inline_compensation_runs_in_a_thread_while_the_claim_is_renewed(
+    tether: InProcessServer, clocks: Clocks, client_factory: ClientFactory
+) -> None:
+    client = client_factory(tether.target)
+    undo = Blocking()
+    runs: list[SagaRun] = []
+
+    async def body() -> None:
+        async with client.run_saga("open-pr", "s1", {}, ttl=SHORT_TTL) as saga:
+            runs.append(saga)
+            await saga.step("branch", lambda: "b1", compensate=undo, compensation_payload="b1")
+            REQUEST.set("failing")
+            raise Boom("agent crashed")
+
+    async with running(body(), undo) as task:
+        await wait_until(undo.entered.is_set, "the compensation to start")
+        assert undo.thread != undo.loop_thread
+        renewals = await renew_through(clocks, client, 3 * SHORT_TTL)
+        assert renewals >= 3
+        assert not runs[0].lease.lost
+        assert not task.done()
+        undo.release.set()
+        with pytest.raises(Boom, match="agent crashed"):
+            await task
+
+    assert undo.args == ("b1",)
+    assert undo.request == "failing"
+    assert client.keeper_stats.leases_lost == 0
+    stored = await get_saga(client, "s1")
+    assert stored.state == saga_pb2.SAGA_STATE_COMPENSATED
+    assert compensations(stored) == {0: ("undo-branch", "SUCCEEDED", 1)}
+    lease = await client.leases.get("sagas/s1")
+    assert lease.state == lease_pb2.LEASE_STATE_RELEASED
+
+
+# --- running a saga that has already ended ---------------------------------------------------
+
+
+class _Names:
+    """Stands in for an endpoint's stubs: ``lambda e: e.saga.GetSaga`` gives its name."""
+
+    def __getattr__(self, service: str) -> Any:
+        class Methods:
+            def __getattr__(self, method: str) -> str:
+                return f"{service}.{method}"
+
+        return Methods()
+
+
+class Rpcs:
+    """The unary RPCs a client sends from now on, by name (``saga.GetSaga``)."""
+
+    def __init__(self, client: TetherClient) -> None:
+        self.names: list[str] = []
+        self.calls = 0
+        transport = client._transport
+        unary_timed, call = transport.unary_timed, transport.call
+
+        async def named(method: Any, request: Any, **kwargs: Any) -> Any:
+            self.names.append(method(_Names()))
+            return await unary_timed(method, request, **kwargs)
+
+        async def counted(attempt: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return await call(attempt, **kwargs)
+
+        transport.unary_timed = named  # type: ignore[method-assign]
+        transport.call = counted  # type: ignore[method-assign]
+
+    def clear(self) -> None:
+        self.names.clear()
+        self.calls = 0
+
+    def sent(self) -> set[str]:
+        return set(self.names)
+
+    def only_named(self) -> bool:
+        """Whether every unary call (all go through ``Transport.call``) was a named one:
+        none came from elsewhere, the lease keeper's renewals and releases for one."""
+        return self.calls == len(self.names)
+
+
+# What a run_saga that only reads may send: the read, or a create that is a repeat.
+READS = {"saga.GetSaga", "saga.CreateSaga"}
+
+
+def never(*args: object) -> Any:
+    raise AssertionError("a step of an ended saga must not run")
+
+
+def chain(exc: BaseException) -> list[BaseException]:
+    """The exceptions ``exc`` was raised from or while handling."""
+    found: list[BaseException] = []
+    link = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    while link is not None:
+        found.append(link)
+        link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)
+    return found
+
+
+async def end_saga(client: TetherClient, saga_id: str, end: str) -> saga_pb2.Saga:
+    """Drive the new saga ``saga_id`` (PLANNED, kind ``open-pr``) to ``end`` with the area
+    calls, under a claim's own lease: as another worker or an operator would."""
+    if end == "CANCELLED":
+        return await client.sagas.cancel(saga_id, reason="not needed")
+    if end == "QUARANTINED":
+        return await client.sagas.quarantine(saga_id, reason="look at it")
+    # Under a lease of its own: run_saga's lease on sagas/<saga_id> may be held already.
+    held = await client.leases.acquire(f"workers/{client.holder}", ttl=TTL)
+    fence = Fence(lease_id=held.lease.lease_id, fencing_token=held.lease.fencing_token)
+    claim = await client.sagas.claim(saga_id, fence=fence)
+    compensation = saga_pb2.Compensation(name="undo-a") if end == "COMPENSATED" else None
+    await client.sagas.record_step(
+        saga_id, claim.fence, 0, "a", "started", compensation=compensation
+    )
+    await client.sagas.record_step(saga_id, claim.fence, 0, "a", "succeeded", output="A")
+    if end == "COMPLETED":
+        return await client.sagas.complete(saga_id, claim.fence, output={"done": True})
+    failed = await client.sagas.fail(saga_id, claim.fence, reason="boom")
+    if end == "COMPENSATED":
+        assert failed.state == saga_pb2.SAGA_STATE_COMPENSATING
+        await client.sagas.record_compensation(saga_id, claim.fence, 0, "succeeded", attempt=1)
+    saga = await client.sagas.get(saga_id)
+    assert saga_pb2.SagaState.Name(saga.state) == f"SAGA_STATE_{end}"
+    return saga
+
+
+OTHER_ENDS = ["COMPENSATED", "FAILED", "CANCELLED", "QUARANTINED"]
+
+
+async def test_a_completed_saga_runs_again_as_a_replay(
+    tether: InProcessServer, client_factory: ClientFactory
+) -> None:
+    client = client_factory(tether.target)
+    async with client.run_saga("open-pr", "s1", {"repo": "tether"}, ttl=TTL) as saga:
+        await saga.step("a", lambda: "A")
+        await saga.step("b", lambda: {"n": 1}, compensate=Undo().sync("b"))
+        saga.set_output({"pr": 1})
+    before = await get_saga(client, "s1")
+    lease = await client.leases.get("sagas/s1")
+    rpcs = Rpcs(client)
+
+    for input in ({"repo": "tether"}, None):  # a create that repeats; a read
+        rpcs.clear()
+        async with client.run_saga("open-pr", "s1", input, ttl=TTL) as replay:
+            assert replay.replay
+            assert replay.state == saga_pb2.SAGA_STATE_COMPLETED
+            assert replay.input == {"repo": "tether"}
+            assert await replay.step("a", never) == "A"
+            assert await replay.step("b", never, compensate=never) == {"n": 1}
+            with pytest.raises(StepConflict):
+                await replay.step("c", never)  # the completed run had no such step
+            await replay.heartbeat(b"nothing to renew")
+            replay.set_output({"pr": 2})
+        assert rpcs.sent() <= READS, rpcs.names
+        assert rpcs.only_named(), (rpcs.calls, rpcs.names)
+        assert replay.state == saga_pb2.SAGA_STATE_COMPLETED
+
+    after = await get_saga(client, "s1")
+    assert after.revision == before.revision
+    assert after == before  # steps, output, progress, attempt: nothing recorded
+    # No lease was taken for the replay.
+    assert await client.leases.get("sagas/s1") == lease
+
+
+@pytest.mark.parametrize("end", OTHER_ENDS)
+async def test_a_saga_that_ended_otherwise_raises_saga_already_ended(
+    tether: InProcessServer, client_factory: ClientFactory, end: str
+) -> None:
+    client = client_factory(tether.target, holder="late")
+    admin = client_factory(tether.target, holder="admin")
+    await admin.sagas.create("s1", "open-pr", input={"x": 1})
+    await end_saga(admin, "s1", end)
+    before = await get_saga(client, "s1")
+    rpcs = Rpcs(client)
+
+    for input in ({"x": 1}, None):
+        rpcs.clear()
+        entered = False
+        with pytest.raises(SagaAlreadyEnded) as caught:
+            async with client.run_saga("open-pr", "s1", input, ttl=TTL):
+                entered = True
+        assert not entered
+        error = caught.value
+        assert isinstance(error, SagaTerminal)
+        assert error.state == end
+        assert error.saga_id == "s1"
+        assert end in str(error)
+        assert chain(error) == []  # one clear error, not a chain of gRPC refusals
+        assert rpcs.sent() <= READS, rpcs.names
+        assert rpcs.only_named(), (rpcs.calls, rpcs.names)
+
+    after = await get_saga(client, "s1")
+    assert after.revision == before.revision
+    assert after == before
+    # Raised on entering: no lease was taken for it.
+    assert [lease async for lease in client.leases.list(holder="late")] == []
+
+
+def end_before_the_claim(client: TetherClient, other: TetherClient, end: str) -> list[str]:
+    """Make ``client``'s next ``sagas.claim`` find the saga ended by ``other`` first: it
+    ended between run_saga's read and its claim. The sagas ended that way."""
+    claim = client.sagas.claim
+    ended: list[str] = []
+
+    async def ending_first(saga_id: str | None = None, **kwargs: Any) -> Any:
+        assert saga_id is not None
+        await end_saga(other, saga_id, end)
+        ended.append(saga_id)
+        return await claim(saga_id, **kwargs)
+
+    client.sagas.claim = ending_first  # type: ignore[method-assign]
+    return ended
+
+
+async def test_a_saga_completed_between_read_and_claim_runs_as_a_replay(
+    tether: InProcessServer, client_factory: ClientFactory
+) -> None:
+    client = client_factory(tether.target, holder="late")
+    other = client_factory(tether.target, holder="first")
+    ended = end_before_the_claim(client, other, "COMPLETED")
+
+    async with client.run_saga("open-pr", "s1", {"x": 1}, ttl=TTL) as replay:
+        assert ended == ["s1"]
+        completed = await get_saga(other, "s1")
+        rpcs = Rpcs(client)
+        assert replay.replay
+        assert replay.state == saga_pb2.SAGA_STATE_COMPLETED
+        assert await replay.step("a", never) == "A"
+        replay.set_output({"done": False})
+    assert not {name for name in rpcs.sent() if name.startswith("saga.")} - {"saga.GetSaga"}
+
+    after = await get_saga(other, "s1")
+    assert after.revision == completed.revision
+    assert after == completed
+    assert from_struct(after.output) == {"done": True}
+    # The lease taken for the claim was let go.
+    lease = await client.leases.get("sagas/s1")
+    assert lease.state == lease_pb2.LEASE_STATE_RELEASED
+
+
+@pytest.mark.parametrize("end", OTHER_ENDS)
+async def test_a_saga_ended_otherwise_between_read_and_claim_raises_saga_already_ended(
+    tether: InProcessServer, client_factory: ClientFactory, end: str
+) -> None:
+    client = client_factory(tether.target, holder="late")
+    other = client_factory(tether.target, holder="first")
+    ended = end_before_the_claim(client, other, end)
+    entered = False
+
+    with pytest.raises(SagaAlreadyEnded) as caught:
+        async with client.run_saga("open-pr", "s1", {"x": 1}, ttl=TTL):
+            entered = True
+    assert ended == ["s1"]
+    assert not entered
+    error = caught.value
+    assert isinstance(error, SagaTerminal)
+    assert error.state == end
+    assert end in str(error)
+    assert chain(error) == []
+    stored = await get_saga(other, "s1")
+    assert saga_pb2.SagaState.Name(stored.state) == f"SAGA_STATE_{end}"
+    lease = await client.leases.get("sagas/s1")
+    assert lease.state == lease_pb2.LEASE_STATE_RELEASED
