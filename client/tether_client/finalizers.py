@@ -98,9 +98,15 @@ class _Pending:
 
 
 def _watch_objects(
-    request: owner_ref_pb2.WatchObjectsRequest, endpoint: Endpoint, metadata: Metadata
+    request: owner_ref_pb2.WatchObjectsRequest,
+    endpoint: Endpoint,
+    revision: int,
+    metadata: Metadata,
 ) -> AsyncIterable[owner_ref_pb2.WatchObjectsResponse]:
-    return endpoint.owner_ref.WatchObjects(request, metadata=metadata)
+    from_revision = owner_ref_pb2.WatchObjectsRequest()
+    from_revision.CopyFrom(request)
+    from_revision.start_revision = revision
+    return endpoint.owner_ref.WatchObjects(from_revision, metadata=metadata)
 
 
 class FinalizerOptions(TypedDict, total=False):
@@ -404,39 +410,25 @@ class FinalizerWorker:
                 task.result()  # they loop until cancelled: an end is a bug, raised here
 
     async def _watch_loop(self) -> None:
-        """Take in object events, resuming after the last one across broken streams."""
-        next_revision = 0
+        """Take in object events. The transport's watch resumes across broken streams; a
+        watch that ends otherwise (compacted, refused, closed by the server) starts again
+        "from now", and every start has the listing take in what came before it."""
+        request = owner_ref_pb2.WatchObjectsRequest(namespace=self.namespace, kind=self.kind)
         failures = 0
         while True:
-            request = owner_ref_pb2.WatchObjectsRequest(
-                namespace=self.namespace, kind=self.kind, start_revision=next_revision
-            )
             try:
-                async for response in self._transport.stream(
-                    functools.partial(_watch_objects, request)
+                async for event in self._transport.watch(
+                    functools.partial(_watch_objects, request),
+                    start_revision=0,
+                    on_start=lambda _: self._resync_now.set(),
                 ):
                     failures = 0
-                    purged = response.compact_revision
-                    if not response.events and 0 < next_revision <= purged:
-                        # What we would resume from was purged (the server says so with
-                        # REVISION_COMPACTED; this is the proto's other way): list instead.
-                        next_revision = purged + 1
-                        self._resync_now.set()
-                        continue
-                    if next_revision == 0:
-                        # A stream "from now" missed what came before it: list it.
-                        next_revision = response.header_revision + 1
-                        self._resync_now.set()
-                    for event in response.events:
-                        next_revision = event.revision + 1
-                        deleted = event.type == owner_ref_pb2.OBJECT_EVENT_TYPE_DELETED
-                        self._observe(event.object, deleted=deleted)
+                    deleted = event.type == owner_ref_pb2.OBJECT_EVENT_TYPE_DELETED
+                    self._observe(event.object, deleted=deleted)
                 # The server ended the stream (shutting down?): open another, not in a spin.
                 failures = max(failures, 1)
             except RevisionCompacted as exc:
                 log.warning("finalizer worker %s: %s; listing instead", self.finalizer, exc)
-                next_revision = 0
-                self._resync_now.set()
                 continue
             except TetherError as exc:
                 failures += 1

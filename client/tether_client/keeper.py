@@ -55,7 +55,7 @@ from tether_client.errors import (
 from tether_client.leases import LeasesClient
 from tether_client.pb import common_pb2, lease_pb2
 from tether_client.results import Acquired
-from tether_client.retry import RetryPolicy, is_transient
+from tether_client.retry import is_transient
 from tether_client.transport import Transport
 
 log = logging.getLogger("tether_client.keeper")
@@ -340,9 +340,6 @@ class Keeper:
         self._stream: _Stream | None = None
         self._stream_failures = 0
         self._next_stream_attempt = float("-inf")
-        self._backoff = RetryPolicy(
-            initial_backoff=config.reconnect_initial, max_backoff=config.reconnect_max
-        )
         # Unary renewals share one view of the server. After a transient failure only one
         # goes out at a time (a probe), not before _unary_next_at; the others wait for it.
         self._unary_failures = 0
@@ -728,7 +725,9 @@ class Keeper:
         self.stats.streams_broken += 1
         self._stream_failures += 1
         now = self.clock.monotonic()
-        self._next_stream_attempt = now + self._backoff.delay(self._stream_failures)
+        self._next_stream_attempt = now + backoff(
+            self._stream_failures, self.config.reconnect_initial, self.config.reconnect_max
+        )
         self.transport.connection.fail_over(stream.endpoint)
         for record in stream.pending.values():
             for lease, progress in record.leases:

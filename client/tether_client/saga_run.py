@@ -423,7 +423,7 @@ class SagaRun:
         await self._record(index, name, saga_pb2.STEP_STATUS_STARTED, compensation=compensation)
         try:
             output = await call_user_code(action)
-            to_value(output)  # refuse what is not JSON before anything is recorded
+            value = to_value(output)  # refuses what is not JSON before anything is recorded
             if compensation is not None and payload_of_output is not None:
                 compensation.payload.CopyFrom(to_value(payload_of_output(output)))
             else:
@@ -432,7 +432,7 @@ class SagaRun:
             await self._record_failure(index, name, exc)
             raise
         await self._record(
-            index, name, saga_pb2.STEP_STATUS_SUCCEEDED, output=output, compensation=compensation
+            index, name, saga_pb2.STEP_STATUS_SUCCEEDED, output=value, compensation=compensation
         )
         return output
 

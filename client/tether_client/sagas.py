@@ -24,7 +24,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from datetime import datetime
 from typing import TypeAlias
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from tether_client.connection import Endpoint
 from tether_client.convert import Seconds, seconds, to_datetime, to_duration
@@ -182,9 +182,10 @@ class SagasClient:
         namespace: str | None = None,
         timeout: Seconds | None = None,
     ) -> StepRecorded:
-        """Record step ``index`` started, succeeded or failed, with its ``output`` (JSON,
-        sent only when not None) and the ``compensation`` that undoes it. Idempotent per
-        step, status and attempt, so retried."""
+        """Record step ``index`` started, succeeded or failed, with its ``output`` (JSON, or
+        a ``google.protobuf.Value`` already made; sent only when not None) and the
+        ``compensation`` that undoes it. Idempotent per step, status and attempt, so
+        retried."""
         request = saga_pb2.RecordStepRequest(
             namespace=self._transport.ns(namespace),
             saga_id=saga_id,
@@ -194,7 +195,9 @@ class SagasClient:
             status=step_statuses(status),
             error=error,
         )
-        if output is not None:
+        if isinstance(output, struct_pb2.Value):
+            request.output.CopyFrom(output)
+        elif output is not None:
             request.output.CopyFrom(to_value(output))
         if compensation is not None:
             request.compensation.CopyFrom(compensation)

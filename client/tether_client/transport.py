@@ -230,6 +230,7 @@ class Transport:
         open_stream: Callable[[Endpoint, int, Metadata], AsyncIterable[WatchAnswer[E]]],
         *,
         start_revision: int,
+        on_start: Callable[[int], object] | None = None,
     ) -> AsyncIterator[E]:
         """The events of a Watch, in revision order, from ``start_revision`` on.
 
@@ -237,7 +238,9 @@ class Transport:
         stream broken by a transient failure is opened again (after a backoff, on the next
         target) from the revision after the last event delivered, so no event is lost or
         repeated; answers without events are not passed on. ``RevisionCompacted`` when that
-        revision has been purged; any other refusal as its typed error.
+        revision has been purged; any other refusal as its typed error. A watch "from now"
+        (0) calls ``on_start(revision)`` once the server confirms where it started: what
+        came before that is for the caller to list.
         """
         next_revision = start_revision
         failures = 0
@@ -249,6 +252,8 @@ class Transport:
                     if next_revision == 0:
                         # A watch "from now" resumes after the revision it started at.
                         next_revision = answer.header_revision + 1
+                        if on_start is not None:
+                            on_start(answer.header_revision)
                     for event in answer.events:
                         next_revision = event.revision + 1
                         yield event
